@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make run    install everything, then run the daemon with the default configuration
+#   make test   install everything, then run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint proto system system-test clean
+
+run: system $(VENV)/.installed
+	$(BIN)/criopy run
+
+test: system-test $(VENV)/.installed-test
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Regenerate the Python stubs from api/runtime/v1/api.proto.
+proto: $(VENV)/.installed-test
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. api/runtime/v1/api.proto
+
+system:
+	deploy/install.sh
+
+system-test:
+	deploy/install.sh --test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# container-runtime-interface-api is the independent copy of the CRI descriptor the
+# contract test compares against. Only its source is read (never imported), so it
+# is installed without its dependencies, which pin an older protobuf than ours.
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps 'container-runtime-interface-api==2.0.1'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from cri.cli import main
+
+sys.exit(main())

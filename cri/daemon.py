@@ -1,0 +1,85 @@
+"""The daemon's life: acquire the root, build the services, serve, stop on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+
+from cni.readiness import NetworkWatcher
+from cri import __version__, metrics
+from cri.daemon_lock import DaemonLock
+from cri.live_config import LiveConfig
+from cri.log import event, set_level
+from cri.oci.handlers import RuntimeHandlers
+from cri.rpc import service_handler
+from cri.runtime_service import RuntimeService
+from cri.server import CriServer
+from cri.state import Store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class StartupError(Exception):
+    pass
+
+
+async def serve(live: LiveConfig) -> None:
+    """Run until SIGTERM or SIGINT; raise StartupError if the daemon cannot start."""
+    config = live.current
+    async with AsyncExitStack() as stack:
+        lock = DaemonLock.acquire(config.root)
+        stack.callback(lock.release)
+        os.makedirs(config.runroot, mode=0o711, exist_ok=True)
+        store = await asyncio.to_thread(Store.open, config.root)
+        stack.callback(store.close)
+
+        handlers = RuntimeHandlers()
+        await handlers.refresh(config)
+        runtime = RuntimeService(live, handlers, NetworkWatcher(), store)
+
+        async def apply_reload(new: object) -> None:
+            set_level(live.current.log.level)
+            await handlers.refresh(live.current)
+
+        live.on_reload(apply_reload)
+
+        endpoint = metrics.serve(config.metrics.address, config.metrics.port)
+        if endpoint is not None:
+            stack.callback(endpoint.close)
+
+        server = CriServer(
+            config.listen, [service_handler("RuntimeService", runtime), service_handler("ImageService", None)]
+        )
+        await server.start()
+        stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
+        event(log, logging.INFO, "criopy started", version=__version__, root=config.root, runroot=config.runroot, pid=os.getpid())
+        await _wait_for_stop(live)
+        event(log, logging.INFO, "criopy stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
+    event(log, logging.INFO, "criopy stopped")
+
+
+async def _wait_for_stop(live: LiveConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(live.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in reloads:
+            task.cancel()

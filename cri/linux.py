@@ -1,0 +1,80 @@
+"""Linux calls missing from Python's standard library, as small ctypes wrappers.
+
+Every mount-table walk and (un)mount in criopy goes through here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(), target.encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None
+        ),
+        f"mount {source} on {target}",
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        entries.append(MountEntry(mount_point=_unescape(fields[4]), fstype=tail[0], source=_unescape(tail[1])))
+    return entries
+
+
+def mounts() -> list[MountEntry]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo(f.read())
+
+
+def mounts_under(path: str) -> list[MountEntry]:
+    """Mounts at or below `path`, deepest first (the order to unmount them in)."""
+    base = os.path.realpath(path).rstrip("/") or "/"
+    inside = [m for m in mounts() if m.mount_point == base or m.mount_point.startswith(base + "/")]
+    return sorted(inside, key=lambda m: m.mount_point.count("/"), reverse=True)

@@ -1,0 +1,56 @@
+"""Prometheus collectors and the metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = Counter(
+    "criopy_operations",
+    "CRI operations handled, by operation (RPC name) and gRPC status code.",
+    ["operation", "code"],
+)
+OPERATION_SECONDS = Histogram(
+    "criopy_operations_duration_seconds",
+    "Time to answer a CRI operation, by operation (RPC name).",
+    ["operation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+
+def record_operation(operation: str, code: str, seconds: float) -> None:
+    OPERATIONS.labels(operation=operation, code=code).inc()
+    OPERATION_SECONDS.labels(operation=operation).observe(seconds)
+
+
+@dataclass
+class MetricsEndpoint:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(address: str, port: int) -> MetricsEndpoint | None:
+    """Start the /metrics endpoint in a thread; port 0 turns it off."""
+    if port == 0:
+        event(log, logging.INFO, "metrics endpoint disabled")
+        return None
+    server, thread = start_http_server(port, addr=address)
+    event(log, logging.INFO, "metrics endpoint listening", address=address, port=port)
+    return MetricsEndpoint(server, thread)

@@ -1,0 +1,1 @@
+"""OCI runtimes (runc, crun) and their invocation through conmon."""

@@ -1,0 +1,75 @@
+"""Runtime handlers from config: the binary each resolves to and what it supports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from cri.config import Config, RuntimeHandlerConfig
+from cri.log import event
+from cri.process import CommandError, run
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class HandlerInfo:
+    name: str
+    binary: str | None
+    recursive_read_only_mounts: bool = False
+    user_namespaces: bool = False
+    problem: str = ""
+
+
+def features_from(report: dict[str, Any]) -> tuple[bool, bool]:
+    """(recursive read-only mounts, user namespaces) from an OCI `features` document."""
+    rro = "rro" in (report.get("mountOptions") or [])
+    linux = report.get("linux") or {}
+    idmap = ((linux.get("mountExtensions") or {}).get("idmap") or {}).get("enabled") is True
+    userns = "user" in (linux.get("namespaces") or []) and idmap
+    return rro, userns
+
+
+async def probe(name: str, handler: RuntimeHandlerConfig) -> HandlerInfo:
+    binary = shutil.which(handler.path)
+    if binary is None:
+        return HandlerInfo(name, None, problem=f"runtime binary {handler.path!r} not found")
+    try:
+        done = await run([binary, *handler.runtime_args, "features"], timeout=PROBE_TIMEOUT_SECONDS)
+        rro, userns = features_from(json.loads(done.stdout))
+    except (CommandError, ValueError, AttributeError) as exc:
+        # Older runtimes (crun < 1.9) have no `features`: they work, but claim no extras.
+        event(log, logging.INFO, "runtime features unknown", handler=name, binary=binary, reason=str(exc))
+        return HandlerInfo(name, binary)
+    return HandlerInfo(name, binary, recursive_read_only_mounts=rro, user_namespaces=userns)
+
+
+class RuntimeHandlers:
+    """The configured handlers, probed at start and after every config reload."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, HandlerInfo] = {}
+        self.default = ""
+
+    async def refresh(self, config: Config) -> None:
+        names = list(config.runtime.runtimes)
+        infos = await asyncio.gather(*(probe(n, config.runtime.runtimes[n]) for n in names))
+        self.handlers = dict(zip(names, infos, strict=True))
+        self.default = config.runtime.default_runtime
+        for info in infos:
+            event(
+                log,
+                logging.INFO,
+                "runtime handler",
+                handler=info.name,
+                binary=info.binary,
+                recursive_read_only_mounts=info.recursive_read_only_mounts,
+                user_namespaces=info.user_namespaces,
+                problem=info.problem or None,
+            )

@@ -1,0 +1,183 @@
+"""gRPC method table built from the CRI descriptor, wrapped once by instrumentation.
+
+Every RPC of both services is registered, whether or not a servicer implements
+it: an unbuilt one answers UNIMPLEMENTED naming itself. Each call gets one log
+line (method, duration, code, object ID), Prometheus metrics, and the mapping of
+domain errors to gRPC codes, all here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import descriptor_pb2
+from google.protobuf.message import Message
+
+from api.runtime.v1 import api_pb2
+from cri import metrics
+from cri.errors import Unimplemented, status_of
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "runtime.v1"
+SERVICES = ("RuntimeService", "ImageService")
+
+# Request fields that identify the object an RPC acts on, most specific first.
+_ID_FIELDS = (("container_id",), ("pod_sandbox_id",), ("image", "image"), ("config", "metadata", "name"))
+
+
+_FAILURE_LEVELS = {
+    grpc.StatusCode.INTERNAL: logging.ERROR,
+    grpc.StatusCode.UNKNOWN: logging.ERROR,
+    grpc.StatusCode.DEADLINE_EXCEEDED: logging.WARNING,
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    service: str
+    name: str
+    request: type[Message]
+    response: type[Message]
+    server_streaming: bool
+
+    @property
+    def path(self) -> str:
+        return f"/{PACKAGE}.{self.service}/{self.name}"
+
+
+def methods(service: str) -> list[Method]:
+    """The RPCs of one service, as declared in api.proto."""
+    file_proto = descriptor_pb2.FileDescriptorProto()
+    api_pb2.DESCRIPTOR.CopyToProto(file_proto)
+    (service_proto,) = [s for s in file_proto.service if s.name == service]
+    out = []
+    for m in service_proto.method:
+        if m.client_streaming:
+            raise ValueError(f"client streaming is not part of CRI: {m.name}")
+        out.append(
+            Method(
+                service=service,
+                name=m.name,
+                request=getattr(api_pb2, m.input_type.rsplit(".", 1)[-1]),
+                response=getattr(api_pb2, m.output_type.rsplit(".", 1)[-1]),
+                server_streaming=m.server_streaming,
+            )
+        )
+    return out
+
+
+def object_id(request: Message) -> str | None:
+    for path in _ID_FIELDS:
+        value: Any = request
+        for name in path:
+            if name not in value.DESCRIPTOR.fields_by_name:
+                value = None
+                break
+            value = getattr(value, name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _finish(method: Method, request: Message, started: float, code: grpc.StatusCode, error: str | None) -> None:
+    seconds = time.monotonic() - started
+    metrics.record_operation(method.name, code.name, seconds)
+    # Routine calls (the kubelet polls several times a second) at debug; refusals at
+    # info; our own failures at error.
+    level = logging.DEBUG if code == grpc.StatusCode.OK else _FAILURE_LEVELS.get(code, logging.INFO)
+    event(
+        log,
+        level,
+        "rpc",
+        method=method.path,
+        duration_ms=round(seconds * 1000, 3),
+        code=code.name,
+        id=object_id(request),
+        error=error,
+    )
+
+
+def _unimplemented(method: Method) -> Unimplemented:
+    return Unimplemented(f"{method.service}/{method.name} is not implemented by criopy yet")
+
+
+async def _fail(
+    method: Method, request: Message, started: float, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
+) -> NoReturn:
+    """Answer the call with the gRPC status that `exc` maps to."""
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unexpected error", exc_info=exc, extra={"fields": {"method": method.path}})
+    _finish(method, request, started, code, message)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")
+
+
+UnaryImpl = Callable[[Any], Awaitable[Message]]
+StreamImpl = Callable[[Any], AsyncIterator[Message]]
+
+
+def _unary(method: Method, impl: UnaryImpl | None) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.monotonic()
+        try:
+            if impl is None:
+                raise _unimplemented(method)
+            response = await impl(request)
+        except asyncio.CancelledError:
+            _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
+            raise
+        except Exception as exc:
+            await _fail(method, request, started, context, exc)
+        _finish(method, request, started, grpc.StatusCode.OK, None)
+        return response
+
+    return handle
+
+
+def _stream(
+    method: Method, impl: StreamImpl | None
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        try:
+            if impl is None:
+                raise _unimplemented(method)
+            async for item in impl(request):
+                yield item
+        except asyncio.CancelledError:
+            _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
+            raise
+        except Exception as exc:
+            await _fail(method, request, started, context, exc)
+        _finish(method, request, started, grpc.StatusCode.OK, None)
+
+    return handle
+
+
+def service_handler(service: str, servicer: object | None) -> grpc.GenericRpcHandler:
+    """All RPCs of `service`, dispatched to `servicer`'s methods of the same name."""
+    table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in methods(service):
+        impl = getattr(servicer, method.name, None)
+        if method.server_streaming:
+            table[method.name] = grpc.unary_stream_rpc_method_handler(
+                _stream(method, impl),
+                request_deserializer=method.request.FromString,
+                response_serializer=method.response.SerializeToString,
+            )
+        else:
+            table[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method, impl),
+                request_deserializer=method.request.FromString,
+                response_serializer=method.response.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(f"{PACKAGE}.{service}", table)
