@@ -94,4 +94,3 @@ class NetworkWatcher:
                 )
             self._key, self._answer = key, answer
         return self._answer
-

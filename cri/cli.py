@@ -11,9 +11,17 @@ from typing import Any
 
 import grpc
 
-from cri import __version__
+from api.runtime.v1 import api_pb2 as pb
+from api.runtime.v1 import api_pb2_grpc
+from cri import __version__, log
 from cri import config as cfg
 from cri.config import ConfigError, ConfigSources
+from cri.daemon import serve
+from cri.daemon_lock import AlreadyRunning
+from cri.live_config import LiveConfig
+from cri.server import SocketInUse
+from cri.state.store import StateError
+from cri.wipe import WipeRefused, wipe
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_READY = 0, 1, 2, 3
 
@@ -46,9 +54,7 @@ def _config_flags() -> argparse.ArgumentParser:
     g.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     g.add_argument("--log-format", metavar="FORMAT", help="text or json")
     g.add_argument("--cni-config-dir", metavar="DIR", help="CNI network config directory")
-    g.add_argument(
-        "--cni-plugin-dir", metavar="DIR", action="append", help="CNI plugin directory (repeat for several)"
-    )
+    g.add_argument("--cni-plugin-dir", metavar="DIR", action="append", help="CNI plugin directory (repeat for several)")
     g.add_argument("--stream-address", metavar="ADDR", help="streaming server address")
     g.add_argument("--stream-port", metavar="PORT", type=int, help="streaming server port (0 = any free port)")
     g.add_argument("--metrics-address", metavar="ADDR", help="metrics endpoint address")
@@ -129,12 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: cfg.Config, sources: ConfigSources) -> int:
-    from cri import log
-    from cri.daemon import serve
-    from cri.daemon_lock import AlreadyRunning
-    from cri.live_config import LiveConfig
-    from cri.server import SocketInUse
-    from cri.state.store import StateError
 
     log.setup(config.log.level, config.log.format)
     try:
@@ -146,8 +146,6 @@ def _run(config: cfg.Config, sources: ConfigSources) -> int:
 
 
 def _status(listen: str) -> int:
-    from api.runtime.v1 import api_pb2 as pb
-    from api.runtime.v1 import api_pb2_grpc
 
     with grpc.insecure_channel(f"unix://{listen}") as channel:
         stub = api_pb2_grpc.RuntimeServiceStub(channel)
@@ -170,7 +168,6 @@ def _status(listen: str) -> int:
 
 
 def _wipe(config: cfg.Config, yes: bool) -> int:
-    from cri.wipe import WipeRefused, wipe
 
     if not yes:
         if not sys.stdin.isatty():

@@ -16,12 +16,13 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, TypeGuard, Union, get_args, get_origin
 
 import yaml
 
@@ -102,7 +103,9 @@ class RuntimeConfig:
     )
     conmon: str = opt("/usr/bin/conmon", "Path of the conmon container monitor binary.")
     cgroup_manager: str = opt(
-        "cgroupfs", "Cgroup driver reported to the kubelet and used for container cgroups.", choices=("cgroupfs", "systemd")
+        "cgroupfs",
+        "Cgroup driver reported to the kubelet and used for container cgroups.",
+        choices=("cgroupfs", "systemd"),
     )
     default_capabilities: list[str] = opt(
         DEFAULT_CAPABILITIES, "Capabilities a container gets unless it adds or drops some.", reloadable=True
@@ -155,13 +158,17 @@ class ImageConfig:
         "prefix, location, insecure, blocked and mirrors (each with location and insecure).",
         reloadable=True,
     )
-    auth_file: str = opt("", "Global registry credentials in docker config.json format; empty means none.", reloadable=True)
+    auth_file: str = opt(
+        "", "Global registry credentials in docker config.json format; empty means none.", reloadable=True
+    )
     pull_progress_timeout: int = opt(60, "Seconds a layer download may make no progress before the pull fails.")
 
 
 @dataclass
 class PodConfig:
-    infra_binary: str = opt("/usr/bin/catatonit", "Static init run as the infra process of pods sharing one PID namespace.")
+    infra_binary: str = opt(
+        "/usr/bin/catatonit", "Static init run as the infra process of pods sharing one PID namespace."
+    )
     pause_image: str = opt("", "Image whose entrypoint replaces infra_binary; empty means use infra_binary.")
     shm_size: int = opt(64 * 1024 * 1024, "Bytes of the per-pod /dev/shm tmpfs.")
 
@@ -212,7 +219,7 @@ class Config:
 # Applying sources
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def _is_dataclass_type(tp: Any) -> TypeGuard[type]:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
@@ -268,7 +275,9 @@ def _coerce(value: Any, tp: Any, source: str, key: str, choices: Sequence[str] =
     return value
 
 
-def _apply_mapping(obj: Any, raw: Mapping[str, Any], source: str, prefix: str, origins: dict[str, str] | None = None) -> None:
+def _apply_mapping(
+    obj: Any, raw: Mapping[str, Any], source: str, prefix: str, origins: dict[str, str] | None = None
+) -> None:
     known = _fields(type(obj))
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else str(name)
@@ -381,7 +390,7 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     """Checks that span keys or need more than a type."""
 
     def fail(key: str, problem: str) -> None:
-        raise ConfigError((origins or {}).get(key, "defaults"), key, problem)
+        raise ConfigError(_origin_of(key, origins or {}), key, problem)
 
     for key in ("listen", "root", "runroot"):
         if not os.path.isabs(getattr(config, key)):
@@ -390,7 +399,9 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
         fail("runtime.runtimes", "at least one runtime handler is needed")
     if config.runtime.default_runtime not in config.runtime.runtimes:
         known = ", ".join(sorted(config.runtime.runtimes))
-        fail("runtime.default_runtime", f"{config.runtime.default_runtime!r} is not a key of runtime.runtimes ({known})")
+        fail(
+            "runtime.default_runtime", f"{config.runtime.default_runtime!r} is not a key of runtime.runtimes ({known})"
+        )
     for name, handler in config.runtime.runtimes.items():
         if not handler.path:
             fail(f"runtime.runtimes.{name}.path", "must not be empty")
@@ -409,6 +420,16 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
         fail("pod.shm_size", "must be a positive number of bytes")
     if bool(config.streaming.tls_cert) != bool(config.streaming.tls_key):
         fail("streaming.tls_key", "tls_cert and tls_key must be given together")
+
+
+def _origin_of(key: str, origins: Mapping[str, str]) -> str:
+    """The source that set `key`, or the closest enclosing key it was set through."""
+    candidate = key
+    while candidate:
+        if candidate in origins:
+            return origins[candidate]
+        candidate = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", candidate) if re.search(r"[.\[]", candidate) else ""
+    return "defaults"
 
 
 def reloadable_keys() -> list[str]:

@@ -57,7 +57,15 @@ async def serve(live: LiveConfig) -> None:
         )
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
-        event(log, logging.INFO, "criopy started", version=__version__, root=config.root, runroot=config.runroot, pid=os.getpid())
+        event(
+            log,
+            logging.INFO,
+            "criopy started",
+            version=__version__,
+            root=config.root,
+            runroot=config.runroot,
+            pid=os.getpid(),
+        )
         await _wait_for_stop(live)
         event(log, logging.INFO, "criopy stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
     event(log, logging.INFO, "criopy stopped")

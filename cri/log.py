@@ -32,7 +32,11 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f"time={_timestamp(record)}", f"level={record.levelname.lower()}", f"msg={_quote(record.getMessage())}"]
+        parts = [
+            f"time={_timestamp(record)}",
+            f"level={record.levelname.lower()}",
+            f"msg={_quote(record.getMessage())}",
+        ]
         for key, value in getattr(record, "fields", {}).items():
             parts.append(f"{key}={_quote(value)}")
         if record.exc_info:
@@ -42,7 +46,11 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname.lower(), "msg": record.getMessage()}
+        data: dict[str, Any] = {
+            "time": _timestamp(record),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
         data.update(getattr(record, "fields", {}))
         if record.exc_info:
             data["traceback"] = self.formatException(record.exc_info)

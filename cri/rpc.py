@@ -125,7 +125,9 @@ UnaryImpl = Callable[[Any], Awaitable[Message]]
 StreamImpl = Callable[[Any], AsyncIterator[Message]]
 
 
-def _unary(method: Method, impl: UnaryImpl | None) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+def _unary(
+    method: Method, impl: UnaryImpl | None
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.monotonic()
         try:

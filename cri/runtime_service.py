@@ -57,12 +57,16 @@ class RuntimeService:
             config.network.cni_config_dir, config.network.cni_plugin_dirs, config.network.cni_default_network
         )
         conditions = [
-            pb.RuntimeCondition(type="RuntimeReady", status=runtime.ready, reason=runtime.reason, message=runtime.message),
+            pb.RuntimeCondition(
+                type="RuntimeReady", status=runtime.ready, reason=runtime.reason, message=runtime.message
+            ),
             pb.RuntimeCondition(type="NetworkReady", status=net.ready, reason=net.reason, message=net.message),
         ]
         handlers = self._handlers.handlers
         # The unnamed handler is the default one, as the kubelet looks it up.
-        messages = [_handler_message("", handlers[self._handlers.default])] if self._handlers.default in handlers else []
+        messages = (
+            [_handler_message("", handlers[self._handlers.default])] if self._handlers.default in handlers else []
+        )
         messages += [_handler_message(name, info) for name, info in sorted(handlers.items())]
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
@@ -81,7 +85,9 @@ class RuntimeService:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
-                raise InvalidArgument("runtime_config.network_config.pod_cidr", f"{cidr!r} is not a CIDR: {exc}") from exc
+                raise InvalidArgument(
+                    "runtime_config.network_config.pod_cidr", f"{cidr!r} is not a CIDR: {exc}"
+                ) from exc
         if pod_cidr:
             await asyncio.to_thread(self._store.put, POD_CIDR_KEY, pod_cidr)
             event(log, logging.INFO, "pod CIDR recorded", pod_cidr=pod_cidr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -68,8 +69,6 @@ class CriServer:
     async def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, then cancel them."""
         await self._server.stop(grace_seconds)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
         event(log, logging.INFO, "stopped listening", socket=self.socket_path)

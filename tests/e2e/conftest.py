@@ -35,7 +35,9 @@ def daemon_factory() -> Iterator[list[Daemon]]:
 
 @pytest.fixture
 def make_daemon(daemon_factory: list[Daemon]):
-    def make(config_text: str = "", extra_args: list[str] | None = None, base: Path | None = None, start: bool = True) -> Daemon:
+    def make(
+        config_text: str = "", extra_args: list[str] | None = None, base: Path | None = None, start: bool = True
+    ) -> Daemon:
         # A short private directory: unix socket paths are limited to 108 bytes.
         base = base or Path(tempfile.mkdtemp(prefix="criopy-e2e-"))
         config_file = base / "criopy.yaml"

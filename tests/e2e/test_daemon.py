@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
+from cri import linux
 from tests.daemon_harness import DEFAULT_CONFLIST, run_cli
 
 
@@ -83,7 +84,9 @@ def test_status_verbose_carries_the_effective_config(daemon):
 
 
 def test_runtime_config_reports_the_cgroup_driver(make_daemon):
-    assert make_daemon().runtime().RuntimeConfig(pb.RuntimeConfigRequest(), timeout=5).linux.cgroup_driver == pb.CGROUPFS
+    assert (
+        make_daemon().runtime().RuntimeConfig(pb.RuntimeConfigRequest(), timeout=5).linux.cgroup_driver == pb.CGROUPFS
+    )
     systemd = make_daemon(extra_args=["--cgroup-manager", "systemd"])
     assert systemd.runtime().RuntimeConfig(pb.RuntimeConfigRequest(), timeout=5).linux.cgroup_driver == pb.SYSTEMD
 
@@ -93,7 +96,9 @@ def test_update_runtime_config_records_the_pod_cidr(daemon):
         runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="10.244.1.0/24"))
     )
     daemon.runtime().UpdateRuntimeConfig(request, timeout=5)
-    bad = pb.UpdateRuntimeConfigRequest(runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="nope")))
+    bad = pb.UpdateRuntimeConfigRequest(
+        runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="nope"))
+    )
     with pytest.raises(grpc.RpcError) as err:
         daemon.runtime().UpdateRuntimeConfig(bad, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -221,7 +226,8 @@ def test_sigint_exits_0(daemon):
 def test_sighup_reloads_reloadable_keys(make_daemon):
     d = make_daemon("log:\n  level: info\n")
     d.config_file.write_text(
-        "log:\n  level: debug\nruntime:\n  runtimes:\n    runc-debug:\n      path: runc\n      runtime_args: [--debug]\n"
+        "log:\n  level: debug\n"
+        "runtime:\n  runtimes:\n    runc-debug:\n      path: runc\n      runtime_args: [--debug]\n"
     )
     d.signal(signal.SIGHUP)
     d.wait_for_log("config reloaded")
@@ -271,7 +277,16 @@ def test_criopy_status_without_a_daemon(tmp_path):
 
 
 def test_wipe_is_refused_while_running_and_removes_everything_after(daemon):
-    argv = ["wipe", "--yes", "--config", str(daemon.config_file), "--root", str(daemon.root), "--runroot", str(daemon.runroot)]
+    argv = [
+        "wipe",
+        "--yes",
+        "--config",
+        str(daemon.config_file),
+        "--root",
+        str(daemon.root),
+        "--runroot",
+        str(daemon.runroot),
+    ]
     done = run_cli(*argv)
     assert done.returncode == 1
     assert "daemon is running" in done.stderr
@@ -283,10 +298,20 @@ def test_wipe_is_refused_while_running_and_removes_everything_after(daemon):
     assert "pass --yes" in unconfirmed.stderr
     assert daemon.root.exists()
 
-    done = run_cli(*argv)
+    # Whatever is still mounted under the root (overlays, shm) is unmounted, not deleted through.
+    leftover = daemon.root / "leftover-mount"
+    leftover.mkdir()
+    linux.mount("criopy-e2e", str(leftover), "tmpfs", 0, "size=1m")
+    (leftover / "file").write_text("x")
+    try:
+        done = run_cli(*argv)
+    finally:
+        for m in linux.mounts_under(str(daemon.root)) if daemon.root.exists() else []:
+            linux.umount(m.mount_point, linux.MNT_DETACH)
     assert done.returncode == 0, done.stderr
     assert not daemon.root.exists()
     assert not daemon.runroot.exists()
+    assert linux.mounts_under(str(daemon.root)) == []
 
 
 def test_config_command_prints_the_effective_config(tmp_path):

@@ -1,0 +1,106 @@
+"""The method table and its instrumentation, served in-process on a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from api.runtime.v1 import api_pb2 as pb
+from api.runtime.v1 import api_pb2_grpc
+from cri.errors import InvalidArgument, NotFound
+from cri.rpc import methods, object_id, service_handler
+
+
+def test_every_rpc_of_both_services_is_in_the_table():
+    runtime = {m.name for m in methods("RuntimeService")}
+    images = {m.name for m in methods("ImageService")}
+    assert {"Version", "RunPodSandbox", "ExecSync", "GetContainerEvents", "UpdatePodSandboxResources"} <= runtime
+    assert images == {"ListImages", "StreamImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo"}
+    streaming = {m.name for m in methods("RuntimeService") if m.server_streaming}
+    assert streaming == {
+        "GetContainerEvents",
+        "StreamPodSandboxes",
+        "StreamContainers",
+        "StreamContainerStats",
+        "StreamPodSandboxStats",
+        "StreamPodSandboxMetrics",
+    }
+
+
+def test_object_id_prefers_the_most_specific_field():
+    assert object_id(pb.StopContainerRequest(container_id="c1")) == "c1"
+    assert object_id(pb.CreateContainerRequest(pod_sandbox_id="p1")) == "p1"
+    assert object_id(pb.PullImageRequest(image=pb.ImageSpec(image="busybox"))) == "busybox"
+    run = pb.RunPodSandboxRequest(config=pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata(name="web")))
+    assert object_id(run) == "web"
+    assert object_id(pb.VersionRequest()) is None
+
+
+class FakeRuntime:
+    async def Version(self, request):
+        return pb.VersionResponse(runtime_name="fake")
+
+    async def PodSandboxStatus(self, request):
+        raise NotFound(f"pod sandbox {request.pod_sandbox_id} not found")
+
+    async def ContainerStatus(self, request):
+        raise InvalidArgument("container_id", "must not be empty")
+
+    async def ExecSync(self, request):
+        raise RuntimeError("boom")
+
+    async def StreamContainers(self, request):
+        for i in range(3):
+            yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i))])
+
+
+async def _exercise(path: str) -> dict[str, object]:
+    server = grpc.aio.server(handlers=[service_handler("RuntimeService", FakeRuntime())])
+    server.add_insecure_port(f"unix://{path}")
+    await server.start()
+    results: dict[str, object] = {}
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+            stub = api_pb2_grpc.RuntimeServiceStub(channel)
+            results["version"] = (await stub.Version(pb.VersionRequest())).runtime_name
+            for name, call in {
+                "status": stub.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id="abc")),
+                "container": stub.ContainerStatus(pb.ContainerStatusRequest()),
+                "exec": stub.ExecSync(pb.ExecSyncRequest()),
+                "unbuilt": stub.RunPodSandbox(pb.RunPodSandboxRequest()),
+            }.items():
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    results[name] = (exc.code(), exc.details())
+            results["stream"] = [r.containers[0].id async for r in stub.StreamContainers(pb.StreamContainersRequest())]
+    finally:
+        await server.stop(None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return asyncio.run(_exercise(str(tmp_path_factory.mktemp("rpc") / "s.sock")))
+
+
+def test_implemented_calls_answer(results):
+    assert results["version"] == "fake"
+    assert results["stream"] == ["0", "1", "2"]
+
+
+def test_domain_errors_map_to_their_codes(results):
+    assert results["status"] == (grpc.StatusCode.NOT_FOUND, "pod sandbox abc not found")
+    assert results["container"] == (grpc.StatusCode.INVALID_ARGUMENT, "container_id: must not be empty")
+
+
+def test_unexpected_errors_are_internal_and_unbuilt_rpcs_unimplemented(results):
+    code, details = results["exec"]
+    assert code == grpc.StatusCode.INTERNAL
+    assert "boom" in details
+    assert results["unbuilt"] == (
+        grpc.StatusCode.UNIMPLEMENTED,
+        "RuntimeService/RunPodSandbox is not implemented by criopy yet",
+    )
