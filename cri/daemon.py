@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 
 from cni.readiness import NetworkWatcher
 from cri import __version__, metrics
+from cri.config import Config
 from cri.daemon_lock import DaemonLock
 from cri.live_config import LiveConfig
 from cri.log import event, set_level
@@ -42,9 +43,9 @@ async def serve(live: LiveConfig) -> None:
         await handlers.refresh(config)
         runtime = RuntimeService(live, handlers, NetworkWatcher(), store)
 
-        async def apply_reload(new: object) -> None:
-            set_level(live.current.log.level)
-            await handlers.refresh(live.current)
+        async def apply_reload(new: Config) -> None:
+            set_level(new.log.level)
+            await handlers.refresh(new)
 
         live.on_reload(apply_reload)
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -125,21 +126,30 @@ UnaryImpl = Callable[[Any], Awaitable[Message]]
 StreamImpl = Callable[[Any], AsyncIterator[Message]]
 
 
+@asynccontextmanager
+async def _instrumented(
+    method: Method, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[None]:
+    """Times the call, logs and counts it, and answers a failure with its mapped gRPC status."""
+    started = time.monotonic()
+    try:
+        yield
+    except asyncio.CancelledError:
+        _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
+        raise
+    except Exception as exc:
+        await _fail(method, request, started, context, exc)
+    _finish(method, request, started, grpc.StatusCode.OK, None)
+
+
 def _unary(
     method: Method, impl: UnaryImpl | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started = time.monotonic()
-        try:
+        async with _instrumented(method, request, context):
             if impl is None:
                 raise _unimplemented(method)
             response = await impl(request)
-        except asyncio.CancelledError:
-            _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
-            raise
-        except Exception as exc:
-            await _fail(method, request, started, context, exc)
-        _finish(method, request, started, grpc.StatusCode.OK, None)
         return response
 
     return handle
@@ -149,18 +159,11 @@ def _stream(
     method: Method, impl: StreamImpl | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started = time.monotonic()
-        try:
+        async with _instrumented(method, request, context):
             if impl is None:
                 raise _unimplemented(method)
             async for item in impl(request):
                 yield item
-        except asyncio.CancelledError:
-            _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
-            raise
-        except Exception as exc:
-            await _fail(method, request, started, context, exc)
-        _finish(method, request, started, grpc.StatusCode.OK, None)
 
     return handle
 

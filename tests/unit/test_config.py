@@ -183,7 +183,8 @@ def test_reload_of_a_bad_file_keeps_everything(tmp_path):
 
 
 def test_reload_is_all_or_nothing_across_keys(tmp_path):
-    # Valid YAML, valid types, but default_runtime names a handler the same file removes... from a drop-in view:
+    # Every key is well-typed, but default_runtime names no handler: neither the new log level
+    # nor anything else of the file may be applied.
     live, ok, _ = reload_in(
         tmp_path,
         "runtime:\n  runtimes:\n    extra:\n      path: runc\n",
