@@ -1,0 +1,244 @@
+"""Running one CNI plugin binary, the way libcni's invoke package does.
+
+The plugin gets the CNI_* environment variables (plus PATH, nothing else from
+our environment) and its network configuration on stdin. Every call has a
+timeout; on expiry the plugin's whole process group is killed. Every error
+names the plugin and carries its stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cni.conf import NetworkConfigList, PluginConf, find_plugin
+from cni.result import CniError, Result, ResultError, parse_error, parse_result
+from cri.log import event
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# How long to wait for the pipes to close after killing a timed-out plugin.
+_KILL_GRACE = 2.0
+
+
+class InvocationError(CniError):
+    """The plugin could not be run, timed out, or printed something that is not a result."""
+
+    def __init__(self, plugin: str, problem: str, stderr: str = "") -> None:
+        text = f"plugin {plugin} {problem}"
+        extra = stderr.strip()
+        if extra:
+            text += f" (stderr: {extra if len(extra) <= 4000 else extra[:4000] + '...[truncated]'})"
+        super().__init__(text)
+        self.plugin = plugin
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One plugin call: what goes into the CNI_* variables, and where to find the binary."""
+
+    plugin_type: str
+    command: str
+    plugin_dirs: tuple[str, ...]
+    timeout: float
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: Mapping[str, str] = field(default_factory=dict)
+    network: str = ""  # for the log line only
+
+
+def format_args(args: Mapping[str, str]) -> str:
+    """CNI_ARGS: `K=V;K=V`. Keys and values may hold neither ';' nor '=' (plugins split on both)."""
+    for key, value in args.items():
+        if not key or ";" in key or "=" in key:
+            raise ValueError(f"args: invalid CNI_ARGS key {key!r}")
+        if ";" in value or "=" in value:
+            raise ValueError(f"args: invalid CNI_ARGS value {value!r} for key {key!r}")
+    return ";".join(f"{k}={v}" for k, v in args.items())
+
+
+def plugin_env(inv: Invocation) -> dict[str, str]:
+    env = {
+        "CNI_COMMAND": inv.command,
+        "CNI_PATH": ":".join(inv.plugin_dirs),
+        "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+    }
+    if inv.command not in ("VERSION", "STATUS"):
+        env.update(
+            CNI_CONTAINERID=inv.container_id,
+            CNI_NETNS=inv.netns,
+            CNI_IFNAME=inv.ifname,
+            CNI_ARGS=format_args(inv.args),
+        )
+    return env
+
+
+def plugin_config(
+    network: NetworkConfigList,
+    plugin: PluginConf,
+    prev_result: Mapping[str, Any] | None = None,
+    capability_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON a plugin of the list reads on stdin (libcni's buildOneConfig + injectRuntimeConfig)."""
+    conf = dict(plugin.raw)
+    conf["name"] = network.name
+    conf["cniVersion"] = network.cni_version
+    if prev_result is not None:
+        conf["prevResult"] = dict(prev_result)
+    declared = plugin.raw.get("capabilities")
+    runtime: dict[str, Any] = {}
+    if isinstance(declared, dict) and capability_args:
+        runtime = {key: value for key, value in capability_args.items() if declared.get(key) is True}
+    if runtime:
+        conf["runtimeConfig"] = runtime
+    else:
+        conf.pop("runtimeConfig", None)
+    return conf
+
+
+async def _communicate(
+    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
+) -> tuple[int | None, bytes, bytes]:
+    """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    writer = proc.stdin
+
+    async def feed() -> None:
+        try:
+            writer.write(stdin)
+            await writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the plugin exited without reading its config; its exit status says why
+        finally:
+            writer.close()
+
+    out = asyncio.ensure_future(proc.stdout.read())
+    err = asyncio.ensure_future(proc.stderr.read())
+    tasks = {out, err, asyncio.ensure_future(feed()), asyncio.ensure_future(proc.wait())}
+    timed_out = False
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            timed_out = True
+            _kill_group(proc)
+            _, pending = await asyncio.wait(pending, timeout=_KILL_GRACE)
+    finally:
+        if proc.returncode is None:  # timed out, or our caller was cancelled
+            _kill_group(proc)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    stdout = out.result() if out.done() and not out.cancelled() else b""
+    stderr = err.result() if err.done() and not err.cancelled() else b""
+    return (None if timed_out else proc.returncode), stdout, stderr
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
+async def _call(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:
+    """Run the plugin and parse its stdout; log one line for the call, at warning when it failed."""
+    started = time.monotonic()
+    try:
+        value = parse(await _run(inv, stdin))
+    except Exception as exc:
+        _log(inv, started, exc)
+        raise
+    _log(inv, started, None)
+    return value
+
+
+async def _run(inv: Invocation, stdin: bytes) -> bytes:
+    path = find_plugin(inv.plugin_type, list(inv.plugin_dirs))
+    if path is None:
+        raise InvocationError(inv.plugin_type, f"not found in {':'.join(inv.plugin_dirs) or '(no plugin dirs)'}")
+    try:
+        status, stdout, stderr_bytes = await _communicate([str(path)], plugin_env(inv), stdin, inv.timeout)
+    except OSError as exc:
+        raise InvocationError(
+            inv.plugin_type, f"{inv.command} cannot be started ({path}): {exc.strerror or exc}"
+        ) from exc
+    stderr = stderr_bytes.decode(errors="replace")
+    if status is None:
+        raise InvocationError(inv.plugin_type, f"{inv.command} timed out after {inv.timeout:g}s", stderr)
+    if status != 0:
+        raise parse_error(inv.plugin_type, stdout, stderr, status, inv.command)
+    return stdout
+
+
+def _log(inv: Invocation, started: float, error: Exception | None) -> None:
+    event(
+        log,
+        logging.DEBUG if error is None else logging.WARNING,
+        "cni plugin call" if error is None else "cni plugin call failed",
+        plugin=inv.plugin_type,
+        command=inv.command,
+        network=inv.network or None,
+        container_id=inv.container_id or None,
+        ifname=inv.ifname or None,
+        duration_ms=round((time.monotonic() - started) * 1000, 1),
+        error=str(error) if error is not None else None,
+    )
+
+
+async def exec_plugin(inv: Invocation, stdin: bytes) -> bytes:
+    """Run the plugin; its stdout on success. PluginError on a non-zero exit, InvocationError otherwise."""
+    return await _call(inv, stdin, lambda stdout: stdout)
+
+
+async def exec_with_result(inv: Invocation, stdin: bytes) -> Result:
+    """ADD: run the plugin and parse its result; a malformed result is an InvocationError naming it."""
+
+    def parse(stdout: bytes) -> Result:
+        try:
+            return parse_result(stdout)
+        except ResultError as exc:
+            raise InvocationError(inv.plugin_type, f"{inv.command} returned an invalid result: {exc}") from None
+
+    return await _call(inv, stdin, parse)
+
+
+async def exec_without_result(inv: Invocation, stdin: bytes) -> None:
+    """DEL, CHECK, STATUS: only the exit status matters; stdout is ignored."""
+    await _call(inv, stdin, lambda stdout: None)
+
+
+async def exec_version(inv: Invocation, cni_version: str) -> list[str]:
+    """VERSION: the spec versions the plugin supports."""
+
+    def parse(stdout: bytes) -> list[str]:
+        try:
+            data = json.loads(stdout)
+        except ValueError:
+            data = None
+        versions = data.get("supportedVersions") if isinstance(data, dict) else None
+        if not isinstance(versions, list) or not all(isinstance(v, str) for v in versions):
+            text = stdout.decode(errors="replace").strip()[:200]
+            raise InvocationError(inv.plugin_type, f"VERSION returned no supportedVersions list: {text!r}")
+        return list(versions)
+
+    return await _call(inv, json.dumps({"cniVersion": cni_version}).encode(), parse)
