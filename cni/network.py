@@ -70,6 +70,28 @@ class _Attachment:
     args: dict[str, str]
     caps: dict[str, Any]
 
+    @classmethod
+    def of(
+        cls,
+        container_id: str,
+        netns: str,
+        ifname: str,
+        *,
+        args: Mapping[str, str] | None,
+        capabilities: Mapping[str, Any] | None,
+        entry: CacheEntry | None,
+    ) -> _Attachment:
+        """Explicit args and capabilities win; otherwise the ones ADD cached, if any."""
+        cached_args = entry.cni_args if entry is not None else {}
+        cached_caps = entry.capability_args if entry is not None else {}
+        return cls(
+            container_id,
+            netns,
+            ifname,
+            dict(args if args is not None else cached_args),
+            dict(capabilities if capabilities is not None else cached_caps),
+        )
+
 
 class CniNetwork:
     """One network config list, the plugin dirs to find its binaries in, and the result cache."""
@@ -184,13 +206,7 @@ class CniNetwork:
         """DEL on every plugin in reverse order; args/capabilities default to the cached ones."""
         validate_attachment(container_id, ifname)
         entry = self.cache.read(self.network.name, container_id, ifname)
-        att = _Attachment(
-            container_id,
-            netns,
-            ifname,
-            dict(args) if args is not None else dict(entry.cni_args) if entry else {},
-            dict(capabilities) if capabilities is not None else dict(entry.capability_args) if entry else {},
-        )
+        att = _Attachment.of(container_id, netns, ifname, args=args, capabilities=capabilities, entry=entry)
         format_args(att.args)
         # The cached result is passed on DEL from spec 0.4.0 on, as libcni does.
         prev = entry.result if entry is not None and self._at_least("0.4.0") else None
@@ -223,13 +239,7 @@ class CniNetwork:
         entry = self.cache.read(self.network.name, container_id, ifname)
         if entry is None or entry.result is None:
             raise CniError(f"network {self.network.name}: no cached result for {container_id}/{ifname} to CHECK")
-        att = _Attachment(
-            container_id,
-            netns,
-            ifname,
-            dict(args) if args is not None else dict(entry.cni_args),
-            dict(capabilities) if capabilities is not None else dict(entry.capability_args),
-        )
+        att = _Attachment.of(container_id, netns, ifname, args=args, capabilities=capabilities, entry=entry)
         for plugin in self.network.plugins:
             await exec_without_result(self._inv(plugin.type, "CHECK", att), self._stdin(plugin, entry.result, att.caps))
 

@@ -437,19 +437,23 @@ def reloadable_keys() -> list[str]:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    old_d, new_d = old.to_dict(), new.to_dict()
-    changed = []
-    for key, _ in leaf_keys():
-        if _get_dotted(old_d, key) != _get_dotted(new_d, key):
-            changed.append(key)
-    return changed
+    return [key for key, _ in leaf_keys() if get_option(old, key) != get_option(new, key)]
 
 
-def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
-    value: Any = data
+def get_option(config: Config, key: str) -> Any:
+    """The value of a dotted option key, e.g. get_option(config, "log.level")."""
+    value: Any = config
     for part in key.split("."):
-        value = value[part]
+        value = getattr(value, part)
     return value
+
+
+def set_option(config: Config, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    target: Any = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, last, value)
 
 
 # ---------------------------------------------------------------------------
@@ -507,7 +511,7 @@ def render_reference_table() -> str:
     """The README's config reference, one row per option."""
     rows = ["| key | default | env | meaning |", "| --- | --- | --- | --- |"]
     for key, f in leaf_keys():
-        default = _plain(_get_dotted(Config().to_dict(), key))
+        default = _plain(get_option(Config(), key))
         shown = json.dumps(default) if not isinstance(default, str) else (default or '""')
         doc = f.metadata["doc"] + (" (reloadable)" if f.metadata.get("reloadable") else "")
         rows.append(f"| `{key}` | `{shown}` | `{env_name(key)}` | {doc} |")

@@ -39,7 +39,7 @@ class LiveConfig:
             needs_restart = [k for k in changed if k not in reloadable]
             merged = copy.deepcopy(self.current)
             for key in reloadable:
-                _set_dotted(merged, key, copy.deepcopy(_get_dotted(loaded, key)))
+                cfg.set_option(merged, key, copy.deepcopy(cfg.get_option(loaded, key)))
             try:
                 cfg.validate(merged)
             except ConfigError as exc:
@@ -56,16 +56,3 @@ class LiveConfig:
             for listener in self._listeners:
                 await listener(merged)
             return True
-
-
-def _get_dotted(obj: object, key: str) -> object:
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_dotted(obj: object, key: str, value: object) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
