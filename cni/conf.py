@@ -56,8 +56,17 @@ def _plugin(path: Path, raw: Any, where: str) -> PluginConf:
 
 def load_file(path: Path) -> NetworkConfigList:
     try:
-        raw = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NetworkConfigError(path, f"cannot be read: {exc.strerror}") from exc
+    return parse(data, path, is_list=path.suffix == ".conflist")
+
+
+def parse(data: bytes, path: Path, *, is_list: bool | None = None) -> NetworkConfigList:
+    """A network config from its JSON; is_list=None decides by the presence of 'plugins' (cached configs)."""
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
         raise NetworkConfigError(path, f"cannot be read as JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise NetworkConfigError(path, "must hold a JSON object")
@@ -66,7 +75,9 @@ def load_file(path: Path) -> NetworkConfigList:
         raise NetworkConfigError(path, "has no network 'name'")
     if not isinstance(version, str) or not version:
         raise NetworkConfigError(path, "has no 'cniVersion'")
-    if path.suffix == ".conflist":
+    if is_list is None:
+        is_list = "plugins" in raw
+    if is_list:
         plugins_raw = raw.get("plugins")
         if not isinstance(plugins_raw, list) or not plugins_raw:
             raise NetworkConfigError(path, "has no 'plugins' list")

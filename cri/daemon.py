@@ -19,6 +19,7 @@ from cri.rpc import service_handler
 from cri.runtime_service import RuntimeService
 from cri.server import CriServer
 from cri.state import Store
+from podsandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ async def serve(live: LiveConfig) -> None:
 
         handlers = RuntimeHandlers()
         await handlers.refresh(config)
-        runtime = RuntimeService(live, handlers, NetworkWatcher(), store)
+        # A function, not the dict: a SIGHUP reload replaces the handler table.
+        sandboxes = SandboxManager(live, store, lambda: list(handlers.handlers))
+        await sandboxes.recover()
+        runtime = RuntimeService(live, handlers, NetworkWatcher(), store, sandboxes)
 
         async def apply_reload(new: Config) -> None:
             set_level(new.log.level)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
+from collections.abc import AsyncIterator
 
 from api.runtime.v1 import api_pb2 as pb
 from cni.readiness import NetworkWatcher
-from cri import __version__
+from cri import __version__, sandbox_convert
 from cri.errors import InvalidArgument
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.oci.handlers import HandlerInfo, RuntimeHandlers
 from cri.runtime_readiness import runtime_readiness
 from cri.state import Store
+from podsandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,8 @@ CRI_API_VERSION = "v1"
 # What the kubelet's Version call reports as the CRI "version" (cri-o and containerd say the same).
 KUBELET_API_VERSION = "0.1.0"
 POD_CIDR_KEY = "pod_cidr"
+# Items per message of the Stream* list RPCs: far below the 16 MiB message limit even with large labels.
+STREAM_CHUNK = 500
 
 
 def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
@@ -36,11 +41,19 @@ def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
 
 
 class RuntimeService:
-    def __init__(self, live: LiveConfig, handlers: RuntimeHandlers, network: NetworkWatcher, store: Store) -> None:
+    def __init__(
+        self,
+        live: LiveConfig,
+        handlers: RuntimeHandlers,
+        network: NetworkWatcher,
+        store: Store,
+        sandboxes: SandboxManager,
+    ) -> None:
         self._live = live
         self._handlers = handlers
         self._network = network
         self._store = store
+        self._sandboxes = sandboxes
 
     async def Version(self, request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(
@@ -92,3 +105,38 @@ class RuntimeService:
             await asyncio.to_thread(self._store.put, POD_CIDR_KEY, pod_cidr)
             event(log, logging.INFO, "pod CIDR recorded", pod_cidr=pod_cidr)
         return pb.UpdateRuntimeConfigResponse()
+
+    # ---- pod sandboxes --------------------------------------------------------------------------
+
+    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest) -> pb.RunPodSandboxResponse:
+        spec = sandbox_convert.spec_of(request)
+        sandbox = await self._sandboxes.run(spec, request.config.SerializeToString())
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
+
+    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest) -> pb.StopPodSandboxResponse:
+        await self._sandboxes.stop(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest) -> pb.RemovePodSandboxResponse:
+        await self._sandboxes.remove(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest) -> pb.PodSandboxStatusResponse:
+        sandbox = self._sandboxes.get(request.pod_sandbox_id)
+        return pb.PodSandboxStatusResponse(
+            status=sandbox_convert.status(sandbox),
+            info=sandbox_convert.verbose_info(sandbox) if request.verbose else {},
+            timestamp=time.time_ns(),
+        )
+
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest) -> pb.ListPodSandboxResponse:
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListPodSandboxResponse(items=sandbox_convert.filtered(self._sandboxes.list(), flt))
+
+    async def StreamPodSandboxes(
+        self, request: pb.StreamPodSandboxesRequest
+    ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
+        flt = request.filter if request.HasField("filter") else None
+        items = sandbox_convert.filtered(self._sandboxes.list(), flt)
+        for start in range(0, len(items), STREAM_CHUNK):
+            yield pb.StreamPodSandboxesResponse(pod_sandboxes=items[start : start + STREAM_CHUNK])

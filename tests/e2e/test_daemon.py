@@ -111,7 +111,7 @@ def test_update_runtime_config_records_the_pod_cidr(daemon):
 @pytest.mark.parametrize(
     ("service", "method", "request_type"),
     [
-        ("runtime", "RunPodSandbox", pb.RunPodSandboxRequest),
+        ("runtime", "ExecSync", pb.ExecSyncRequest),
         ("runtime", "CreateContainer", pb.CreateContainerRequest),
         ("images", "PullImage", pb.PullImageRequest),
     ],
@@ -153,7 +153,7 @@ def test_metrics_endpoint_counts_calls(daemon):
     samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
     # The harness's readiness probe made one Version call before the test's three.
     assert float(samples['criopy_operations_total{code="OK",operation="Version"}']) == 4.0
-    assert float(samples['criopy_operations_total{code="UNIMPLEMENTED",operation="RunPodSandbox"}']) == 1.0
+    assert float(samples['criopy_operations_total{code="INVALID_ARGUMENT",operation="RunPodSandbox"}']) == 1.0
     assert float(samples['criopy_operations_duration_seconds_count{operation="Version"}']) == 4.0
     assert float(samples["process_resident_memory_bytes"]) > 0
 

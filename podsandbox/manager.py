@@ -1,0 +1,354 @@
+"""Pod sandbox lifecycle: run, stop, remove, and what the kubelet sees of it.
+
+Creation runs in a task of its own, detached from the RPC that asked for it:
+when the kubelet's deadline expires it abandons the call, the task goes on,
+and the kubelet's retry (same metadata) gets that sandbox back instead of a
+'name is reserved' error (cri-o's in-flight creation store). Every step of a
+creation pushes its undo; a failure unwinds them in reverse order, so nothing
+is left half-made. Work on one sandbox is serialized by its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cni.result import CniError
+from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cri.live_config import LiveConfig
+from cri.log import event
+from cri.state import Store
+from podsandbox import files, namespaces, shm
+from podsandbox import sandbox as rows
+from podsandbox.network import NetworkNotReady, PodNetwork
+from podsandbox.sandbox import Sandbox, SandboxState
+from podsandbox.spec import SandboxSpec, sysctl_namespace, validate
+
+log = logging.getLogger(__name__)
+
+# Called with a sandbox ID when it stops or is removed, so its containers go first (the containers issue).
+SandboxHook = Callable[[str], Awaitable[None]]
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+def default_cgroup_parent(manager: str) -> str:
+    return "criopy.slice" if manager == "systemd" else "/criopy"
+
+
+class SandboxManager:
+    def __init__(self, live: LiveConfig, store: Store, handlers: Callable[[], Iterable[str]]) -> None:
+        self._live = live
+        self._store = store
+        self._handlers = handlers
+        config = live.current
+        self._runroot = Path(config.runroot)
+        self._network = PodNetwork(Path(config.root) / "cni")
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._names: dict[str, str] = {}  # reservation name -> sandbox ID
+        self._inflight: dict[str, asyncio.Task[Sandbox]] = {}
+        self._unclaimed: set[str] = set()  # made for a caller that gave up; its retry takes it
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.stop_hooks: list[SandboxHook] = []
+        self.remove_hooks: list[SandboxHook] = []
+
+    # ---- lookup -------------------------------------------------------------------------------
+
+    def get(self, id_or_prefix: str) -> Sandbox:
+        if not id_or_prefix:
+            raise InvalidArgument("pod_sandbox_id", "must not be empty")
+        found = self._match(id_or_prefix)
+        if found is None:
+            raise NotFound(f"pod sandbox {id_or_prefix!r} not found")
+        return found
+
+    def _match(self, id_or_prefix: str) -> Sandbox | None:
+        if id_or_prefix in self._sandboxes:
+            return self._sandboxes[id_or_prefix]
+        matches = [s for sid, s in self._sandboxes.items() if sid.startswith(id_or_prefix)]
+        if len(matches) > 1:
+            raise InvalidArgument("pod_sandbox_id", f"prefix {id_or_prefix!r} matches {len(matches)} sandboxes")
+        return matches[0] if matches else None
+
+    def _existing(self, id_or_prefix: str) -> Sandbox | None:
+        """For the idempotent calls: None when the sandbox is gone, but an empty ID is still an error."""
+        if not id_or_prefix:
+            raise InvalidArgument("pod_sandbox_id", "must not be empty")
+        return self._match(id_or_prefix)
+
+    def list(self) -> list[Sandbox]:
+        return list(self._sandboxes.values())
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    # ---- run ----------------------------------------------------------------------------------
+
+    async def run(self, spec: SandboxSpec, config_blob: bytes) -> Sandbox:
+        config = self._live.current
+        validate(spec, config.runtime.cgroup_manager)
+        handler = spec.runtime_handler or config.runtime.default_runtime
+        if handler not in set(self._handlers()):
+            raise InvalidArgument("runtime_handler", f"no runtime handler {handler!r} is configured")
+        name = spec.metadata.reservation
+        task = self._inflight.get(name)
+        if task is None:
+            owner = self._names.get(name)
+            if owner is not None:
+                if owner in self._unclaimed and owner in self._sandboxes:
+                    self._unclaimed.discard(owner)
+                    event(log, logging.INFO, "pod sandbox handed to a retry", pod_id=owner, pod=name)
+                    return self._sandboxes[owner]
+                raise AlreadyExists(f"pod sandbox name {name!r} is reserved for {owner}; remove that sandbox first")
+            sandbox_id = new_id()
+            self._names[name] = sandbox_id  # reserved before the first await: no other call can take it
+            task = asyncio.create_task(self._create(sandbox_id, spec, handler, config_blob), name=f"run-{sandbox_id}")
+            self._inflight[name] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(name, None))
+        else:
+            event(log, logging.INFO, "pod sandbox retry joins the creation in flight", pod=name)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._abandoned)
+            raise
+
+    def _abandoned(self, task: asyncio.Task[Sandbox]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        sandbox = task.result()
+        self._unclaimed.add(sandbox.id)
+        event(log, logging.INFO, "pod sandbox finished after its caller left", pod_id=sandbox.id, pod=sandbox.name)
+
+    async def _create(self, sandbox_id: str, spec: SandboxSpec, handler: str, config_blob: bytes) -> Sandbox:
+        config = self._live.current
+        spec = _with_handler(spec, handler)
+        sandbox = Sandbox(
+            id=sandbox_id,
+            spec=spec,
+            created_at=time.time_ns(),
+            state=SandboxState.CREATING,
+            dir=str(self._runroot / "sandboxes" / sandbox_id),
+            pins=self._pin_paths(sandbox_id, spec),
+            shm="" if spec.host_ipc else str(self._runroot / "sandboxes" / sandbox_id / "shm"),
+            cgroup_parent=spec.cgroup_parent or default_cgroup_parent(config.runtime.cgroup_manager),
+            config_blob=config_blob,
+        )
+        started = time.monotonic()
+        try:
+            async with AsyncExitStack() as undo:
+                await self._build(sandbox, undo)
+                undo.pop_all()
+        except BaseException as exc:
+            self._names.pop(sandbox.name, None)
+            event(log, logging.WARNING, "pod sandbox creation failed, undone", pod_id=sandbox_id, error=str(exc))
+            mapped = _as_cri_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        self._sandboxes[sandbox_id] = sandbox
+        event(
+            log,
+            logging.INFO,
+            "pod sandbox ready",
+            pod_id=sandbox_id,
+            pod=sandbox.name,
+            ips=",".join(sandbox.ips) or None,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return sandbox
+
+    def _pin_paths(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, str]:
+        kinds = [] if spec.host_network else ["net", "uts"]
+        if not spec.host_ipc:
+            kinds.append("ipc")
+        return {kind: str(self._runroot / "ns" / kind / sandbox_id) for kind in kinds}
+
+    async def _build(self, sandbox: Sandbox, undo: AsyncExitStack) -> None:
+        """Each step, then its undo; `undo` unwinds them in reverse if a later step fails."""
+        spec, config = sandbox.spec, self._live.current
+        await asyncio.to_thread(self._write, rows.insert, sandbox)
+        undo.push_async_callback(self._undo, sandbox.id, "state row", self._write_delete, sandbox.id)
+
+        directory = Path(sandbox.dir)
+        await asyncio.to_thread(directory.mkdir, 0o711, True, False)
+        undo.push_async_callback(self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, directory)
+        hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
+        await asyncio.to_thread(self._write_files, sandbox, hostname)
+
+        if sandbox.shm:
+            await asyncio.to_thread(shm.mount, sandbox.shm, config.pod.shm_size)
+            undo.push_async_callback(self._undo, sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
+
+        sysctls = _sysctls(config.runtime.default_sysctls, spec)
+        await namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls)
+        undo.push_async_callback(
+            self._undo, sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, list(sandbox.pins.values())
+        )
+
+        if not spec.host_network:
+            attachment = await self._network.attach(sandbox.id, sandbox.pins["net"], spec, config.network)
+            sandbox.network, sandbox.ips, sandbox.cni_result = attachment.network, attachment.ips, attachment.result
+            undo.push_async_callback(
+                self._undo,
+                sandbox.id,
+                "cni",
+                self._network.detach,
+                sandbox.id,
+                sandbox.pins["net"],
+                attachment.network,
+                config.network,
+            )
+            await asyncio.to_thread(files.write_hosts, directory / "hosts", hostname, list(sandbox.ips))
+
+        sandbox.state = SandboxState.READY
+        await asyncio.to_thread(self._write, rows.update, sandbox)
+
+    def _write_files(self, sandbox: Sandbox, hostname: str) -> None:
+        directory = Path(sandbox.dir)
+        files.write_hostname(directory / "hostname", hostname)
+        files.write_resolv_conf(directory / "resolv.conf", sandbox.spec.dns)
+        files.write_hosts(directory / "hosts", hostname, [])
+
+    async def _undo(self, sandbox_id: str, step: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Best effort: one failed undo must not stop the others, nor hide the error that caused them."""
+        try:
+            await fn(*args)
+        except Exception as exc:
+            event(log, logging.ERROR, "undo step failed", pod_id=sandbox_id, step=step, error=str(exc))
+
+    def _write(self, op: Callable[[Any, Sandbox], None], sandbox: Sandbox) -> None:
+        with self._store.transaction() as conn:
+            op(conn, sandbox)
+
+    async def _write_delete(self, sandbox_id: str) -> None:
+        def delete() -> None:
+            with self._store.transaction() as conn:
+                rows.delete(conn, sandbox_id)
+
+        await asyncio.to_thread(delete)
+
+    # ---- stop and remove ----------------------------------------------------------------------
+
+    async def stop(self, id_or_prefix: str) -> None:
+        """Idempotent: an unknown or already stopped sandbox is fine."""
+        sandbox = self._existing(id_or_prefix)
+        if sandbox is None:
+            return
+        async with self._lock(sandbox.id):
+            await self._stop_locked(sandbox)
+
+    async def _stop_locked(self, sandbox: Sandbox) -> None:
+        for hook in self.stop_hooks:
+            await hook(sandbox.id)
+        config = self._live.current
+        if sandbox.network:
+            pin = sandbox.pins.get("net", "")
+            # CNI DEL must still run when the netns is gone; the plugins then free what the host holds.
+            pinned = bool(pin) and await asyncio.to_thread(namespaces.is_pinned, pin)
+            netns = pin if pinned else ""
+            try:
+                await self._network.detach(sandbox.id, netns, sandbox.network, config.network)
+            except CniError as exc:
+                raise Internal(f"stopping pod sandbox {sandbox.id}: CNI DEL failed: {exc}") from exc
+            sandbox.network = ""
+        if sandbox.shm:
+            await asyncio.to_thread(shm.unmount, sandbox.shm)
+        await asyncio.to_thread(namespaces.release_all, list(sandbox.pins.values()))
+        if sandbox.state is not SandboxState.NOTREADY:
+            event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
+        sandbox.state = SandboxState.NOTREADY
+        await asyncio.to_thread(self._write, rows.update, sandbox)
+
+    async def remove(self, id_or_prefix: str) -> None:
+        """Idempotent: stops first if needed; an unknown sandbox is fine."""
+        sandbox = self._existing(id_or_prefix)
+        if sandbox is None:
+            return
+        async with self._lock(sandbox.id):
+            if sandbox.id not in self._sandboxes:
+                return  # removed while we waited for the lock
+            await self._stop_locked(sandbox)
+            for hook in self.remove_hooks:
+                await hook(sandbox.id)
+            await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
+            await self._write_delete(sandbox.id)
+            self._sandboxes.pop(sandbox.id, None)
+            self._names.pop(sandbox.name, None)
+            self._unclaimed.discard(sandbox.id)
+        self._locks.pop(sandbox.id, None)
+        event(log, logging.INFO, "pod sandbox removed", pod_id=sandbox.id, pod=sandbox.name)
+
+    # ---- recovery -----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load the sandboxes of the database; finish undoing any creation a crash interrupted."""
+
+        def load() -> list[Sandbox]:
+            with self._store.transaction() as conn:
+                return rows.load_all(conn)
+
+        for sandbox in await asyncio.to_thread(load):
+            if sandbox.state is SandboxState.CREATING:
+                await self._discard_half_made(sandbox)
+                continue
+            if sandbox.state is SandboxState.READY and not await asyncio.to_thread(_pins_alive, sandbox):
+                # After a reboot the pins under runroot are gone: the pod can only be stopped and removed.
+                sandbox.state = SandboxState.NOTREADY
+                await asyncio.to_thread(self._write, rows.update, sandbox)
+            self._sandboxes[sandbox.id] = sandbox
+            self._names[sandbox.name] = sandbox.id
+        event(log, logging.INFO, "pod sandboxes recovered", count=len(self._sandboxes))
+
+    async def _discard_half_made(self, sandbox: Sandbox) -> None:
+        event(log, logging.WARNING, "undoing a pod sandbox creation interrupted by a crash", pod_id=sandbox.id)
+        config = self._live.current
+        for network in self._network.cached_networks(sandbox.id):
+            await self._undo(sandbox.id, "cni", self._network.detach, sandbox.id, "", network, config.network)
+        if sandbox.shm:
+            await self._undo(sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
+        await self._undo(sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, sandbox.pins.values())
+        await self._undo(sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True)
+        await self._write_delete(sandbox.id)
+
+
+def _pins_alive(sandbox: Sandbox) -> bool:
+    return all(namespaces.is_pinned(path) for path in sandbox.pins.values())
+
+
+def _with_handler(spec: SandboxSpec, handler: str) -> SandboxSpec:
+    return replace(spec, runtime_handler=handler)
+
+
+def _sysctls(defaults: list[str], spec: SandboxSpec) -> dict[str, str]:
+    """The configured default sysctls that fit this pod's namespaces, overridden by the pod's own."""
+    out: dict[str, str] = {}
+    for item in defaults:
+        key, _, value = item.partition("=")
+        kind = sysctl_namespace(key.strip())
+        if kind is None or (kind == "net" and spec.host_network) or (kind == "ipc" and spec.host_ipc):
+            continue
+        out[key.strip()] = value.strip()
+    out.update(spec.sysctls)
+    return out
+
+
+def _as_cri_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, CriError | asyncio.CancelledError):
+        return exc
+    if isinstance(exc, NetworkNotReady):
+        return FailedPrecondition(f"network not ready: {exc}")
+    if isinstance(exc, CniError | namespaces.NamespaceError):
+        return Internal(str(exc))
+    return exc

@@ -1,0 +1,115 @@
+"""A pod sandbox as criopy keeps it: in memory for List/Status, and as one row of the state database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from podsandbox.spec import SandboxSpec
+
+
+class SandboxState(Enum):
+    CREATING = "creating"  # only in the database: what recovery must undo after a crash
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+@dataclass
+class Sandbox:
+    id: str
+    spec: SandboxSpec
+    created_at: int  # ns since the epoch
+    state: SandboxState
+    dir: str
+    pins: dict[str, str]  # namespace kind -> pinned path (absent: the host's)
+    shm: str = ""  # tmpfs mount point; empty for host IPC
+    cgroup_parent: str = ""
+    network: str = ""  # CNI network attached; empty when none (host network, or torn down)
+    ips: tuple[str, ...] = ()
+    cni_result: dict[str, Any] | None = None
+    infra_pid: int = 0
+    config_blob: bytes = field(default=b"", repr=False)  # the CRI PodSandboxConfig as received
+
+    @property
+    def name(self) -> str:
+        return self.spec.metadata.reservation
+
+    def data_json(self) -> str:
+        return json.dumps(
+            {
+                "spec": self.spec.to_json(),
+                "dir": self.dir,
+                "pins": self.pins,
+                "shm": self.shm,
+                "cgroup_parent": self.cgroup_parent,
+                "network": self.network,
+                "ips": list(self.ips),
+                "cni_result": self.cni_result,
+                "infra_pid": self.infra_pid,
+            }
+        )
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> Sandbox:
+        sandbox_id, state, created_at, config, data_text = row
+        data = json.loads(data_text)
+        return cls(
+            id=sandbox_id,
+            spec=SandboxSpec.from_json(data["spec"]),
+            created_at=int(created_at),
+            state=SandboxState(state),
+            dir=data["dir"],
+            pins=dict(data["pins"]),
+            shm=data["shm"],
+            cgroup_parent=data["cgroup_parent"],
+            network=data["network"],
+            ips=tuple(data["ips"]),
+            cni_result=data["cni_result"],
+            infra_pid=int(data["infra_pid"]),
+            config_blob=bytes(config),
+        )
+
+
+SELECT_COLUMNS = "id, state, created_at, config, data"
+
+
+def insert(conn: sqlite3.Connection, sandbox: Sandbox) -> None:
+    """The row and the name reservation, in the caller's transaction."""
+    meta = sandbox.spec.metadata
+    conn.execute(
+        "INSERT INTO name_reservations(name, kind, owner_id) VALUES (?, 'sandbox', ?)", (sandbox.name, sandbox.id)
+    )
+    conn.execute(
+        "INSERT INTO sandboxes(id, name, namespace, uid, attempt, state, runtime_handler, created_at, config, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            sandbox.id,
+            meta.name,
+            meta.namespace,
+            meta.uid,
+            meta.attempt,
+            sandbox.state.value,
+            sandbox.spec.runtime_handler,
+            sandbox.created_at,
+            sandbox.config_blob,
+            sandbox.data_json(),
+        ),
+    )
+
+
+def update(conn: sqlite3.Connection, sandbox: Sandbox) -> None:
+    conn.execute(
+        "UPDATE sandboxes SET state = ?, data = ? WHERE id = ?", (sandbox.state.value, sandbox.data_json(), sandbox.id)
+    )
+
+
+def delete(conn: sqlite3.Connection, sandbox_id: str) -> None:
+    conn.execute("DELETE FROM name_reservations WHERE owner_id = ? AND kind = 'sandbox'", (sandbox_id,))
+    conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+
+def load_all(conn: sqlite3.Connection) -> list[Sandbox]:
+    return [Sandbox.from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM sandboxes")]
