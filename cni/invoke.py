@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from cni.conf import NetworkConfigList, PluginConf, find_plugin
 from cni.result import CniError, Result, ResultError, parse_error, parse_result
+from cri import metrics
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ async def _run(inv: Invocation, stdin: bytes) -> bytes:
 
 
 def _log(inv: Invocation, started: float, error: Exception | None) -> None:
+    metrics.record_cni_call(inv.plugin_type, inv.command, time.monotonic() - started, error is not None)
     event(
         log,
         logging.DEBUG if error is None else logging.WARNING,

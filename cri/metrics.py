@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from cri.log import event
 
@@ -24,6 +24,29 @@ OPERATION_SECONDS = Histogram(
     ["operation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+
+
+POD_SANDBOXES = Gauge("criopy_pod_sandboxes", "Pod sandboxes the daemon holds, by state.", ["state"])
+CNI_PLUGIN_SECONDS = Histogram(
+    "criopy_cni_plugin_duration_seconds",
+    "Time of one CNI plugin call, by plugin type and command.",
+    ["plugin", "command"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CNI_PLUGIN_FAILURES = Counter(
+    "criopy_cni_plugin_failures", "CNI plugin calls that failed, by plugin type and command.", ["plugin", "command"]
+)
+
+
+def record_cni_call(plugin: str, command: str, seconds: float, failed: bool) -> None:
+    CNI_PLUGIN_SECONDS.labels(plugin=plugin, command=command).observe(seconds)
+    if failed:
+        CNI_PLUGIN_FAILURES.labels(plugin=plugin, command=command).inc()
+
+
+def record_sandbox_states(counts: dict[str, int]) -> None:
+    for state, count in counts.items():
+        POD_SANDBOXES.labels(state=state).set(count)
 
 
 def record_operation(operation: str, code: str, seconds: float) -> None:

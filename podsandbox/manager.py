@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from cni.result import CniError
+from cri import metrics
 from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.state import Store
 from podsandbox import files, namespaces, shm
 from podsandbox import sandbox as rows
-from podsandbox.network import NetworkNotReady, PodNetwork
+from podsandbox.network import NetworkNotReady, PodNetwork, capabilities
 from podsandbox.sandbox import Sandbox, SandboxState
 from podsandbox.spec import SandboxSpec, sysctl_namespace, validate
 
@@ -90,6 +91,12 @@ class SandboxManager:
     def list(self) -> list[Sandbox]:
         return list(self._sandboxes.values())
 
+    def _publish(self) -> None:
+        counts = {state.value: 0 for state in (SandboxState.READY, SandboxState.NOTREADY)}
+        for sandbox in self._sandboxes.values():
+            counts[sandbox.state.value] += 1
+        metrics.record_sandbox_states(counts)
+
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
@@ -98,6 +105,10 @@ class SandboxManager:
     async def run(self, spec: SandboxSpec, config_blob: bytes) -> Sandbox:
         config = self._live.current
         validate(spec, config.runtime.cgroup_manager)
+        try:
+            capabilities(spec)  # the bandwidth annotations are parsed here, before anything is made
+        except ValueError as exc:
+            raise InvalidArgument("config.annotations", str(exc)) from exc
         handler = spec.runtime_handler or config.runtime.default_runtime
         if handler not in set(self._handlers()):
             raise InvalidArgument("runtime_handler", f"no runtime handler {handler!r} is configured")
@@ -158,6 +169,7 @@ class SandboxManager:
                 raise
             raise mapped from exc
         self._sandboxes[sandbox_id] = sandbox
+        self._publish()
         event(
             log,
             logging.INFO,
@@ -270,6 +282,7 @@ class SandboxManager:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
         sandbox.state = SandboxState.NOTREADY
         await asyncio.to_thread(self._write, rows.update, sandbox)
+        self._publish()
 
     async def remove(self, id_or_prefix: str) -> None:
         """Idempotent: stops first if needed; an unknown sandbox is fine."""
@@ -288,6 +301,7 @@ class SandboxManager:
             self._names.pop(sandbox.name, None)
             self._unclaimed.discard(sandbox.id)
         self._locks.pop(sandbox.id, None)
+        self._publish()
         event(log, logging.INFO, "pod sandbox removed", pod_id=sandbox.id, pod=sandbox.name)
 
     # ---- recovery -----------------------------------------------------------------------------
@@ -309,6 +323,7 @@ class SandboxManager:
                 await asyncio.to_thread(self._write, rows.update, sandbox)
             self._sandboxes[sandbox.id] = sandbox
             self._names[sandbox.name] = sandbox.id
+        self._publish()
         event(log, logging.INFO, "pod sandboxes recovered", count=len(self._sandboxes))
 
     async def _discard_half_made(self, sandbox: Sandbox) -> None:
