@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cri.linux import fsync_dir
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ResultCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     def read(self, network_name: str, container_id: str, ifname: str) -> CacheEntry | None:
@@ -139,12 +140,4 @@ class ResultCache:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)

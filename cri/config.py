@@ -162,6 +162,10 @@ class ImageConfig:
         "", "Global registry credentials in docker config.json format; empty means none.", reloadable=True
     )
     pull_progress_timeout: int = opt(60, "Seconds a layer download may make no progress before the pull fails.")
+    certs_dirs: list[str] = opt(
+        ["/etc/containers/certs.d", "/etc/docker/certs.d"],
+        "Per-registry TLS material: <dir>/<host[:port]>/*.crt are trusted CAs, *.cert + *.key a client certificate.",
+    )
 
 
 @dataclass

@@ -12,6 +12,8 @@ from cni.readiness import NetworkWatcher
 from cri import __version__, metrics
 from cri.config import Config
 from cri.daemon_lock import DaemonLock
+from cri.image_service import ImageService
+from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event, set_level
 from cri.oci.handlers import RuntimeHandlers
@@ -47,9 +49,14 @@ async def serve(live: LiveConfig) -> None:
         await sandboxes.recover()
         runtime = RuntimeService(live, handlers, NetworkWatcher(), store, sandboxes)
 
+        images = ImageManager(config, store)
+        await images.start()
+        stack.push_async_callback(images.close)
+
         async def apply_reload(new: Config) -> None:
             set_level(new.log.level)
             await handlers.refresh(new)
+            images.reconfigure(new)
 
         live.on_reload(apply_reload)
 
@@ -58,7 +65,8 @@ async def serve(live: LiveConfig) -> None:
             stack.callback(endpoint.close)
 
         server = CriServer(
-            config.listen, [service_handler("RuntimeService", runtime), service_handler("ImageService", None)]
+            config.listen,
+            [service_handler("RuntimeService", runtime), service_handler("ImageService", ImageService(images))],
         )
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)

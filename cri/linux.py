@@ -51,6 +51,15 @@ def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink in `directory` durable (the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def umount_if_mounted(target: str) -> bool:
     """Detach a mount; False when nothing is mounted there (EINVAL) or the path is gone (ENOENT)."""
     try:

@@ -38,6 +38,17 @@ CNI_PLUGIN_FAILURES = Counter(
 )
 
 
+IMAGE_PULLS = Counter("criopy_image_pulls", "Image pulls, by outcome (success, failure).", ["outcome"])
+IMAGE_PULL_BYTES = Counter("criopy_image_pull_bytes", "Bytes of blobs downloaded from registries.")
+IMAGE_PULL_SECONDS = Histogram(
+    "criopy_image_pull_duration_seconds",
+    "Time of a successful image pull, from resolving the reference to recording the image.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+IMAGE_LAYER_CACHE_HITS = Counter("criopy_image_layer_cache_hits", "Layers a pull found already unpacked.")
+IMAGE_LAYER_UNPACKS = Counter("criopy_image_layer_unpacks", "Layers a pull had to unpack.")
+
+
 def record_cni_call(plugin: str, command: str, seconds: float, failed: bool) -> None:
     CNI_PLUGIN_SECONDS.labels(plugin=plugin, command=command).observe(seconds)
     if failed:

@@ -113,7 +113,6 @@ def test_update_runtime_config_records_the_pod_cidr(daemon):
     [
         ("runtime", "ExecSync", pb.ExecSyncRequest),
         ("runtime", "CreateContainer", pb.CreateContainerRequest),
-        ("images", "PullImage", pb.PullImageRequest),
     ],
 )
 def test_unbuilt_rpcs_answer_unimplemented_naming_themselves(daemon, service, method, request_type):
@@ -125,10 +124,7 @@ def test_unbuilt_rpcs_answer_unimplemented_naming_themselves(daemon, service, me
 
 
 def test_unbuilt_streaming_rpcs_answer_unimplemented(daemon):
-    for call in (
-        lambda: daemon.runtime().StreamContainers(pb.StreamContainersRequest(), timeout=5),
-        lambda: daemon.images().StreamImages(pb.StreamImagesRequest(), timeout=5),
-    ):
+    for call in (lambda: daemon.runtime().StreamContainers(pb.StreamContainersRequest(), timeout=5),):
         with pytest.raises(grpc.RpcError) as err:
             list(call())
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -56,7 +56,7 @@ class Env:
         }
 
 
-NOTHING = {"mounts": [], "veths": [], "ips": [], "dirs": [], "pods": []}
+NOTHING: dict[str, object] = {"mounts": [], "veths": [], "ips": [], "dirs": [], "pods": []}
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_host_network_pod_shares_the_host_netns_without_cni(env: Env) -> None:
 
 
 def test_failing_plugin_undoes_everything_and_the_pod_can_be_made_once_fixed(env: Env) -> None:
-    failing = {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.no_such_sysctl": "1"}}
+    failing: dict[str, object] = {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.no_such_sysctl": "1"}}
     env.net.write([failing])
     config = pod_config()
     with pytest.raises(grpc.RpcError) as err:

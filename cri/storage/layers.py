@@ -1,0 +1,326 @@
+"""The layer store: each layer unpacked once per chain ID, shared by every image that contains it.
+
+Layout under the storage root:
+
+    layers/<hex of chain ID>/diff         the layer's files
+    layers/<hex of chain ID>/layer.json   chain ID, diff ID, parent, size
+    layers/tmp-*                          unpacks in progress (or left by a crash)
+
+With the "overlay" driver a diff holds only that layer's changes, whiteouts
+as overlayfs markers, and a container's rootfs is an overlay mount of the
+chain. With "vfs" a diff is a full copy of its parent with the layer applied,
+so the topmost diff of a chain is the whole image filesystem.
+
+A layer appears under its final name only by an atomic rename of a finished,
+verified unpack, so a crash at any point leaves either nothing or a
+`tmp-*` directory that cleanup_temp() removes at the next start.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cri.errors import NotFound
+from cri.log import event
+from cri.storage.unpack import UnpackError, WhiteoutMode, unpack_layer
+
+# Under the "cri" logger tree, so the daemon's log level applies (cri.log.OWN_LOGGERS).
+log = logging.getLogger(__name__)
+
+Driver = Literal["overlay", "vfs"]
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_META = "layer.json"
+_TEMP_PREFIX = "tmp-"
+
+
+class LayerNotFound(NotFound):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    chain_id: str
+    diff_id: str
+    path: Path  # the diff directory
+    size: int  # bytes of regular files the layer itself wrote
+    cached: bool  # True when the layer was already in the store
+
+
+def _hex_of(digest: str, what: str) -> str:
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        raise UnpackError(f"{what} {digest!r} is not a sha256 digest (sha256:<64 hex>)")
+    return match.group(1)
+
+
+def _chain(parent: str, diff_id: str) -> str:
+    return "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The OCI image spec's chain IDs, base layer first.
+
+    ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln)).
+    """
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        _hex_of(diff_id, "diff_id")
+        chains.append(_chain(chains[-1], diff_id) if chains else diff_id)
+    return chains
+
+
+class _ChainLock:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class LayerStore:
+    def __init__(self, root: Path, driver: Driver = "overlay", copy_timeout: float = 1800.0) -> None:
+        if driver not in ("overlay", "vfs"):
+            raise ValueError(f"storage driver must be 'overlay' or 'vfs', not {driver!r}")
+        self.dir = root / "layers"
+        self.driver = driver
+        self.copy_timeout = copy_timeout  # vfs: copying a parent layer
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._guard = threading.Lock()
+        self._locks: dict[str, _ChainLock] = {}
+
+    def path(self, chain_id: str) -> Path:
+        """The diff directory of a chain ID (whether or not it exists)."""
+        return self.dir / _hex_of(chain_id, "chain_id") / "diff"
+
+    def exists(self, chain_id: str) -> bool:
+        return self._info(chain_id) is not None
+
+    def ensure(
+        self, chain_id: str, parent: str | None, blob: Path, media_type: str, expected_diff_id: str
+    ) -> LayerInfo:
+        """The layer `chain_id`, unpacked from `blob` unless already present. Blocking: run it in a thread.
+
+        Idempotent and crash-safe; concurrent calls for one chain ID unpack it once.
+        Raises UnpackError for a bad blob, a diffID that differs from the image
+        config's, or a chain ID that does not follow from parent + diff ID.
+        """
+        _check_chain(chain_id, parent, expected_diff_id)
+        with self._locked(chain_id):
+            found = self._info(chain_id)
+            if found is not None:
+                return found
+            self._discard(self.dir / _hex_of(chain_id, "chain_id"))  # a half-present layer from tampering
+            return self._unpack(chain_id, parent, blob, media_type, expected_diff_id)
+
+    def lower_dirs(self, chain_ids: Sequence[str]) -> list[Path]:
+        """The diff dirs of a chain given base layer first, returned topmost first (overlay's lowerdir order).
+
+        overlay's mount data is limited to one page (4096 bytes), so a long
+        chain does not fit in one lowerdir option; the mounter must handle that.
+        """
+        paths = []
+        for chain_id in chain_ids:
+            path = self.path(chain_id)
+            if not path.is_dir():
+                raise LayerNotFound(f"layer {chain_id} is not in the store")
+            paths.append(path)
+        return paths[::-1]
+
+    def remove(self, chain_id: str) -> bool:
+        """Remove a layer; False if it was not there. Callers make sure no image or container still uses it."""
+        with self._locked(chain_id):
+            return self._discard(self.dir / _hex_of(chain_id, "chain_id"))
+
+    def cleanup_temp(self) -> int:
+        """Remove unpacks and removals a crash left behind; call at start, before any ensure()."""
+        leftovers = [p for p in self.dir.iterdir() if p.name.startswith(_TEMP_PREFIX)]
+        for path in leftovers:
+            _rmtree(path)
+        if leftovers:
+            event(log, logging.INFO, "layer_temp_cleaned", count=len(leftovers))
+        return len(leftovers)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, inodes) used under layers/, as du counts them: allocated blocks, hardlinks once."""
+        used = inodes = 0
+        seen: set[tuple[int, int]] = set()
+        pending = [str(self.dir)]
+        while pending:
+            try:
+                entries = list(os.scandir(pending.pop()))
+            except FileNotFoundError:
+                continue  # removed while we walk
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                used += st.st_blocks * 512
+                inodes += 1
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(entry.path)
+        return used, inodes
+
+    def list(self) -> builtins.list[str]:
+        """Chain IDs of the layers present."""
+        found = [p.name for p in self.dir.iterdir() if _HEX.fullmatch(p.name) and (p / _META).is_file()]
+        return sorted("sha256:" + name for name in found)
+
+    # -- internals --
+
+    @contextmanager
+    def _locked(self, chain_id: str) -> Iterator[None]:
+        with self._guard:
+            entry = self._locks.setdefault(chain_id, _ChainLock())
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[chain_id]
+
+    def _info(self, chain_id: str) -> LayerInfo | None:
+        layer_dir = self.dir / _hex_of(chain_id, "chain_id")
+        try:
+            meta = json.loads((layer_dir / _META).read_text())
+            info = LayerInfo(chain_id, meta["diff_id"], layer_dir / "diff", int(meta["size"]), cached=True)
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+            return None  # absent, or not a layer we finished writing
+        return info if info.path.is_dir() else None
+
+    def _unpack(self, chain_id: str, parent: str | None, blob: Path, media_type: str, diff_id: str) -> LayerInfo:
+        start = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.dir))
+        published = False
+        try:
+            whiteout_mode = self._prepare(tmp / "diff", parent)
+            result = unpack_layer(blob, media_type, tmp / "diff", whiteout_mode)
+            if result.diff_id != diff_id:
+                raise UnpackError(f"layer diffID mismatch: config says {diff_id}, blob gives {result.diff_id}")
+            meta = {"chain_id": chain_id, "diff_id": diff_id, "parent": parent, "size": result.size}
+            (tmp / _META).write_text(json.dumps(meta))
+            published = self._publish(tmp, chain_id)
+        finally:
+            if not published:
+                _rmtree(tmp)
+        if not published:  # another process published the same layer first
+            found = self._info(chain_id)
+            if found is None:
+                raise UnpackError(f"layer {chain_id} vanished while being published")
+            return found
+        event(
+            log,
+            logging.INFO,
+            "layer_unpacked",
+            chain_id=chain_id,
+            diff_id=diff_id,
+            driver=self.driver,
+            size=result.size,
+            entries=result.entries,
+            xattrs_skipped=result.xattrs_skipped or None,
+            seconds=round(time.monotonic() - start, 3),
+        )
+        if result.xattrs_skipped:
+            # Not silent: a dropped security.capability, say, changes what the program may do.
+            event(log, logging.WARNING, "layer_xattrs_skipped", chain_id=chain_id, count=result.xattrs_skipped)
+        return LayerInfo(chain_id, diff_id, self.path(chain_id), result.size, cached=False)
+
+    def _prepare(self, diff: Path, parent: str | None) -> WhiteoutMode:
+        """Make the empty (overlay, base layer) or parent-copied (vfs) diff dir the layer is unpacked into."""
+        if self.driver == "vfs" and parent is not None:
+            source = self.path(parent)
+            if not source.is_dir():
+                raise LayerNotFound(f"parent layer {parent} is not in the store")
+            _copy_tree(source, diff, self.copy_timeout)
+            return "apply"
+        diff.mkdir()
+        os.chmod(diff, 0o755)  # not the umask's idea; the layer's root entry may change it
+        return "overlay" if self.driver == "overlay" else "apply"
+
+    def _publish(self, tmp: Path, chain_id: str) -> bool:
+        """Atomically move a finished unpack into place; False if another process got there first."""
+        try:
+            os.rename(tmp, self.dir / _hex_of(chain_id, "chain_id"))
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and self._info(chain_id) is not None:
+                return False
+            raise
+        return True
+
+    def _discard(self, layer_dir: Path) -> bool:
+        # Rename first: the layer vanishes atomically and a crash mid-delete leaves only a tmp-* dir.
+        doomed = self.dir / f"{_TEMP_PREFIX}rm-{os.urandom(8).hex()}"
+        try:
+            os.rename(layer_dir, doomed)
+        except FileNotFoundError:
+            return False
+        _rmtree(doomed)
+        return True
+
+
+def _check_chain(chain_id: str, parent: str | None, diff_id: str) -> None:
+    _hex_of(chain_id, "chain_id")
+    _hex_of(diff_id, "diff_id")
+    expected = diff_id if parent is None else _chain(parent, diff_id)
+    if chain_id != expected:
+        raise UnpackError(f"chain ID {chain_id} does not follow from parent {parent} and diff ID {diff_id}")
+
+
+def _copy_tree(source: Path, dest: Path, timeout: float) -> None:
+    # cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where the
+    # file system can. Blocking like the unpack it precedes: the caller runs both in a thread.
+    argv = ["cp", "-a", "--reflink=auto", "--", str(source), str(dest)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise UnpackError(f"copying parent layer {source}: timed out after {timeout:g}s") from None
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise UnpackError(f"copying parent layer {source}: cp exited with status {done.returncode}: {stderr}")
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree we own, even one holding read-only directories (which stop a non-root unlink)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        _make_dirs_writable(path)
+        shutil.rmtree(path)
+
+
+def _make_dirs_writable(top: Path) -> None:
+    pending = [str(top)]
+    while pending:
+        path = pending.pop()
+        try:
+            os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IRWXU)
+            with os.scandir(path) as it:
+                pending.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
