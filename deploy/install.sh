@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 packages=(runc crun conmon containernetworking-plugins iptables catatonit
           golang-github-containers-common python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(docker-registry busybox-static iproute2 procps)
+  packages+=(docker-registry busybox-static iproute2 procps openssl util-linux)
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
