@@ -330,14 +330,6 @@ def test_user_xattrs_are_kept_byte_for_byte(tmp_path):
     assert os.getxattr(dest / "d", "user.d") == b"1"
 
 
-def test_privileged_xattrs_without_root_are_counted_not_fatal(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("as root trusted.* is writable; the root integration test checks it is kept")
-    result, dest = unpack(tmp_path, [file("f", b"x", xattrs={"trusted.criopy": b"1"})])
-    assert result.xattrs_skipped == 1
-    assert (dest / "f").read_bytes() == b"x"
-
-
 def test_the_layer_root_entry_sets_the_root_directory(tmp_path):
     _, dest = unpack(tmp_path, [Entry("./", "dir", mode=0o750, mtime=1_000_000_000), file("./f", b"x")])
     assert stat.S_IMODE(dest.stat().st_mode) == 0o750
