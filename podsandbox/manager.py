@@ -28,11 +28,11 @@ from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, In
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.state import Store
-from podsandbox import files, namespaces, shm
+from podsandbox import files, infra, namespaces, shm
 from podsandbox import sandbox as rows
 from podsandbox.network import NetworkNotReady, PodNetwork, capabilities
 from podsandbox.sandbox import Sandbox, SandboxState
-from podsandbox.spec import SandboxSpec, sysctl_namespace, validate
+from podsandbox.spec import NamespaceMode, SandboxSpec, sysctl_namespace, validate
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,11 @@ class SandboxManager:
             )
             await asyncio.to_thread(files.write_hosts, directory / "hosts", hostname, list(sandbox.ips))
 
+        if spec.pid_mode is NamespaceMode.POD:
+            # The pod shares one PID namespace: catatonit holds it as PID 1 (no pause image).
+            sandbox.infra_pid = await infra.start(sandbox, config)
+            undo.push_async_callback(self._undo, sandbox.id, "infra", infra.stop, sandbox, config)
+
         sandbox.state = SandboxState.READY
         await asyncio.to_thread(self._write, rows.update, sandbox)
 
@@ -265,6 +270,9 @@ class SandboxManager:
         for hook in self.stop_hooks:
             await hook(sandbox.id)
         config = self._live.current
+        if sandbox.spec.pid_mode is NamespaceMode.POD:
+            await infra.stop(sandbox, config)  # gone already (or after a reboot) is fine
+            sandbox.infra_pid = 0
         if sandbox.network:
             pin = sandbox.pins.get("net", "")
             # CNI DEL must still run when the netns is gone; the plugins then free what the host holds.
@@ -331,6 +339,8 @@ class SandboxManager:
         config = self._live.current
         for network in self._network.cached_networks(sandbox.id):
             await self._undo(sandbox.id, "cni", self._network.detach, sandbox.id, "", network, config.network)
+        if sandbox.spec.pid_mode is NamespaceMode.POD:
+            await self._undo(sandbox.id, "infra", infra.stop, sandbox, config)
         if sandbox.shm:
             await self._undo(sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
         await self._undo(sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, sandbox.pins.values())
@@ -364,6 +374,6 @@ def _as_cri_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, NetworkNotReady):
         return FailedPrecondition(f"network not ready: {exc}")
-    if isinstance(exc, CniError | namespaces.NamespaceError):
+    if isinstance(exc, CniError | namespaces.NamespaceError | infra.InfraError):
         return Internal(str(exc))
     return exc

@@ -92,6 +92,7 @@ def pod_config(
     namespace: str = "e2e",
     attempt: int = 0,
     host_network: bool = False,
+    shared_pid: bool = False,
     hostname: str = "",
     dns: pb.DNSConfig | None = None,
     ports: list[pb.PortMapping] | None = None,
@@ -112,7 +113,9 @@ def pod_config(
         linux=pb.LinuxPodSandboxConfig(
             sysctls=sysctls or {},
             security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=pb.NODE if host_network else pb.POD)
+                namespace_options=pb.NamespaceOption(
+                    network=pb.NODE if host_network else pb.POD, pid=pb.POD if shared_pid else pb.CONTAINER
+                )
             ),
         ),
     )

@@ -292,3 +292,20 @@ def test_kubelet_retry_after_deadline_gets_the_same_sandbox(make_daemon) -> None
     finally:
         remove_all_pods(daemon)
         net.remove()
+
+
+def test_shared_pid_pod_gets_catatonit_as_pid_1_in_its_namespaces(env: Env) -> None:
+    pod = env.run(pod_config(shared_pid=True))
+    details = info(env.daemon, pod)
+    pid = int(str(details["infraPid"]))
+    pins = details["namespaces"]
+    assert isinstance(pins, dict)
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert any(line.split()[-1] == "1" for line in status.splitlines() if line.startswith("NSpid:"))
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(pins["net"]).st_ino
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"/catatonit"
+    env.stop(pod)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert int(str(info(env.daemon, pod)["infraPid"])) == 0
+    env.remove(pod)
+    assert env.leftovers() == NOTHING

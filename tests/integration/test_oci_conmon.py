@@ -1,0 +1,230 @@
+"""Containers under the real conmon and runc (root): create, start, log, exit file, errors, cleanup.
+
+Each test gets a bundle with Debian's static busybox as its whole root
+filesystem, its own runc --root under tmp_path, a random container ID and a
+cgroup parent of its own, and removes all of it (runc delete --force, cgroup
+directories) in a finally block, so the tests can run any number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cri.oci import bundle, conmon
+from cri.oci.conmon import ConmonLaunch, ContainerNotFound, OciRuntimeError, Runtime
+
+RUNC = shutil.which("runc") or "/usr/sbin/runc"
+CONMON = "/usr/bin/conmon"
+BUSYBOX = "/bin/busybox"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root (CI runs as root)"),
+    pytest.mark.root,
+]
+
+
+@pytest.fixture(autouse=True)
+def _binaries_present() -> None:
+    for path in (RUNC, CONMON, BUSYBOX):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} missing: install Debian's runc, conmon and busybox-static")
+
+
+def runc_list(root: str) -> list[str]:
+    done = subprocess.run([RUNC, "--root", root, "list", "-q"], check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def remove_cgroup_parent(parent: str) -> None:
+    """rmdir the test's cgroup parent (and anything runc left under it) in every v1/v2 hierarchy."""
+    for hierarchy in CGROUP_ROOT.iterdir():
+        base = hierarchy / parent.strip("/")
+        if not base.is_dir():
+            continue
+        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            directory.rmdir()
+        base.rmdir()
+
+
+@dataclass
+class Env:
+    tmp: Path
+    runtime: Runtime
+    bundle: Path
+    cid: str
+    cgroup_parent: str
+
+    def launch(self) -> ConmonLaunch:
+        return ConmonLaunch(
+            id=self.cid,
+            name=f"test-{self.cid[:12]}",
+            bundle=str(self.bundle),
+            log_path=str(self.tmp / "ctr.log"),
+            exit_dir=str(self.tmp / "exits"),
+            persist_dir=str(self.tmp / "persist"),
+            socket_dir=str(self.tmp / "sockets"),
+        )
+
+    def write_spec(self, args: list[str]) -> None:
+        spec = bundle.minimal_spec(
+            args,
+            namespace_list=bundle.namespaces(new=("pid", "mnt", "ipc", "uts", "net")),
+            cgroups_path=bundle.cgroups_path("cgroupfs", self.cgroup_parent, self.cid),
+            hostname="conmon-test",
+        )
+        bundle.write(self.bundle, spec)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    rootfs = tmp_path / "bundle" / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in ("sh", "sleep", "echo"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    cid = secrets.token_hex(32)
+    root = tmp_path / "runc-root"
+    e = Env(
+        tmp=tmp_path,
+        runtime=Runtime(name="runc", binary=RUNC, root=str(root)),
+        bundle=tmp_path / "bundle",
+        cid=cid,
+        cgroup_parent=f"/criopy-test-{secrets.token_hex(4)}",
+    )
+    try:
+        yield e
+    finally:
+        subprocess.run(
+            [RUNC, "--root", str(root), "delete", "--force", cid], check=False, capture_output=True, timeout=30
+        )
+        remove_cgroup_parent(e.cgroup_parent)
+
+
+def test_container_logs_and_exit_code(env: Env) -> None:
+    env.write_spec(["sh", "-c", "echo hello; exit 3"])
+
+    async def scenario() -> int:
+        created = await conmon.create(env.runtime, CONMON, env.launch())
+        assert created.pid > 0
+        assert created.conmon_pid > 0
+        state = await conmon.state(env.runtime, env.cid)
+        assert (state.status, state.pid, state.bundle) == ("created", created.pid, str(env.bundle))
+        await conmon.start(env.runtime, env.cid)
+        code = await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=20)
+        assert (await conmon.state(env.runtime, env.cid)).status == "stopped"
+        await conmon.delete(env.runtime, env.cid)
+        return code
+
+    assert asyncio.run(scenario()) == 3
+    lines = (env.tmp / "ctr.log").read_text().splitlines()
+    assert any(line.endswith(" stdout F hello") for line in lines), lines
+    assert (env.tmp / "persist" / "exit").read_text().strip() == "3"
+    assert runc_list(env.runtime.root) == []
+
+
+def test_failed_create_carries_the_runtime_message_and_leaves_nothing(env: Env) -> None:
+    env.write_spec(["/no/such/binary"])
+    with pytest.raises(OciRuntimeError) as err:
+        asyncio.run(conmon.create(env.runtime, CONMON, env.launch(), timeout=30))
+    assert "/no/such/binary" in str(err.value)
+    assert "no such file or directory" in err.value.message
+    assert "time=" not in err.value.message  # runc's log line reduced to its msg
+    assert runc_list(env.runtime.root) == []
+    assert not (env.tmp / "sockets" / env.cid).exists()
+    assert not (env.tmp / "exits" / env.cid).exists()
+
+
+def test_conmon_refusing_its_arguments_is_reported(env: Env) -> None:
+    env.write_spec(["sh", "-c", "true"])
+    bad = dataclasses.replace(env.launch(), extra_args=("--no-such-conmon-option",))
+    with pytest.raises(OciRuntimeError) as err:
+        asyncio.run(conmon.create(env.runtime, CONMON, bad, timeout=30))
+    assert "no-such-conmon-option" in str(err.value)
+    assert runc_list(env.runtime.root) == []
+
+
+def test_kill_and_delete_are_idempotent(env: Env) -> None:
+    env.write_spec(["sleep", "1000"])
+
+    async def scenario() -> None:
+        created = await conmon.create(env.runtime, CONMON, env.launch())
+        await conmon.start(env.runtime, env.cid)
+        assert (await conmon.state(env.runtime, env.cid)).status == "running"
+        assert await conmon.kill(env.runtime, env.cid, "KILL") is True
+        assert await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=20) == 137
+        assert await conmon.wait_gone([created.pid], 10)
+        assert await conmon.kill(env.runtime, env.cid, "KILL") is False  # stopped
+        await conmon.delete(env.runtime, env.cid)
+        await conmon.delete(env.runtime, env.cid)  # gone
+        assert await conmon.kill(env.runtime, env.cid, "KILL") is False  # gone
+        with pytest.raises(ContainerNotFound):
+            await conmon.state(env.runtime, env.cid)
+        assert await conmon.list_containers(env.runtime) == []
+
+    asyncio.run(scenario())
+    assert runc_list(env.runtime.root) == []
+
+
+def test_delete_force_removes_a_running_container(env: Env) -> None:
+    env.write_spec(["sleep", "1000"])
+
+    async def scenario() -> int:
+        created = await conmon.create(env.runtime, CONMON, env.launch())
+        await conmon.start(env.runtime, env.cid)
+        listed = await conmon.list_containers(env.runtime)
+        assert [(s.id, s.status) for s in listed] == [(env.cid, "running")]
+        await conmon.delete(env.runtime, env.cid, force=True)
+        assert await conmon.wait_gone([created.pid], 10)
+        return await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=20)
+
+    assert asyncio.run(scenario()) == 137
+    assert runc_list(env.runtime.root) == []
+
+
+def test_wait_exit_times_out_while_running(env: Env) -> None:
+    env.write_spec(["sleep", "1000"])
+
+    async def scenario() -> None:
+        await conmon.create(env.runtime, CONMON, env.launch())
+        await conmon.start(env.runtime, env.cid)
+        with pytest.raises(TimeoutError):
+            await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=0.3)
+        await conmon.delete(env.runtime, env.cid, force=True)
+
+    asyncio.run(scenario())
+
+
+def test_create_that_hangs_times_out_and_conmon_is_stopped(env: Env) -> None:
+    env.write_spec(["sh", "-c", "true"])
+    hanging = env.tmp / "hanging-runtime"
+    marker = f"99.{secrets.randbelow(10**6):06d}"  # a sleep length no other process has
+    hanging.write_text(f'#!/bin/sh\ncase "$*" in *" create "*) exec sleep {marker};; esac\nexit 0\n')
+    hanging.chmod(0o755)
+    runtime = dataclasses.replace(env.runtime, binary=str(hanging))
+    launch = env.launch()
+
+    async def scenario() -> None:
+        with pytest.raises(OciRuntimeError, match="timed out after 1s"):
+            await conmon.create(runtime, CONMON, launch, timeout=1)
+
+    asyncio.run(scenario())
+    # conmon (and with it the runtime it ran) was killed, and its files are gone.
+    assert not Path(launch.monitor_pidfile).exists()
+    assert not (env.tmp / "sockets" / env.cid).exists()
+    time.sleep(0.2)  # SIGKILL delivery to the runtime (conmon's PDEATHSIG) is asynchronous
+    for pattern in (env.cid, f"sleep {marker}"):
+        found = subprocess.run(["pgrep", "-f", pattern], check=False, capture_output=True, text=True, timeout=10)
+        assert found.stdout.strip() == "", pattern
