@@ -28,9 +28,8 @@ from cri.images.registry import (
     RegistryUnauthorized,
     UnsupportedManifest,
 )
+from cri.rpc import chunks
 from cri.storage.unpack import UnpackError
-
-STREAM_CHUNK = 500
 
 
 @contextmanager
@@ -115,8 +114,8 @@ class ImageService:
 
     async def StreamImages(self, request: pb.StreamImagesRequest) -> AsyncIterator[pb.StreamImagesResponse]:
         items = self._listed(request.filter if request.HasField("filter") else None)
-        for start in range(0, len(items), STREAM_CHUNK):
-            yield pb.StreamImagesResponse(images=items[start : start + STREAM_CHUNK])
+        for chunk in chunks(items):
+            yield pb.StreamImagesResponse(images=chunk)
 
     async def ImageStatus(self, request: pb.ImageStatusRequest) -> pb.ImageStatusResponse:
         if not request.image.image:

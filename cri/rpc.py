@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -153,6 +153,18 @@ def _unary(
         return response
 
     return handle
+
+
+T = TypeVar("T")
+
+# Items per message of the Stream* list RPCs: far below the 16 MiB message limit even with large labels.
+STREAM_CHUNK = 500
+
+
+def chunks(items: Sequence[T], size: int = STREAM_CHUNK) -> Iterator[Sequence[T]]:
+    """A list RPC's items cut into the messages of its Stream* twin."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _stream(

@@ -15,6 +15,7 @@ from cri.errors import InvalidArgument
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.oci.handlers import HandlerInfo, RuntimeHandlers
+from cri.rpc import chunks
 from cri.runtime_readiness import runtime_readiness
 from cri.state import Store
 from podsandbox.manager import SandboxManager
@@ -26,8 +27,6 @@ CRI_API_VERSION = "v1"
 # What the kubelet's Version call reports as the CRI "version" (cri-o and containerd say the same).
 KUBELET_API_VERSION = "0.1.0"
 POD_CIDR_KEY = "pod_cidr"
-# Items per message of the Stream* list RPCs: far below the 16 MiB message limit even with large labels.
-STREAM_CHUNK = 500
 
 
 def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
@@ -138,5 +137,5 @@ class RuntimeService:
     ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
         flt = request.filter if request.HasField("filter") else None
         items = sandbox_convert.filtered(self._sandboxes.list(), flt)
-        for start in range(0, len(items), STREAM_CHUNK):
-            yield pb.StreamPodSandboxesResponse(pod_sandboxes=items[start : start + STREAM_CHUNK])
+        for chunk in chunks(items):
+            yield pb.StreamPodSandboxesResponse(pod_sandboxes=chunk)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cni.cache import ResultCache
-from cni.conf import NetworkConfigError, NetworkConfigList, load_file, parse
+from cni.conf import NetworkConfigError, NetworkConfigList, parse
 from cni.network import CniNetwork
 from cni.readiness import evaluate
 from cri.config import NetworkConfig
@@ -131,17 +131,8 @@ class PodNetwork:
                 return parse(entry.config, self.cache_dir / "results", is_list=None)
             except NetworkConfigError as exc:
                 event(log, logging.WARNING, "cached cni config unusable", pod_id=sandbox_id, error=str(exc))
-        ready = evaluate(config.cni_config_dir, config.cni_plugin_dirs, network_name)
-        if ready.network is not None:
-            return ready.network
-        for path in sorted(Path(config.cni_config_dir).glob("*")):
-            try:
-                candidate = load_file(path)
-            except NetworkConfigError:
-                continue
-            if candidate.name == network_name:
-                return candidate
-        return None
+        # Found by name even when its plugins are missing (evaluate reports it as not ready).
+        return evaluate(config.cni_config_dir, config.cni_plugin_dirs, network_name).network
 
     def cached_networks(self, sandbox_id: str) -> list[str]:
         """Networks that hold a cached ADD result for this sandbox (what a crash may have left attached)."""

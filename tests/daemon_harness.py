@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,13 @@ class Daemon:
 
     def images(self) -> api_pb2_grpc.ImageServiceStub:
         return api_pb2_grpc.ImageServiceStub(self.channel())
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples, keyed by name and labels as Prometheus prints them."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        pairs = (line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+        return {name: float(value) for name, value in pairs}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -31,7 +31,7 @@ from cri.images.registry import Manifest, RegistryClient, Resolved
 from cri.linux import mounts
 from cri.log import event
 from cri.state import Store
-from cri.storage.layers import LayerStore, chain_ids
+from cri.storage.layers import LayerStore, chain_ids, tree_usage
 from cri.storage.unpack import is_foreign
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,14 @@ class ImageManager:
                 if manifest.digest != resolved.manifest_digest:
                     await self.content.put_bytes(manifest.digest, manifest.body)
                 return await self._record(
-                    ref, resolved, manifest, config_desc=config_desc, layers=layers, config=config, blobs=blobs
+                    ref,
+                    resolved,
+                    manifest,
+                    config_desc=config_desc,
+                    layers=layers,
+                    config=config,
+                    blobs=blobs,
+                    annotations=body.get("annotations") or {},
                 )
             finally:
                 self._release(layer.chain_id for layer in layers)
@@ -234,6 +241,7 @@ class ImageManager:
         layers: list[LayerRef],
         config: dict[str, Any],
         blobs: list[str],
+        annotations: Mapping[str, str],
     ) -> ImageRecord:
         names: list[tuple[str, str]] = []
         if ref.tag is not None and ref.digest is None:
@@ -249,7 +257,7 @@ class ImageManager:
             manifest_media_type=manifest.media_type,
             layers=layers,
             config=config,
-            annotations=dict(manifest.json().get("annotations") or {}),
+            annotations=dict(annotations),
             pinned=self._is_pinned(ref),
             blobs=list(dict.fromkeys(blobs)),
         )
@@ -286,13 +294,12 @@ class ImageManager:
         record = self.index.resolve(text)
         if record is None:
             return
-        by_id = record.id.startswith("sha256:" + text.removeprefix("sha256:")) and text not in record.names
         async with self._lock:
             name = _name_of(record, text)
             # Like cri-o: a name goes alone while another tag remains; the last tag takes the image
             # (and its repo digests) with it, as a user of `crictl rmi name:tag` expects.
             other_tags = [t for t in record.repo_tags if t != name]
-            whole = by_id or name is None or not other_tags
+            whole = name is None or not other_tags
             if whole and self._in_use(record.id):
                 raise ImageInUse(f"image {text!r} ({record.id}) is used by a container; remove the container first")
             if whole:
@@ -343,12 +350,11 @@ class ImageManager:
     def _measure(self) -> tuple[FsUsage, FsUsage]:
         root = Path(self._config.root)
         layer_bytes, layer_inodes = self.layers.usage()
-        blob_bytes, blob_inodes = _tree_usage(root / "blobs")
-        now = time.time_ns()
-        images = FsUsage(_mountpoint(root), layer_bytes + blob_bytes, layer_inodes + blob_inodes, now)
-        containers_dir = root / "containers"
-        c_bytes, c_inodes = _tree_usage(containers_dir)
-        return images, FsUsage(_mountpoint(root), c_bytes, c_inodes, now)
+        blob_bytes, blob_inodes = tree_usage(root / "blobs")
+        c_bytes, c_inodes = tree_usage(root / "containers")
+        now, mountpoint = time.time_ns(), _mountpoint(root)
+        images = FsUsage(mountpoint, layer_bytes + blob_bytes, layer_inodes + blob_inodes, now)
+        return images, FsUsage(mountpoint, c_bytes, c_inodes, now)
 
 
 def _name_of(record: ImageRecord, text: str) -> str | None:
@@ -396,23 +402,6 @@ def _layer_refs(descs: list[dict[str, Any]], config: Mapping[str, Any], digest: 
         LayerRef(str(d["digest"]), str(d["mediaType"]), int(d["size"]), str(diff), chain)
         for (d, diff), chain in zip(kept, chains, strict=True)
     ]
-
-
-def _tree_usage(top: Path) -> tuple[int, int]:
-    used = inodes = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            inodes += 1
-            used += st.st_blocks * 512
-    return used, inodes
 
 
 def _mountpoint(path: Path) -> str:

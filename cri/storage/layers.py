@@ -159,28 +159,7 @@ class LayerStore:
 
     def usage(self) -> tuple[int, int]:
         """(bytes, inodes) used under layers/, as du counts them: allocated blocks, hardlinks once."""
-        used = inodes = 0
-        seen: set[tuple[int, int]] = set()
-        pending = [str(self.dir)]
-        while pending:
-            try:
-                entries = list(os.scandir(pending.pop()))
-            except FileNotFoundError:
-                continue  # removed while we walk
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                used += st.st_blocks * 512
-                inodes += 1
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append(entry.path)
-        return used, inodes
+        return tree_usage(self.dir)
 
     def list(self) -> builtins.list[str]:
         """Chain IDs of the layers present."""
@@ -280,6 +259,32 @@ class LayerStore:
             return False
         _rmtree(doomed)
         return True
+
+
+def tree_usage(top: Path) -> tuple[int, int]:
+    """(bytes, inodes) used under top, as du counts them: allocated blocks, hardlinks once."""
+    used = inodes = 0
+    seen: set[tuple[int, int]] = set()
+    pending = [str(top)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except FileNotFoundError:
+            continue  # removed while we walk
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            used += st.st_blocks * 512
+            inodes += 1
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+    return used, inodes
 
 
 def _check_chain(chain_id: str, parent: str | None, diff_id: str) -> None:

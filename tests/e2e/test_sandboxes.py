@@ -6,7 +6,6 @@ import os
 import stat
 import textwrap
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -195,12 +194,11 @@ def test_stop_remove_idempotent_status_after_stop_and_list_filters(env: Env) -> 
     streamed = [p.id for r in env.rt.StreamPodSandboxes(pb.StreamPodSandboxesRequest()) for p in r.pod_sandboxes]
     assert sorted(streamed) == sorted([web, db])
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{env.daemon.metrics_port}/metrics", timeout=5).read().decode()
-    samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
-    assert float(samples['criopy_pod_sandboxes{state="ready"}']) == 1.0
-    assert float(samples['criopy_pod_sandboxes{state="notready"}']) == 1.0
-    assert float(samples['criopy_cni_plugin_duration_seconds_count{command="ADD",plugin="bridge"}']) == 2.0
-    assert float(samples['criopy_cni_plugin_duration_seconds_count{command="DEL",plugin="bridge"}']) == 1.0
+    samples = env.daemon.metrics()
+    assert samples['criopy_pod_sandboxes{state="ready"}'] == 1.0
+    assert samples['criopy_pod_sandboxes{state="notready"}'] == 1.0
+    assert samples['criopy_cni_plugin_duration_seconds_count{command="ADD",plugin="bridge"}'] == 2.0
+    assert samples['criopy_cni_plugin_duration_seconds_count{command="DEL",plugin="bridge"}'] == 1.0
 
     env.remove(web)
     env.remove(web)
