@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from cni.readiness import NetworkWatcher
 from cri import __version__, metrics
 from cri.config import Config
+from cri.containers.manager import ContainerManager
 from cri.daemon_lock import DaemonLock
 from cri.image_service import ImageService
 from cri.images.manager import ImageManager
@@ -47,11 +48,17 @@ async def serve(live: LiveConfig) -> None:
         # A function, not the dict: a SIGHUP reload replaces the handler table.
         sandboxes = SandboxManager(live, store, lambda: list(handlers.handlers))
         await sandboxes.recover()
-        runtime = RuntimeService(live, handlers, NetworkWatcher(), store, sandboxes)
 
-        images = ImageManager(config, store)
+        # A lambda, not the method: the container manager is made after (it needs the images).
+        images = ImageManager(config, store, in_use=lambda image_id: containers.uses_image(image_id))  # noqa: PLW0108
         await images.start()
         stack.push_async_callback(images.close)
+        containers = ContainerManager(live, store, sandboxes, images)
+        await containers.load()
+        stack.push_async_callback(containers.close)
+        runtime = RuntimeService(
+            live, handlers=handlers, network=NetworkWatcher(), store=store, sandboxes=sandboxes, containers=containers
+        )
 
         async def apply_reload(new: Config) -> None:
             set_level(new.log.level)

@@ -86,6 +86,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    optional: tuple[str, ...] = ()  # propagation tags: shared:N, master:N, propagate_from:N, unbindable
 
 
 def _unescape(field: str) -> str:
@@ -109,7 +110,14 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         if not sep:
             continue
         fields, tail = left.split(), right.split()
-        entries.append(MountEntry(mount_point=_unescape(fields[4]), fstype=tail[0], source=_unescape(tail[1])))
+        entries.append(
+            MountEntry(
+                mount_point=_unescape(fields[4]),
+                fstype=tail[0],
+                source=_unescape(tail[1]),
+                optional=tuple(fields[6:]),
+            )
+        )
     return entries
 
 
@@ -123,3 +131,39 @@ def mounts_under(path: str) -> list[MountEntry]:
     base = os.path.realpath(path).rstrip("/") or "/"
     inside = [m for m in mounts() if m.mount_point == base or m.mount_point.startswith(base + "/")]
     return sorted(inside, key=lambda m: m.mount_point.count("/"), reverse=True)
+
+
+# ---- inotify ---------------------------------------------------------------------------------
+
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_libc.inotify_init1.argtypes = (ctypes.c_int,)
+_libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+_EVENT_HEADER = 16  # struct inotify_event: int wd; uint32 mask, cookie, len; then the name
+
+
+def inotify_watch(directory: str, mask: int) -> int:
+    """A non-blocking inotify fd watching `directory` for `mask` events; the caller closes it."""
+    fd = int(_libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+    if _libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+        code = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(code, f"inotify_add_watch({directory}): {os.strerror(code)}")
+    return fd
+
+
+def inotify_names(data: bytes) -> list[str]:
+    """The file names of the events in one read() of an inotify fd."""
+    names, offset = [], 0
+    while offset + _EVENT_HEADER <= len(data):
+        length = int.from_bytes(data[offset + 12 : offset + 16], "little")
+        raw = data[offset + _EVENT_HEADER : offset + _EVENT_HEADER + length]
+        names.append(os.fsdecode(raw.rstrip(b"\0")))
+        offset += _EVENT_HEADER + length
+    return names

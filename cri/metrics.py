@@ -48,6 +48,18 @@ IMAGE_PULL_SECONDS = Histogram(
 IMAGE_LAYER_CACHE_HITS = Counter("criopy_image_layer_cache_hits", "Layers a pull found already unpacked.")
 IMAGE_LAYER_UNPACKS = Counter("criopy_image_layer_unpacks", "Layers a pull had to unpack.")
 
+CONTAINERS = Gauge("criopy_containers", "Containers the daemon holds, by state.", ["state"])
+CONTAINER_EXITS = Counter("criopy_container_exits", "Container exits seen, by reason.", ["reason"])
+
+
+def record_container_states(counts: dict[str, int]) -> None:
+    for state, count in counts.items():
+        CONTAINERS.labels(state=state).set(count)
+
+
+def record_container_exit(reason: str) -> None:
+    CONTAINER_EXITS.labels(reason=reason).inc()
+
 
 def record_cni_call(plugin: str, command: str, seconds: float, failed: bool) -> None:
     CNI_PLUGIN_SECONDS.labels(plugin=plugin, command=command).observe(seconds)

@@ -183,25 +183,13 @@ async def _remove(runtime: Runtime, sandbox: Sandbox, paths: InfraPaths, *, stri
         if strict:
             raise InfraError(f"pod {sandbox.id} infra: {exc}") from exc
         event(log, logging.ERROR, "removing the infra runtime state failed", pod_id=sandbox.id, error=str(exc))
-    monitor_pid = _read_pid(os.path.join(paths.bundle, "conmon.pid"))
+    monitor_pid = conmon.read_pid(os.path.join(paths.bundle, "conmon.pid"))
     if monitor_pid > 0:
         # conmon writes the exit file, then drains the log and exits: let it finish before its directory goes.
         await conmon.wait_gone([monitor_pid], 2.0)
     try:
-        await asyncio.to_thread(_rmtree, paths.bundle)
+        await asyncio.to_thread(bundle.remove, paths.bundle)
     except OSError as exc:
         if strict:
             raise InfraError(f"pod {sandbox.id} infra: removing {paths.bundle}: {exc}") from exc
         event(log, logging.ERROR, "removing the infra bundle failed", pod_id=sandbox.id, error=str(exc))
-
-
-def _rmtree(path: str) -> None:
-    if os.path.lexists(path):
-        shutil.rmtree(path)
-
-
-def _read_pid(path: str) -> int:
-    try:
-        return int(Path(path).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,9 @@ def rootfs_path(bundle: str | os.PathLike[str], spec: Mapping[str, Any]) -> Path
     """The root filesystem of a spec: root.path, relative to the bundle unless absolute."""
     path = Path(spec["root"]["path"])
     return path if path.is_absolute() else Path(bundle) / path
+
+
+def remove(bundle: str | os.PathLike[str]) -> None:
+    """Delete a bundle directory and everything in it; gone already is fine."""
+    if os.path.lexists(bundle):
+        shutil.rmtree(bundle)

@@ -266,7 +266,8 @@ async def _read_sync_line(read_fd: int) -> bytes:
         transport.close()
 
 
-def _read_pid(path: str) -> int:
+def read_pid(path: str) -> int:
+    """A pid file's pid; 0 when it is missing or unreadable."""
     try:
         return int(Path(path).read_text().strip() or 0)
     except (OSError, ValueError):
@@ -313,7 +314,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
         pid=pid,
         duration_ms=round((time.monotonic() - started) * 1000, 1),
     )
-    return Created(pid=pid, conmon_pid=_read_pid(launch.monitor_pidfile))
+    return Created(pid=pid, conmon_pid=read_pid(launch.monitor_pidfile))
 
 
 async def _launch(argv: list[str], what: str) -> bytes:
@@ -351,7 +352,7 @@ async def _launch(argv: list[str], what: str) -> bytes:
 
 async def _undo_create(runtime: Runtime, launch: ConmonLaunch) -> None:
     """After a failed create: stop conmon if it still runs, drop the runtime state and conmon's leftovers."""
-    conmon_pid = _read_pid(launch.monitor_pidfile)
+    conmon_pid = read_pid(launch.monitor_pidfile)
     if conmon_pid > 0:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(conmon_pid, signals.SIGKILL)
@@ -425,10 +426,10 @@ class RuntimeState:
         )
 
 
-async def _runtime(runtime: Runtime, *command: str, timeout: float) -> bytes:
+async def _runtime(runtime: Runtime, *command: str, timeout: float, stdin: bytes | None = None) -> bytes:
     argv = runtime.argv(*command)
     try:
-        done = await run(argv, timeout=timeout)
+        done = await run(argv, timeout=timeout, stdin=stdin)
     except CommandError as exc:
         said = runtime_message(exc.stderr) or str(exc)
         what = f"{runtime.name} {' '.join(command)}"
@@ -465,6 +466,14 @@ async def kill(
             return False
         raise
     return True
+
+
+async def update(
+    runtime: Runtime, container_id: str, resources: dict[str, Any], *, timeout: float = RUNTIME_TIMEOUT
+) -> None:
+    """Apply OCI linux.resources to a live container's cgroup (`<runtime> update --resources -`)."""
+    body = json.dumps(resources).encode()
+    await _runtime(runtime, "update", "--resources", "-", container_id, timeout=timeout, stdin=body)
 
 
 async def delete(runtime: Runtime, container_id: str, *, force: bool = True, timeout: float = RUNTIME_TIMEOUT) -> None:

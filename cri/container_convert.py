@@ -1,0 +1,145 @@
+"""Translation from criopy's containers to the CRI's container messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+
+from api.runtime.v1 import api_pb2 as pb
+from cri.containers.container import Container, ContainerState
+from cri.containers.events import ContainerEvent, EventType
+from cri.oci import bundle
+
+STATES = {
+    ContainerState.CREATING: pb.CONTAINER_UNKNOWN,
+    ContainerState.CREATED: pb.CONTAINER_CREATED,
+    ContainerState.RUNNING: pb.CONTAINER_RUNNING,
+    ContainerState.EXITED: pb.CONTAINER_EXITED,
+}
+EVENT_TYPES = {
+    EventType.CREATED: pb.CONTAINER_CREATED_EVENT,
+    EventType.STARTED: pb.CONTAINER_STARTED_EVENT,
+    EventType.STOPPED: pb.CONTAINER_STOPPED_EVENT,
+    EventType.DELETED: pb.CONTAINER_DELETED_EVENT,
+}
+
+
+def _image(container: Container) -> pb.ImageSpec:
+    return pb.ImageSpec(
+        image=container.image_name,
+        annotations=dict(container.config.image.annotations),
+        user_specified_image=container.image_name,
+    )
+
+
+def item(container: Container) -> pb.Container:
+    return pb.Container(
+        id=container.id,
+        pod_sandbox_id=container.sandbox_id,
+        metadata=container.config.metadata,
+        image=_image(container),
+        image_ref=container.image_ref,
+        image_id=container.image_id,
+        state=STATES[container.state],
+        created_at=container.created_at,
+        labels=dict(container.config.labels),
+        annotations=dict(container.config.annotations),
+    )
+
+
+def status(container: Container) -> pb.ContainerStatus:
+    signal = container.stop_signal if container.stop_signal in pb.Signal.keys() else "RUNTIME_DEFAULT"  # noqa: SIM118
+    return pb.ContainerStatus(
+        id=container.id,
+        metadata=container.config.metadata,
+        state=STATES[container.state],
+        created_at=container.created_at,
+        started_at=container.started_at,
+        finished_at=container.finished_at,
+        exit_code=container.exit_code,
+        image=_image(container),
+        image_ref=container.image_ref,
+        image_id=container.image_id,
+        reason=container.reason,
+        message=container.message,
+        labels=dict(container.config.labels),
+        annotations=dict(container.config.annotations),
+        mounts=list(container.config.mounts),
+        log_path=container.log_path,
+        resources=pb.ContainerResources(linux=container.resources),
+        user=pb.ContainerUser(
+            linux=pb.LinuxContainerUser(
+                uid=container.uid, gid=container.gid, supplemental_groups=list(container.additional_gids)
+            )
+        ),
+        stop_signal=pb.Signal.Value(signal),  # type: ignore[arg-type]
+    )
+
+
+def verbose_info(container: Container) -> dict[str, str]:
+    """The `info` map crictl prints with `inspect`: one JSON document under "info", as containerd gives."""
+    try:
+        spec = bundle.read(container.bundle)
+    except (OSError, ValueError):
+        spec = {}
+    info = {
+        "sandboxID": container.sandbox_id,
+        "pid": container.pid,
+        "conmonPid": container.conmon_pid,
+        "runtimeType": container.runtime,
+        "bundle": container.bundle,
+        "rootfs": container.storage,
+        "logPath": container.log_path,
+        "cgroupsPath": container.cgroups_path,
+        "mounts": spec.get("mounts", []),
+        "runtimeSpec": spec,
+    }
+    return {"info": json.dumps(info)}
+
+
+def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) -> list[pb.Container]:
+    out = []
+    for container in containers:
+        if container.state is ContainerState.CREATING:
+            continue
+        if flt is not None:
+            if flt.id and not container.id.startswith(flt.id):
+                continue
+            if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
+                continue
+            if flt.HasField("state") and STATES[container.state] != flt.state.state:
+                continue
+            if not _labels_match(container.config.labels, flt.label_selector):
+                continue
+        out.append(item(container))
+    return out
+
+
+def stats_selected(containers: Iterable[Container], flt: pb.ContainerStatsFilter | None) -> list[Container]:
+    out = []
+    for container in containers:
+        if flt is not None:
+            if flt.id and not container.id.startswith(flt.id):
+                continue
+            if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
+                continue
+            if not _labels_match(container.config.labels, flt.label_selector):
+                continue
+        out.append(container)
+    return out
+
+
+def event_message(
+    item: ContainerEvent, sandbox: pb.PodSandboxStatus | None, statuses: list[pb.ContainerStatus]
+) -> pb.ContainerEventResponse:
+    return pb.ContainerEventResponse(
+        container_id=item.container_id,
+        container_event_type=EVENT_TYPES[item.type],
+        created_at=item.created_at,
+        pod_sandbox_status=sandbox,
+        containers_statuses=statuses,
+    )

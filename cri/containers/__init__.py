@@ -1,0 +1,1 @@
+"""Containers: OCI spec, lifecycle under conmon, exits, logs, stats, events."""

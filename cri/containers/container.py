@@ -1,0 +1,164 @@
+"""A container as criopy keeps it: in memory for List/Status, and as one row of the state database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from api.runtime.v1 import api_pb2 as pb
+
+
+class ContainerState(Enum):
+    CREATING = "creating"  # only in the database: what recovery must undo after a crash
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+@dataclass
+class Container:
+    id: str
+    sandbox_id: str
+    config: pb.ContainerConfig
+    image_id: str
+    image_ref: str  # a repo digest of the image when it has one, else its ID (what ContainerStatus.image_ref is)
+    image_name: str  # what was asked for (config.image.image), as crictl shows it
+    created_at: int  # ns since the epoch
+    state: ContainerState
+    runtime: str  # the handler name (the pod's)
+    bundle: str  # <runroot>/containers/<id>: config.json, conmon's pid files, attach socket, ctl fifo
+    storage: str  # <root>/containers/<id>: the rootfs (upper/work/merged)
+    log_path: str  # absolute CRI log path ("" when the pod or container gives none)
+    cgroups_path: str
+    stop_signal: str
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple[int, ...] = ()
+    username: str = ""
+    pid: int = 0
+    conmon_pid: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    resources: pb.LinuxContainerResources = field(default_factory=pb.LinuxContainerResources)
+
+    @property
+    def name(self) -> str:
+        return self.config.metadata.name
+
+    @property
+    def attempt(self) -> int:
+        return int(self.config.metadata.attempt)
+
+    def reservation(self, pod_reservation: str) -> str:
+        """Unique per pod and container metadata, as the kubelet builds container names."""
+        return f"{pod_reservation}/{self.name}_{self.attempt}"
+
+    def data_json(self) -> str:
+        return json.dumps(
+            {
+                "image_ref": self.image_ref,
+                "image_name": self.image_name,
+                "runtime": self.runtime,
+                "bundle": self.bundle,
+                "storage": self.storage,
+                "log_path": self.log_path,
+                "cgroups_path": self.cgroups_path,
+                "stop_signal": self.stop_signal,
+                "uid": self.uid,
+                "gid": self.gid,
+                "additional_gids": list(self.additional_gids),
+                "username": self.username,
+                "pid": self.pid,
+                "conmon_pid": self.conmon_pid,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "exit_code": self.exit_code,
+                "reason": self.reason,
+                "message": self.message,
+                "resources": self.resources.SerializeToString().hex(),
+            }
+        )
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> Container:
+        container_id, sandbox_id, state, image_id, created_at, config_blob, data_text = row
+        data = json.loads(data_text)
+        config = pb.ContainerConfig()
+        config.ParseFromString(bytes(config_blob))
+        resources = pb.LinuxContainerResources()
+        resources.ParseFromString(bytes.fromhex(data.get("resources", "")))
+        return cls(
+            id=container_id,
+            sandbox_id=sandbox_id,
+            config=config,
+            image_id=image_id,
+            image_ref=data["image_ref"],
+            image_name=data["image_name"],
+            created_at=int(created_at),
+            state=ContainerState(state),
+            runtime=data["runtime"],
+            bundle=data["bundle"],
+            storage=data["storage"],
+            log_path=data["log_path"],
+            cgroups_path=data["cgroups_path"],
+            stop_signal=data["stop_signal"],
+            uid=int(data["uid"]),
+            gid=int(data["gid"]),
+            additional_gids=tuple(data["additional_gids"]),
+            username=data["username"],
+            pid=int(data["pid"]),
+            conmon_pid=int(data["conmon_pid"]),
+            started_at=int(data["started_at"]),
+            finished_at=int(data["finished_at"]),
+            exit_code=int(data["exit_code"]),
+            reason=data["reason"],
+            message=data["message"],
+            resources=resources,
+        )
+
+
+SELECT_COLUMNS = "id, sandbox_id, state, image_id, created_at, config, data"
+
+
+def insert(conn: sqlite3.Connection, container: Container, reservation: str) -> None:
+    """The row and the name reservation, in the caller's transaction."""
+    conn.execute(
+        "INSERT INTO name_reservations(name, kind, owner_id) VALUES (?, 'container', ?)", (reservation, container.id)
+    )
+    conn.execute(
+        "INSERT INTO containers(id, sandbox_id, name, attempt, state, image_id, created_at, config, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            container.id,
+            container.sandbox_id,
+            container.name,
+            container.attempt,
+            container.state.value,
+            container.image_id,
+            container.created_at,
+            container.config.SerializeToString(),
+            container.data_json(),
+        ),
+    )
+
+
+def update(conn: sqlite3.Connection, container: Container) -> None:
+    conn.execute(
+        "UPDATE containers SET state = ?, data = ? WHERE id = ?",
+        (container.state.value, container.data_json(), container.id),
+    )
+
+
+def delete(conn: sqlite3.Connection, container_id: str) -> None:
+    conn.execute("DELETE FROM name_reservations WHERE owner_id = ? AND kind = 'container'", (container_id,))
+    conn.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+
+
+def load_all(conn: sqlite3.Connection) -> list[Container]:
+    return [Container.from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM containers")]

@@ -1,0 +1,601 @@
+"""Container lifecycle: create, start, stop, remove, exits, and what the kubelet sees of them.
+
+Creation runs in a task of its own, detached from the RPC that asked for it
+(as for sandboxes): a kubelet that gives up at its deadline gets the finished
+container on its retry instead of a name conflict. Every creation step pushes
+its undo; a failure unwinds them in reverse, so no mount, bundle, conmon,
+runtime state or row is left behind. Exits come from conmon's exit files,
+watched with inotify. Status and List answer from memory, never from the
+runtime binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from api.runtime.v1 import api_pb2 as pb
+from cri import metrics
+from cri.containers import cgroupstats, exits, ocispec, users, validate
+from cri.containers import container as rows
+from cri.containers.container import Container, ContainerState
+from cri.containers.events import ContainerEvent, EventBus, EventType
+from cri.containers.host import HostFacts
+from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cri.images.index import ImageRecord
+from cri.images.manager import ImageManager
+from cri.live_config import LiveConfig
+from cri.log import event
+from cri.oci import bundle, conmon
+from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
+from cri.state import Store
+from cri.storage import rootfs
+from cri.storage.layers import Driver
+from podsandbox.manager import SandboxManager
+from podsandbox.sandbox import Sandbox, SandboxState
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT = 30.0  # seconds a SIGKILLed container may take to be reported gone
+CONMON_EXIT_WAIT = 5.0  # conmon drains the log after the exit file; let it finish before its dir goes
+CTL_REOPEN_LOGS = 2  # conmon's ctl fifo message: "<type> <height> <width>\n"
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+class ContainerManager:
+    def __init__(self, live: LiveConfig, store: Store, sandboxes: SandboxManager, images: ImageManager) -> None:
+        self._live = live
+        self._store = store
+        self._sandboxes = sandboxes
+        self._images = images
+        config = live.current
+        self._runroot = Path(config.runroot) / "containers"
+        self._storage = Path(config.root) / "containers"
+        self.exit_dir = str(Path(config.runroot) / "exits")
+        self._socket_dir = str(Path(config.runroot) / "sockets")
+        self.host = HostFacts.detect()
+        self.events = EventBus()
+        self._containers: dict[str, Container] = {}
+        self._names: dict[str, str] = {}  # reservation -> container ID
+        self._inflight: dict[str, asyncio.Task[Container]] = {}
+        self._unclaimed: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._exited: dict[str, asyncio.Event] = {}
+        self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        sandboxes.stop_hooks.append(self.stop_pod_containers)
+        sandboxes.remove_hooks.append(self.remove_pod_containers)
+
+    # ---- start-up -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Watch for exits first, then load the database, so no exit falls between the two."""
+        self._watcher.start()
+        await self._recover()
+
+    async def close(self) -> None:
+        self._watcher.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- lookup -------------------------------------------------------------------------------
+
+    def get(self, id_or_prefix: str) -> Container:
+        if not id_or_prefix:
+            raise InvalidArgument("container_id", "must not be empty")
+        found = self._match(id_or_prefix)
+        if found is None:
+            raise NotFound(f"container {id_or_prefix!r} not found")
+        return found
+
+    def _match(self, id_or_prefix: str) -> Container | None:
+        if id_or_prefix in self._containers:
+            return self._containers[id_or_prefix]
+        matches = [c for cid, c in self._containers.items() if cid.startswith(id_or_prefix)]
+        if len(matches) > 1:
+            raise InvalidArgument("container_id", f"prefix {id_or_prefix!r} matches {len(matches)} containers")
+        return matches[0] if matches else None
+
+    def all(self) -> list[Container]:
+        return list(self._containers.values())
+
+    def of_sandbox(self, sandbox_id: str) -> list[Container]:
+        return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+
+    def uses_image(self, image_id: str) -> bool:
+        return any(c.image_id == image_id for c in self._containers.values())
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    def _publish(self, container: Container, kind: EventType) -> None:
+        self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, time.time_ns()))
+        counts = {state.value: 0 for state in (ContainerState.CREATED, ContainerState.RUNNING, ContainerState.EXITED)}
+        for item in self._containers.values():
+            if item.state.value in counts:
+                counts[item.state.value] += 1
+        metrics.record_container_states(counts)
+
+    # ---- create -------------------------------------------------------------------------------
+
+    async def create(self, sandbox_id: str, config: pb.ContainerConfig) -> Container:
+        validate.request(config)
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox.state is not SandboxState.READY:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        image = self._images.find(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} not found: pull it first")
+        name = f"{sandbox.name}/{config.metadata.name}_{config.metadata.attempt}"
+        task = self._inflight.get(name)
+        if task is None:
+            owner = self._names.get(name)
+            if owner is not None:
+                if owner in self._unclaimed and owner in self._containers:
+                    self._unclaimed.discard(owner)
+                    event(log, logging.INFO, "container handed to a retry", id=owner, container=name)
+                    return self._containers[owner]
+                raise AlreadyExists(f"container name {name!r} is reserved for {owner}; remove that container first")
+            container_id = new_id()
+            self._names[name] = container_id
+            task = asyncio.create_task(self._create(container_id, name, sandbox, image, config), name=f"create-{name}")
+            self._inflight[name] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(name, None))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._abandoned)
+            raise
+
+    def _abandoned(self, task: asyncio.Task[Container]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._unclaimed.add(task.result().id)
+        event(log, logging.INFO, "container finished after its caller left", id=task.result().id)
+
+    async def _create(
+        self, container_id: str, name: str, sandbox: Sandbox, image: ImageRecord, config: pb.ContainerConfig
+    ) -> Container:
+        settings = self._live.current
+        container = Container(
+            id=container_id,
+            sandbox_id=sandbox.id,
+            config=config,
+            image_id=image.id,
+            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+            image_name=config.image.image,
+            created_at=time.time_ns(),
+            state=ContainerState.CREATING,
+            runtime=sandbox.spec.runtime_handler or settings.runtime.default_runtime,
+            bundle=str(self._runroot / container_id),
+            storage=str(self._storage / container_id),
+            log_path=_log_path(sandbox, config),
+            cgroups_path=bundle.cgroups_path(settings.runtime.cgroup_manager, sandbox.cgroup_parent, container_id),
+            stop_signal=ocispec.stop_signal(config, image),
+            resources=config.linux.resources,
+        )
+        started = time.monotonic()
+        try:
+            async with AsyncExitStack() as undo:
+                await self._build(container, name, sandbox, image, undo)
+                undo.pop_all()
+        except BaseException as exc:
+            self._names.pop(name, None)
+            event(log, logging.WARNING, "container creation failed, undone", id=container_id, error=str(exc))
+            mapped = _as_cri_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        self._containers[container_id] = container
+        self._exited[container_id] = asyncio.Event()
+        self._publish(container, EventType.CREATED)
+        event(
+            log,
+            logging.INFO,
+            "container created",
+            id=container_id,
+            pod_id=sandbox.id,
+            container=config.metadata.name,
+            pid=container.pid,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return container
+
+    async def _build(
+        self, container: Container, name: str, sandbox: Sandbox, image: ImageRecord, undo: AsyncExitStack
+    ) -> None:
+        settings = self._live.current
+        runtime = self._runtime(container)
+        monitor = conmon.conmon_binary(settings)
+        await asyncio.to_thread(self._write, rows.insert, container, name)
+        undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
+
+        undo.push_async_callback(self._undo, container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
+        await asyncio.to_thread(os.makedirs, container.bundle, 0o700)
+        lowers = self._images.lower_dirs(image)
+        undo.push_async_callback(
+            self._undo, container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage)
+        )
+        driver: Driver = "vfs" if settings.storage.driver == "vfs" else "overlay"
+        root = await asyncio.to_thread(rootfs.create, Path(container.storage), lowers, driver)
+
+        user = await asyncio.to_thread(_resolve_user, root, container.config, image)
+        container.uid, container.gid = user.uid, user.gid
+        container.additional_gids, container.username = user.additional_gids, user.username
+        spec = await asyncio.to_thread(
+            ocispec.build,
+            ocispec.SpecInputs(
+                container_id=container.id,
+                config=container.config,
+                sandbox=sandbox,
+                image=image,
+                image_name=container.image_name,
+                rootfs=str(root),
+                user=user,
+                runtime=settings.runtime,
+                host=self.host,
+                pid_namespace=self._pid_namespace(container.config, sandbox),
+                cgroups_path=container.cgroups_path,
+            ),
+        )
+        await asyncio.to_thread(bundle.write, container.bundle, spec)
+        if container.log_path:
+            await asyncio.to_thread(os.makedirs, os.path.dirname(container.log_path), 0o755, True)
+
+        launch = self._launch(container, name)
+        undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
+        created = await conmon.create(runtime, monitor, launch)
+        container.pid, container.conmon_pid = created.pid, created.conmon_pid
+        container.state = ContainerState.CREATED
+        await asyncio.to_thread(self._write, rows.update, container)
+
+    def _launch(self, container: Container, name: str) -> ConmonLaunch:
+        config = container.config
+        return ConmonLaunch(
+            id=container.id,
+            name=name,
+            bundle=container.bundle,
+            # Without a CRI log path conmon still needs somewhere to write: a file inside the bundle.
+            log_path=container.log_path or os.path.join(container.bundle, "container.log"),
+            exit_dir=self.exit_dir,
+            persist_dir=os.path.join(container.bundle, "persist"),
+            socket_dir=self._socket_dir,
+            log_size_max=self._live.current.runtime.log_size_max,
+            terminal=config.tty,
+            stdin=config.stdin,
+            leave_stdin_open=config.stdin and not config.stdin_once,
+        )
+
+    def _pid_namespace(self, config: pb.ContainerConfig, sandbox: Sandbox) -> str | None:
+        ns = config.linux.security_context.namespace_options
+        if ns.pid == pb.NODE:
+            return None
+        if ns.pid == pb.POD and sandbox.infra_pid:
+            return f"/proc/{sandbox.infra_pid}/ns/pid"
+        # POD in a pod whose containers do not share one (POD is also the proto's zero value, what
+        # a config without namespace options says): the container gets its own, as the pod asked.
+        if ns.pid == pb.TARGET:
+            target = self.get(ns.target_id)
+            if target.sandbox_id != sandbox.id or target.state is not ContainerState.RUNNING:
+                raise FailedPrecondition(f"target container {ns.target_id} is not running in pod {sandbox.id}")
+            return f"/proc/{target.pid}/ns/pid"
+        return ""
+
+    def _runtime(self, container: Container) -> Runtime:
+        return conmon.runtime_for(self._live.current, container.runtime)
+
+    async def _undo(self, container_id: str, step: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            event(log, logging.ERROR, "undo step failed", id=container_id, step=step, error=str(exc))
+
+    async def _delete_runtime(self, runtime: Runtime, container: Container) -> None:
+        """Remove the runtime state, then wait for conmon to finish (it exits once the container is gone)."""
+        await conmon.delete(runtime, container.id)
+        conmon_pid = container.conmon_pid or conmon.read_pid(os.path.join(container.bundle, "conmon.pid"))
+        if conmon_pid:
+            await conmon.wait_gone([conmon_pid], CONMON_EXIT_WAIT)
+        await asyncio.to_thread(exits.remove, self.exit_dir, container.id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._socket_dir, container.id))
+
+    def _write(self, op: Callable[..., None], *args: Any) -> None:
+        with self._store.transaction() as conn:
+            op(conn, *args)
+
+    async def _delete_row(self, container_id: str) -> None:
+        await asyncio.to_thread(self._write, rows.delete, container_id)
+
+    # ---- start --------------------------------------------------------------------------------
+
+    async def start(self, id_or_prefix: str) -> Container:
+        container = self.get(id_or_prefix)
+        async with self._lock(container.id):
+            if container.state is not ContainerState.CREATED:
+                raise FailedPrecondition(f"container {container.id} is {container.state.value}, not created")
+            try:
+                await conmon.start(self._runtime(container), container.id)
+            except OciRuntimeError as exc:
+                raise Internal(f"starting container {container.id}: {exc}") from exc
+            container.started_at = time.time_ns()
+            _mark_running(container)
+            await asyncio.to_thread(self._write, rows.update, container)
+        self._publish(container, EventType.STARTED)
+        event(log, logging.INFO, "container started", id=container.id, pod_id=container.sandbox_id)
+        self._check_exit(container.id)
+        return container
+
+    # ---- exits --------------------------------------------------------------------------------
+
+    def _on_exit_file(self, container_id: str) -> None:
+        self._check_exit(container_id)
+
+    def _check_exit(self, container_id: str) -> None:
+        container = self._containers.get(container_id)
+        if container is None or container.state is ContainerState.EXITED:
+            return
+        code = conmon.read_exit(self.exit_dir, container_id)
+        if code is None:
+            return
+        self._record_exit(container, code)
+
+    def _record_exit(self, container: Container, code: int, message: str = "") -> None:
+        if container.state is ContainerState.CREATED and not container.started_at:
+            container.started_at = container.started_at or time.time_ns()
+        container.state = ContainerState.EXITED
+        container.exit_code = code
+        container.finished_at = _mtime_ns(os.path.join(self.exit_dir, container.id)) or time.time_ns()
+        if self._oom_killed(container):
+            container.reason = "OOMKilled"
+        else:
+            container.reason = "Completed" if code == 0 else "Error"
+        container.message = message
+        self._exited.setdefault(container.id, asyncio.Event()).set()
+        metrics.record_container_exit(container.reason)
+        self._spawn(asyncio.to_thread(self._write, rows.update, container))
+        self._publish(container, EventType.STOPPED)
+        event(
+            log,
+            logging.INFO,
+            "container exited",
+            id=container.id,
+            pod_id=container.sandbox_id,
+            exit_code=code,
+            reason=container.reason,
+        )
+
+    def _oom_killed(self, container: Container) -> bool:
+        if os.path.exists(os.path.join(container.bundle, "persist", "oom")):
+            return True
+        sample = cgroupstats.sample(container.cgroups_path)
+        return bool(sample and sample.oom_kills)
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:
+                event(log, logging.ERROR, "background container write failed", error=str(exc))
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_exit(self, container: Container, timeout: float) -> bool:
+        if container.state is ContainerState.EXITED:
+            return True
+        exited = self._exited.setdefault(container.id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await exited.wait()
+        except TimeoutError:
+            # The exit file may have appeared while the watch was busy: look once more before giving up.
+            self._check_exit(container.id)
+        return _exited(container)
+
+    # ---- stop and remove ----------------------------------------------------------------------
+
+    async def stop(self, id_or_prefix: str, timeout: int) -> None:
+        """Stop signal, then SIGKILL after `timeout` seconds; returns once the process is gone. Idempotent."""
+        container = self._existing(id_or_prefix)
+        if container is None:
+            return
+        async with self._lock(container.id):
+            await self._stop_locked(container, max(timeout, 0))
+
+    async def _stop_locked(self, container: Container, timeout: int) -> None:
+        if container.state is not ContainerState.RUNNING:
+            return
+        runtime = self._runtime(container)
+        try:
+            if timeout > 0:
+                await conmon.kill(runtime, container.id, container.stop_signal.removeprefix("SIG"))
+                if await self._wait_exit(container, timeout):
+                    return
+                event(log, logging.INFO, "container ignored its stop signal, killing", id=container.id)
+            await conmon.kill(runtime, container.id, "KILL", all_processes=True)
+        except OciRuntimeError as exc:
+            raise Internal(f"stopping container {container.id}: {exc}") from exc
+        if not await self._wait_exit(container, KILL_WAIT):
+            raise Internal(f"container {container.id} still runs {KILL_WAIT:g}s after SIGKILL")
+
+    def _existing(self, id_or_prefix: str) -> Container | None:
+        if not id_or_prefix:
+            raise InvalidArgument("container_id", "must not be empty")
+        return self._match(id_or_prefix)
+
+    async def remove(self, id_or_prefix: str) -> None:
+        """Kill if needed, delete the runtime state, rootfs, bundle and row, free the name. Idempotent."""
+        container = self._existing(id_or_prefix)
+        if container is None:
+            return
+        async with self._lock(container.id):
+            if container.id not in self._containers:
+                return
+            await self._stop_locked(container, 0)
+            await self._remove_locked(container)
+        self._locks.pop(container.id, None)
+
+    async def _remove_locked(self, container: Container) -> None:
+        try:
+            await self._delete_runtime(self._runtime(container), container)
+        except OciRuntimeError as exc:
+            raise Internal(f"removing container {container.id}: {exc}") from exc
+        try:
+            await asyncio.to_thread(rootfs.remove, Path(container.storage))
+            await asyncio.to_thread(bundle.remove, container.bundle)
+        except OSError as exc:
+            raise Internal(f"removing container {container.id}: {exc}") from exc
+        await self._delete_row(container.id)
+        self._containers.pop(container.id, None)
+        self._exited.pop(container.id, None)
+        self._unclaimed.discard(container.id)
+        for name, owner in list(self._names.items()):
+            if owner == container.id:
+                del self._names[name]
+        self._publish(container, EventType.DELETED)
+        event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
+
+    async def stop_pod_containers(self, sandbox_id: str) -> None:
+        """StopPodSandbox: every container of the pod is killed (the kubelet stopped them gracefully first)."""
+        await asyncio.gather(*(self.stop(c.id, 0) for c in self.of_sandbox(sandbox_id)))
+
+    async def remove_pod_containers(self, sandbox_id: str) -> None:
+        await asyncio.gather(*(self.remove(c.id) for c in self.of_sandbox(sandbox_id)))
+
+    # ---- update and logs ----------------------------------------------------------------------
+
+    async def update_resources(self, id_or_prefix: str, resources: pb.LinuxContainerResources) -> None:
+        container = self.get(id_or_prefix)
+        validate.resources(resources, "linux")
+        if resources.unified and not self.host.cgroup2:
+            raise InvalidArgument("linux.unified", "cgroup v2 settings on a host without the unified hierarchy")
+        async with self._lock(container.id):
+            if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+                raise FailedPrecondition(f"container {container.id} is {container.state.value}")
+            settings = self._live.current
+            body = ocispec.resources(resources, self.host, settings.runtime.pids_limit)
+            try:
+                await conmon.update(self._runtime(container), container.id, body)
+            except OciRuntimeError as exc:
+                raise Internal(f"updating container {container.id}: {exc}") from exc
+            container.resources = resources
+            await asyncio.to_thread(self._write, rows.update, container)
+        event(log, logging.INFO, "container resources updated", id=container.id)
+
+    async def reopen_log(self, id_or_prefix: str) -> None:
+        container = self.get(id_or_prefix)
+        if container.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        ctl = os.path.join(container.bundle, "ctl")
+        try:
+            await asyncio.to_thread(_write_fifo, ctl, f"{CTL_REOPEN_LOGS} 0 0\n".encode())
+        except OSError as exc:
+            raise Internal(f"reopening the log of container {container.id}: {ctl}: {exc.strerror}") from exc
+        event(log, logging.INFO, "container log reopened", id=container.id, path=container.log_path)
+
+    # ---- recovery -----------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        def load() -> list[Container]:
+            with self._store.transaction() as conn:
+                return rows.load_all(conn)
+
+        for container in await asyncio.to_thread(load):
+            if container.state is ContainerState.CREATING:
+                await self._discard_half_made(container)
+                continue
+            self._containers[container.id] = container
+            self._exited[container.id] = asyncio.Event()
+            if container.state is ContainerState.EXITED:
+                self._exited[container.id].set()
+            sandbox = self._sandboxes._match(container.sandbox_id)
+            if sandbox is not None:
+                self._names[f"{sandbox.name}/{container.name}_{container.attempt}"] = container.id
+            self._check_exit(container.id)
+            if not _exited(container) and conmon.process_gone(container.pid):
+                self._record_exit(container, 255, "the container was lost while the daemon was down")
+        event(log, logging.INFO, "containers recovered", count=len(self._containers))
+
+    async def _discard_half_made(self, container: Container) -> None:
+        event(log, logging.WARNING, "undoing a container creation interrupted by a crash", id=container.id)
+        with contextlib.suppress(OciRuntimeError):
+            await self._undo(container.id, "runtime", self._delete_runtime, self._runtime(container), container)
+        await self._undo(container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage))
+        await self._undo(container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
+        await self._delete_row(container.id)
+
+
+def _exited(container: Container) -> bool:
+    return container.state is ContainerState.EXITED
+
+
+def _mark_running(container: Container) -> None:
+    # A very short process may have exited (and been recorded) while `start` ran: keep that.
+    if container.state is ContainerState.CREATED:
+        container.state = ContainerState.RUNNING
+
+
+def _log_path(sandbox: Sandbox, config: pb.ContainerConfig) -> str:
+    if not sandbox.spec.log_directory or not config.log_path:
+        return ""
+    return os.path.join(sandbox.spec.log_directory, config.log_path)
+
+
+def _resolve_user(root: Path, config: pb.ContainerConfig, image: ImageRecord) -> users.ProcessUser:
+    sc = config.linux.security_context
+    image_user = str((image.config.get("config") or {}).get("User") or "")
+    try:
+        return users.resolve(
+            root,
+            run_as_user=sc.run_as_user.value if sc.HasField("run_as_user") else None,
+            run_as_username=sc.run_as_username,
+            run_as_group=sc.run_as_group.value if sc.HasField("run_as_group") else None,
+            image_user=image_user,
+            supplemental_groups=list(sc.supplemental_groups),
+            policy="Strict" if sc.supplemental_groups_policy == pb.Strict else "Merge",
+        )
+    except users.UserError as exc:
+        raise InvalidArgument(exc.field, str(exc)) from exc
+
+
+def _write_fifo(path: str, data: bytes) -> None:
+    # Non-blocking: a conmon that is gone must not hang the call (ENXIO when nobody reads).
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _as_cri_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, CriError | asyncio.CancelledError):
+        return exc
+    if isinstance(exc, ocispec.SpecError):
+        return InvalidArgument(exc.field, exc.problem)
+    if isinstance(exc, OciRuntimeError | OSError):
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return Internal(f"no space left: {exc}")
+        return Internal(str(exc))
+    return exc

@@ -1,0 +1,310 @@
+"""Per-container root filesystems: an overlay mount of the image's layers, or a vfs copy of them.
+
+Everything lives in the container's own directory, `<storage root>/containers/<id>/`, which create()
+makes and remove() deletes whole:
+
+    upper/    overlay: the container's writes
+    work/     overlay: the kernel's scratch dir (must be on the same file system as upper/)
+    l/<n>     overlay, long chains only: short symlinks to the layer diff dirs, l/0 the topmost
+    empty/    overlay, images without layers: the one lower dir overlay insists on
+    merged/   what the OCI runtime gets as root.path: the overlay mount, or (vfs) the copy
+
+The page limit. mount(2) copies at most one page of option data (4096 bytes on x86-64, including the
+final NUL). A layer's diff path is ~90 bytes, so absolute lowerdirs stop fitting at about 40 layers.
+As containers/storage does, a chain whose absolute option string does not fit is mounted like this:
+
+ 1. each lower dir gets a symlink `l/<n>` in the container dir (n = its position, so 1-3 characters);
+ 2. the options name everything relative to the container dir:
+    `lowerdir=l/0:l/1:...,upperdir=upper,workdir=work`;
+ 3. the kernel resolves relative paths against the cwd of the process calling mount(2), and the daemon
+    is multi-threaded, so it never chdirs: a short child process (this interpreter, running
+    cri.linux.mount) is started with cwd = the container dir and does the mount.
+
+At the kernel's cap of 500 lowers that string is ~3.4 kB, inside one page. The kernel resolves the
+links when mounting, so the mount no longer depends on them; they stay for whoever debugs it and go with
+the directory. Per-container links (not a shared `<root>/l/<short id>` pool) need no bookkeeping in the
+layer store, and shared absolute links would still not fit 128 layers. The usual short image mounts
+in-process with absolute paths and no child.
+
+Read-only roots: the mount always has upper/ and work/. The caller sets root.readonly in the OCI spec
+and the runtime remounts the root read-only inside the container's mount namespace, after it has made
+the mount points (/proc, /dev, ...) it needs in the root. So there is no read-only flag here.
+
+Overlay shows the upper dir's owner and mode as the root's, so upper/ copies those of the topmost lower
+(the image's `/`, normally 0755 root:root); otherwise a non-root container could not list `/`.
+
+vfs: merged/ is `cp -a --reflink=auto` of the topmost lower dir, which with the vfs layer store is the
+whole image. There is no mount; the copy is the writable layer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cri import linux
+from cri.errors import Internal
+from cri.log import event
+from cri.storage.layers import Driver, tree_usage
+
+log = logging.getLogger(__name__)
+
+MAX_LOWER_DIRS = 500  # overlayfs' OVL_MAX_STACK
+MOUNT_TIMEOUT = 60.0  # the child that mounts with relative paths
+COPY_TIMEOUT = 1800.0  # vfs: copying a whole image
+
+# Run as `python -I -S -c _MOUNT_FROM_CWD <dir holding the cri package> <target> <options>`. Isolated mode keeps
+# the cwd (the container dir) and the environment out of sys.path; cri.linux needs only the standard library.
+_MOUNT_FROM_CWD = """\
+import sys
+sys.path.insert(0, sys.argv[1])
+from cri import linux
+try:
+    linux.mount("overlay", sys.argv[2], "overlay", 0, sys.argv[3])
+except OSError as exc:
+    sys.exit(str(exc))
+"""
+_OVERLAY_SPECIAL = re.compile(r"([\\:,])")  # overlay splits options at ',' and lowerdir at ':'
+
+
+class RootfsError(Internal):
+    """Making or removing a container's root filesystem failed; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class RootfsPaths:
+    dir: Path
+    upper: Path
+    work: Path
+    merged: Path
+    links: Path
+    empty: Path
+
+    @classmethod
+    def of(cls, container_dir: Path) -> RootfsPaths:
+        d = Path(os.path.abspath(container_dir))
+        return cls(d, d / "upper", d / "work", d / "merged", d / "l", d / "empty")
+
+
+def create(
+    container_dir: Path, lower_dirs: Sequence[Path], driver: Driver, *, copy_timeout: float = COPY_TIMEOUT
+) -> Path:
+    """Make the container's rootfs from lower_dirs (topmost first) and return merged/, the OCI root.path.
+
+    container_dir must not exist yet. Blocking: run it in a thread. On failure nothing is left (mount
+    undone, directory removed) and RootfsError says what failed.
+    """
+    if driver not in ("overlay", "vfs"):
+        raise ValueError(f"storage driver must be 'overlay' or 'vfs', not {driver!r}")
+    paths = RootfsPaths.of(container_dir)
+    lowers = [Path(os.path.abspath(p)) for p in lower_dirs]
+    _check_lowers(lowers if driver == "overlay" else lowers[:1])
+    start = time.monotonic()
+    _make_container_dir(paths.dir)
+    try:
+        how = _mount_overlay(paths, lowers) if driver == "overlay" else _copy_vfs(paths, lowers, copy_timeout)
+    except BaseException as exc:
+        _discard_after_failure(paths)
+        if isinstance(exc, RootfsError) or not isinstance(exc, OSError):
+            raise
+        raise RootfsError(f"making the root filesystem in {paths.dir}: {exc}") from exc
+    seconds = round(time.monotonic() - start, 3)
+    event(
+        log,
+        logging.INFO,
+        "rootfs_created",
+        dir=str(paths.dir),
+        driver=driver,
+        layers=len(lowers),
+        how=how,
+        seconds=seconds,
+    )
+    return paths.merged
+
+
+def remove(container_dir: Path) -> None:
+    """Unmount everything under container_dir and delete it. Idempotent: a missing directory is fine.
+
+    A busy mount (a process has its cwd or a file open inside) is detached lazily, with a warning; the
+    kernel frees it when the last user goes. Nothing is deleted while anything is still mounted below.
+    """
+    paths = RootfsPaths.of(container_dir)
+    if not os.path.lexists(paths.dir):
+        return
+    _unmount_all(paths.dir)
+    _delete(paths.dir)
+    event(log, logging.INFO, "rootfs_removed", dir=str(paths.dir))
+
+
+def is_mounted(container_dir: Path) -> bool:
+    """Whether merged/ is a mount point (always False for vfs)."""
+    merged = os.path.realpath(RootfsPaths.of(container_dir).merged)
+    return any(m.mount_point == merged for m in linux.mounts_under(merged))
+
+
+def usage(container_dir: Path) -> tuple[int, int]:
+    """(bytes, inodes) of the writable layer: upper/ for overlay, the merged/ copy for vfs. Blocking."""
+    paths = RootfsPaths.of(container_dir)
+    return tree_usage(paths.upper if paths.upper.is_dir() else paths.merged)
+
+
+# -- create --
+
+
+def _check_lowers(lowers: Sequence[Path]) -> None:
+    # The kernel would say only "No such file or directory" or "Invalid argument"; name the culprit here.
+    if len(lowers) > MAX_LOWER_DIRS:
+        raise RootfsError(f"{len(lowers)} layers: overlayfs mounts at most {MAX_LOWER_DIRS}")
+    for lower in lowers:
+        if not lower.is_dir():
+            raise RootfsError(f"layer directory {lower} is missing")
+
+
+def _make_container_dir(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)  # merged/ shows the image, setuid files included: not for other host users
+    except FileExistsError:
+        raise RootfsError(f"container directory {path} already exists") from None
+    except OSError as exc:
+        raise RootfsError(f"making container directory {path}: {exc}") from exc
+
+
+def _mount_overlay(paths: RootfsPaths, lowers: list[Path]) -> str:
+    """Mount the overlay on merged/; returns how: "absolute" (in-process) or "relative" (from a child)."""
+    if not lowers:
+        paths.empty.mkdir(mode=0o755)
+        os.chmod(paths.empty, 0o755)  # not the umask's idea: it becomes the root's mode via upper/
+        lowers = [paths.empty]
+    for d in (paths.upper, paths.work, paths.merged):
+        d.mkdir(mode=0o755)
+    _copy_owner_and_mode(lowers[0], paths.upper)
+    data = _overlay_options([str(p) for p in lowers], str(paths.upper), str(paths.work))
+    if _fits_in_a_page(data):
+        try:
+            linux.mount("overlay", str(paths.merged), "overlay", 0, data)
+        except OSError as exc:
+            raise RootfsError(f"overlay mount of {len(lowers)} layers: {exc}{_kernel_log_hint(exc)}") from exc
+        return "absolute"
+    paths.links.mkdir(mode=0o700)
+    for n, lower in enumerate(lowers):
+        (paths.links / str(n)).symlink_to(lower)
+    relative = [f"{paths.links.name}/{n}" for n in range(len(lowers))]
+    data = _overlay_options(relative, paths.upper.name, paths.work.name)
+    if not _fits_in_a_page(data):  # not reached below MAX_LOWER_DIRS; a guard should the cap ever rise
+        raise RootfsError(f"{len(lowers)} layers: overlay options do not fit in one page even with short links")
+    _mount_from(paths.dir, paths.merged, data)
+    return "relative"
+
+
+def _copy_owner_and_mode(source: Path, dest: Path) -> None:
+    st = source.stat()
+    os.chown(dest, st.st_uid, st.st_gid)
+    os.chmod(dest, st.st_mode & 0o7777)  # after chown, which clears setuid/setgid
+
+
+def _overlay_options(lowers: Sequence[str], upper: str, work: str) -> str:
+    lowerdir = ":".join(_escape(p) for p in lowers)
+    return f"lowerdir={lowerdir},upperdir={_escape(upper)},workdir={_escape(work)}"
+
+
+def _escape(path: str) -> str:
+    return _OVERLAY_SPECIAL.sub(r"\\\1", path)
+
+
+def _fits_in_a_page(data: str) -> bool:
+    return len(data.encode()) < os.sysconf("SC_PAGESIZE")  # the kernel copies one page, NUL included
+
+
+def _kernel_log_hint(exc: OSError) -> str:
+    return " (overlayfs writes the reason to the kernel log: dmesg)" if exc.errno == errno.EINVAL else ""
+
+
+def _mount_from(cwd: Path, target: Path, data: str) -> None:
+    """mount(2) the overlay from a child whose cwd is `cwd`, so the relative paths in `data` resolve there."""
+    package_parent = str(Path(linux.__file__).resolve().parent.parent)
+    argv = [sys.executable, "-I", "-S", "-c", _MOUNT_FROM_CWD, package_parent, str(target), data]
+    what = f"overlay mount on {target} with paths relative to {cwd}"
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=MOUNT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise RootfsError(f"{what}: timed out after {MOUNT_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise RootfsError(f"{what}: cannot start {sys.executable}: {exc}") from exc
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise RootfsError(f"{what}: exited with status {done.returncode}: {stderr}")
+
+
+def _copy_vfs(paths: RootfsPaths, lowers: list[Path], timeout: float) -> str:
+    if not lowers:
+        paths.merged.mkdir(mode=0o755)
+        os.chmod(paths.merged, 0o755)
+        return "empty"
+    # cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where
+    # the file system can. merged/ does not exist yet, so cp makes it a copy of the lower dir itself.
+    argv = ["cp", "-a", "--reflink=auto", "--", str(lowers[0]), str(paths.merged)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RootfsError(f"copying {lowers[0]} to {paths.merged}: timed out after {timeout:g}s") from None
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise RootfsError(f"copying {lowers[0]} to {paths.merged}: cp exited with status {done.returncode}: {stderr}")
+    return "copy"
+
+
+def _discard_after_failure(paths: RootfsPaths) -> None:
+    # Best effort: the caller gets the original error; a leftover is logged for remove() to finish later.
+    try:
+        _unmount_all(paths.dir)
+        _delete(paths.dir)
+    except Exception as exc:
+        event(log, logging.ERROR, "rootfs_cleanup_failed", dir=str(paths.dir), error=str(exc))
+
+
+# -- remove --
+
+
+def _unmount_all(top: Path) -> None:
+    for entry in linux.mounts_under(str(top)):  # deepest first
+        try:
+            linux.umount(entry.mount_point)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                continue  # unmounted meanwhile
+            if exc.errno != errno.EBUSY:
+                raise RootfsError(f"unmounting {entry.mount_point}: {exc}") from exc
+            event(log, logging.WARNING, "rootfs_busy_detached", mount_point=entry.mount_point)
+            _detach(entry.mount_point)
+
+
+def _detach(mount_point: str) -> None:
+    try:
+        linux.umount(mount_point, linux.MNT_DETACH)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise RootfsError(f"detaching {mount_point}: {exc}") from exc
+
+
+def _delete(top: Path) -> None:
+    # rmtree crosses mount points: deleting through a live overlay would write whiteouts, through a bind
+    # mount it would delete someone else's files. So refuse while anything is mounted below.
+    left = linux.mounts_under(str(top))
+    if left:
+        raise RootfsError(f"not deleting {top}: still mounted at {', '.join(m.mount_point for m in left)}")
+    try:
+        shutil.rmtree(top)  # unlinks the l/<n> symlinks, never follows them into the layer store
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise RootfsError(f"deleting {top}: {exc}") from exc
