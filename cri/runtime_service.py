@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 
 from api.runtime.v1 import api_pb2 as pb
 from cni.readiness import NetworkWatcher
-from cri import __version__, container_convert, sandbox_convert
+from cri import __version__, container_convert, sandbox_convert, stats_convert
+from cri.containers import stats
+from cri.containers.container import ContainerState
 from cri.containers.manager import ContainerManager
 from cri.errors import InvalidArgument, Unimplemented
 from cri.live_config import LiveConfig
@@ -20,6 +22,7 @@ from cri.rpc import chunks
 from cri.runtime_readiness import runtime_readiness
 from cri.state import Store
 from podsandbox.manager import SandboxManager
+from podsandbox.sandbox import Sandbox, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +202,90 @@ class RuntimeService:
             pod_status = sandbox_convert.status(sandbox) if sandbox is not None else None
             statuses = [container_convert.status(c) for c in self._containers.of_sandbox(item.sandbox_id)]
             yield container_convert.event_message(item, pod_status, statuses)
+
+    # ---- stats ----------------------------------------------------------------------------------
+
+    def _fs_mountpoint(self) -> str:
+        return self._live.current.root
+
+    async def ContainerStats(self, request: pb.ContainerStatsRequest) -> pb.ContainerStatsResponse:
+        container = self._containers.get(request.container_id)
+        figures = await self._containers.stats.figures([container])
+        message = stats_convert.container_stats(container, figures.get(container.id), self._fs_mountpoint())
+        return pb.ContainerStatsResponse(stats=message)
+
+    async def _container_stats(self, flt: pb.ContainerStatsFilter | None) -> list[pb.ContainerStats]:
+        selected = container_convert.stats_selected(self._containers.all(), flt)
+        figures = await self._containers.stats.figures(selected)
+        mountpoint = self._fs_mountpoint()
+        return [stats_convert.container_stats(c, figures.get(c.id), mountpoint) for c in selected]
+
+    async def ListContainerStats(self, request: pb.ListContainerStatsRequest) -> pb.ListContainerStatsResponse:
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListContainerStatsResponse(stats=await self._container_stats(flt))
+
+    async def StreamContainerStats(
+        self, request: pb.StreamContainerStatsRequest
+    ) -> AsyncIterator[pb.StreamContainerStatsResponse]:
+        flt = request.filter if request.HasField("filter") else None
+        for chunk in chunks(await self._container_stats(flt)):
+            yield pb.StreamContainerStatsResponse(container_stats=chunk)
+
+    async def _pod_stats(self, sandbox: Sandbox) -> pb.PodSandboxStats:
+        containers = self._containers.of_sandbox(sandbox.id)
+        figures = await self._containers.stats.figures(containers)
+        mountpoint = self._fs_mountpoint()
+        messages = [stats_convert.container_stats(c, figures.get(c.id), mountpoint) for c in containers]
+        pid = sandbox.infra_pid or next((c.pid for c in containers if c.state is ContainerState.RUNNING), 0)
+        net = await asyncio.to_thread(stats.network, pid) if not sandbox.spec.host_network else None
+        return stats_convert.pod_stats(sandbox, messages, list(figures.values()), net)
+
+    async def _pods_stats(self, flt: pb.PodSandboxStatsFilter | None) -> list[pb.PodSandboxStats]:
+        out = []
+        for sandbox in self._sandboxes.list():
+            if flt is not None:
+                if flt.id and not sandbox.id.startswith(flt.id):
+                    continue
+                if any(sandbox.spec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                    continue
+            if sandbox.state is SandboxState.READY:
+                out.append(await self._pod_stats(sandbox))
+        return out
+
+    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest) -> pb.PodSandboxStatsResponse:
+        sandbox = self._sandboxes.get(request.pod_sandbox_id)
+        return pb.PodSandboxStatsResponse(stats=await self._pod_stats(sandbox))
+
+    async def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest) -> pb.ListPodSandboxStatsResponse:
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListPodSandboxStatsResponse(stats=await self._pods_stats(flt))
+
+    async def StreamPodSandboxStats(
+        self, request: pb.StreamPodSandboxStatsRequest
+    ) -> AsyncIterator[pb.StreamPodSandboxStatsResponse]:
+        flt = request.filter if request.HasField("filter") else None
+        for chunk in chunks(await self._pods_stats(flt)):
+            yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=chunk)
+
+    async def ListMetricDescriptors(self, request: pb.ListMetricDescriptorsRequest) -> pb.ListMetricDescriptorsResponse:
+        return pb.ListMetricDescriptorsResponse(descriptors=stats_convert.metric_descriptors())
+
+    async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
+        out = []
+        for sandbox in self._sandboxes.list():
+            containers = self._containers.of_sandbox(sandbox.id)
+            figures = await self._containers.stats.figures(containers)
+            metrics = [
+                stats_convert.container_metrics(c, sandbox, figures[c.id]) for c in containers if c.id in figures
+            ]
+            out.append(pb.PodSandboxMetrics(pod_sandbox_id=sandbox.id, container_metrics=metrics))
+        return out
+
+    async def ListPodSandboxMetrics(self, request: pb.ListPodSandboxMetricsRequest) -> pb.ListPodSandboxMetricsResponse:
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
+
+    async def StreamPodSandboxMetrics(
+        self, request: pb.StreamPodSandboxMetricsRequest
+    ) -> AsyncIterator[pb.StreamPodSandboxMetricsResponse]:
+        for chunk in chunks(await self._pod_metrics()):
+            yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=chunk)

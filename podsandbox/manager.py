@@ -130,10 +130,13 @@ class SandboxManager:
         else:
             event(log, logging.INFO, "pod sandbox retry joins the creation in flight", pod=name)
         try:
-            return await asyncio.shield(task)
+            made = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._abandoned)
             raise
+        # A caller that gave up earlier marked it unclaimed when it finished; this caller has it now.
+        self._unclaimed.discard(made.id)
+        return made
 
     def _abandoned(self, task: asyncio.Task[Sandbox]) -> None:
         if task.cancelled() or task.exception() is not None:

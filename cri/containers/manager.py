@@ -30,6 +30,7 @@ from cri.containers import container as rows
 from cri.containers.container import Container, ContainerState
 from cri.containers.events import ContainerEvent, EventBus, EventType
 from cri.containers.host import HostFacts
+from cri.containers.stats import StatsCollector
 from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.images.index import ImageRecord
 from cri.images.manager import ImageManager
@@ -75,6 +76,7 @@ class ContainerManager:
         self._exited: dict[str, asyncio.Event] = {}
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats = StatsCollector(self.all)
         sandboxes.stop_hooks.append(self.stop_pod_containers)
         sandboxes.remove_hooks.append(self.remove_pod_containers)
 
@@ -84,8 +86,10 @@ class ContainerManager:
         """Watch for exits first, then load the database, so no exit falls between the two."""
         self._watcher.start()
         await self._recover()
+        self.stats.start()
 
     async def close(self) -> None:
+        await self.stats.close()
         self._watcher.close()
         for task in list(self._tasks):
             task.cancel()
@@ -155,10 +159,13 @@ class ContainerManager:
             self._inflight[name] = task
             task.add_done_callback(lambda _t: self._inflight.pop(name, None))
         try:
-            return await asyncio.shield(task)
+            made = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._abandoned)
             raise
+        # A caller that gave up earlier marked it unclaimed when it finished; this caller has it now.
+        self._unclaimed.discard(made.id)
+        return made
 
     def _abandoned(self, task: asyncio.Task[Container]) -> None:
         if task.cancelled() or task.exception() is not None:

@@ -262,9 +262,17 @@ class LayerStore:
 
 
 def tree_usage(top: Path) -> tuple[int, int]:
-    """(bytes, inodes) used under top, as du counts them: allocated blocks, hardlinks once."""
+    """(bytes, inodes) used under top, as du -x counts them: allocated blocks, hardlinks once, one filesystem.
+
+    Staying on one filesystem matters: a container's merged rootfs is an overlay mount below `top`
+    that would count its whole image again.
+    """
     used = inodes = 0
     seen: set[tuple[int, int]] = set()
+    try:
+        device = os.stat(top).st_dev
+    except FileNotFoundError:
+        return 0, 0
     pending = [str(top)]
     while pending:
         try:
@@ -276,6 +284,8 @@ def tree_usage(top: Path) -> tuple[int, int]:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            if st.st_dev != device:
+                continue  # a mount point: another filesystem
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) in seen:
                     continue

@@ -130,7 +130,9 @@ class Env:
         return self.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid, verbose=verbose), timeout=10)
 
     def wait_exited(self, cid: str, timeout: float = 20) -> pb.ContainerStatus:
-        return self.wait_for(cid, lambda s: s.state == pb.CONTAINER_EXITED, timeout)
+        status = self.wait_for(cid, lambda s: s.state == pb.CONTAINER_EXITED, timeout)
+        assert status.state == pb.CONTAINER_EXITED, f"container {cid} still {status.state} after {timeout}s: {status}"
+        return status
 
     def wait_for(self, cid: str, done: Callable[[pb.ContainerStatus], bool], timeout: float = 20) -> pb.ContainerStatus:
         deadline = time.monotonic() + timeout

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests import image_builder as ib
-from tests.e2e.containers import NOTHING, Env, push_image, registries_yaml, remove_all_containers
+from tests.e2e.containers import CGROUP_ROOT, NOTHING, Env, push_image, registries_yaml, remove_all_containers
 from tests.e2e.pods import PodNet, remove_all_pods
 from tests.registry_harness import Registry
 
@@ -59,7 +62,7 @@ def test_a_container_prints_a_line_and_its_exit_reaches_status_at_once(env: Env)
     assert all(CRI_LOG_LINE.match(line) for line in lines), lines
     assert any(line.endswith(" stdout F hello from criopy") for line in lines), lines
     assert any(line.endswith(" stderr F to stderr") for line in lines), lines
-    assert status.log_path == str(__import__("pathlib").Path(pod[1].log_directory) / "c.log")
+    assert status.log_path == str(Path(pod[1].log_directory) / "c.log")
 
     failing = env.run_to_exit(pod, env.container_config("fails", ["sh", "-c", "exit 3"]))
     assert (failing.exit_code, failing.reason) == (3, "Error")
@@ -77,4 +80,221 @@ def test_remove_leaves_nothing(env: Env) -> None:
     with pytest.raises(grpc.RpcError) as err:
         env.status(cid)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    ib  # noqa: B018
+
+
+def _cgroup_file(env: Env, cid: str, controller: str, name: str) -> Path:
+    info = json.loads(env.status(cid, verbose=True).info["info"])
+    return CGROUP_ROOT / controller / info["cgroupsPath"].strip("/") / name
+
+
+def test_two_containers_share_the_pod_network_and_an_empty_dir(env: Env, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    pod = env.pod()
+    volume = [pb.Mount(container_path="/shared", host_path=str(shared))]
+    # The server serves the shared directory on the pod's loopback; the client writes a file there and fetches it.
+    serve = ["busybox", "httpd", "-f", "-p", "7070", "-h", "/shared"]
+    server = env.run(pod, env.container_config("server", serve, mounts=volume))
+    fetch = "echo written-by-client > /shared/note; sleep 0.3; busybox wget -q -O - http://127.0.0.1:7070/note"
+    status = env.run_to_exit(pod, env.container_config("client", ["sh", "-c", fetch], mounts=volume))
+    assert (status.exit_code, status.reason) == (0, "Completed"), env.output(pod, "client")
+    assert env.output(pod, "client") == "written-by-client\n"
+    assert (shared / "note").read_text() == "written-by-client\n"  # the host sees it too
+    assert env.status(server).status.state == pb.CONTAINER_RUNNING
+
+
+def test_memory_limit_is_in_the_cgroup_and_going_beyond_it_is_oomkilled(env: Env) -> None:
+    pod = env.pod()
+    limit = 32 * 1024 * 1024
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=limit)
+    config = env.container_config(
+        "hog",
+        ["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=128M count=1"],
+        linux=pb.LinuxContainerConfig(resources=resources),
+    )
+    cid = env.run(pod, config)
+    assert int(_cgroup_file(env, cid, "memory", "memory.limit_in_bytes").read_text()) == limit
+    status = env.wait_exited(cid, timeout=30)
+    assert status.reason == "OOMKilled", (status, env.output(pod, "hog"))
+    assert status.exit_code == 137
+
+
+def test_stop_honours_the_timeout_and_escalates_to_sigkill(env: Env) -> None:
+    pod = env.pod()
+    stubborn = env.run(
+        pod, env.container_config("stubborn", ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+    )
+    polite = env.run(
+        pod, env.container_config("polite", ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
+    )
+    time.sleep(0.3)  # the traps are set
+    started = time.monotonic()
+    env.stop(polite, timeout=10)
+    assert time.monotonic() - started < 5
+    assert (env.status(polite).status.exit_code, env.status(polite).status.reason) == (0, "Completed")
+
+    started = time.monotonic()
+    env.stop(stubborn, timeout=2)
+    took = time.monotonic() - started
+    status = env.status(stubborn).status
+    assert status.state == pb.CONTAINER_EXITED  # the call returned only once the process was gone
+    assert 2 <= took < 10
+    assert (status.exit_code, status.reason) == (137, "Error")
+    env.stop(stubborn, timeout=2)  # again: fine
+    for cid in (stubborn, polite):
+        env.remove(cid)
+        env.remove(cid)
+    assert env.leftovers() == NOTHING
+
+
+def test_reopen_container_log_after_rotation(env: Env) -> None:
+    pod = env.pod()
+    cid = env.run(
+        pod,
+        env.container_config("talker", ["sh", "-c", "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.05; done"]),
+    )
+    log = Path(pod[1].log_directory) / "talker.log"
+    env.wait_for(cid, lambda _s: log.exists() and log.stat().st_size > 0)
+    rotated = log.with_suffix(".log.1")
+    os.rename(log, rotated)
+    env.rt.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
+    env.wait_for(cid, lambda _s: log.exists() and "stdout F line" in log.read_text(), timeout=10)
+    assert CRI_LOG_LINE.match(log.read_text().splitlines()[0])
+    size = rotated.stat().st_size
+    time.sleep(0.3)
+    assert rotated.stat().st_size == size  # nothing more goes to the old file
+    env.stop(cid)
+    with pytest.raises(grpc.RpcError) as err:
+        env.rt.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_long_lines_are_split_with_partial_tags(env: Env) -> None:
+    pod = env.pod()
+    status = env.run_to_exit(
+        pod, env.container_config("long", ["sh", "-c", "head -c 20000 /dev/zero | tr '\\0' x; echo"])
+    )
+    assert status.exit_code == 0
+    lines = env.log_lines(pod, "long")
+    assert any(" stdout P " in line for line in lines), lines[:2]
+    assert env.output(pod, "long") == "x" * 20000 + "\n"
+
+
+def test_stats_of_a_busy_container_and_update_resources(env: Env) -> None:
+    pod = env.pod()
+    cid = env.run(pod, env.container_config("busy", ["sh", "-c", "while true; do :; done"]))
+    time.sleep(5)  # two collector rounds: nano cores need two samples
+    stats = env.rt.ContainerStats(pb.ContainerStatsRequest(container_id=cid), timeout=10).stats
+    assert stats.attributes.id == cid
+    assert stats.cpu.usage_core_nano_seconds.value > 0
+    assert stats.cpu.usage_nano_cores.value > 100_000_000  # a busy loop: well over a tenth of a core
+    assert stats.memory.working_set_bytes.value > 0
+    assert stats.writable_layer.inodes_used.value >= 0
+    listed = env.rt.ListContainerStats(pb.ListContainerStatsRequest(), timeout=10).stats
+    assert [s.attributes.id for s in listed] == [cid]
+    pods = env.rt.ListPodSandboxStats(pb.ListPodSandboxStatsRequest(), timeout=10).stats
+    assert [p.attributes.id for p in pods] == [pod[0]]
+    assert pods[0].linux.cpu.usage_core_nano_seconds.value >= stats.cpu.usage_core_nano_seconds.value
+    assert pods[0].linux.network.default_interface.name == "eth0"
+    assert [c.attributes.id for c in pods[0].linux.containers] == [cid]
+
+    update = pb.LinuxContainerResources(cpu_quota=20000, cpu_period=100000, memory_limit_in_bytes=64 * 1024 * 1024)
+    env.rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(container_id=cid, linux=update), timeout=10)
+    assert int(_cgroup_file(env, cid, "cpu", "cpu.cfs_quota_us").read_text()) == 20000
+    assert int(_cgroup_file(env, cid, "memory", "memory.limit_in_bytes").read_text()) == 64 * 1024 * 1024
+    assert env.status(cid).status.resources.linux.cpu_quota == 20000
+    time.sleep(4.5)
+    throttled = env.rt.ContainerStats(pb.ContainerStatsRequest(container_id=cid), timeout=10).stats
+    assert throttled.cpu.usage_nano_cores.value < 300_000_000  # held to a fifth of a core
+
+
+def test_events_arrive_for_create_start_stop_delete(env: Env) -> None:
+    pod = env.pod()
+    received: list[pb.ContainerEventResponse] = []
+    stream = env.rt.GetContainerEvents(pb.GetEventsRequest())
+
+    def read() -> None:
+        try:
+            for item in stream:
+                received.append(item)
+        except grpc.RpcError:
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.3)
+    cid = env.run(pod, env.container_config("evented", ["sleep", "30"]))
+    env.stop(cid)
+    env.remove(cid)
+    deadline = time.monotonic() + 5
+    while len(received) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stream.cancel()
+    kinds = [(e.container_id, e.container_event_type) for e in received]
+    assert kinds == [
+        (cid, pb.CONTAINER_CREATED_EVENT),
+        (cid, pb.CONTAINER_STARTED_EVENT),
+        (cid, pb.CONTAINER_STOPPED_EVENT),
+        (cid, pb.CONTAINER_DELETED_EVENT),
+    ]
+    assert received[0].pod_sandbox_status.id == pod[0]
+    assert received[1].containers_statuses[0].state == pb.CONTAINER_RUNNING
+
+
+def test_a_failing_create_leaves_nothing_and_an_abandoned_create_is_handed_to_the_retry(env: Env) -> None:
+    pod = env.pod()
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, env.container_config("bogus", ["/no/such/binary"]))
+    assert "/no/such/binary" in (err.value.details() or "")
+    assert env.leftovers() == NOTHING
+
+    config = env.container_config("retried", ["sleep", "30"])
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, config, timeout=0.01)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    retry = env.create(pod, config)
+    listed = env.rt.ListContainers(pb.ListContainersRequest()).containers
+    assert [c.id for c in listed] == [retry]
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, config)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_list_filters_image_in_use_and_pod_removal_takes_its_containers(env: Env) -> None:
+    pod = env.pod(labels={"app": "web"})
+    running = env.run(pod, env.container_config("running", ["sleep", "30"], labels={"tier": "a"}))
+    created = env.create(pod, env.container_config("created", ["sleep", "30"], labels={"tier": "b"}))
+    rt = env.rt
+
+    def ids(flt: pb.ContainerFilter) -> list[str]:
+        return sorted(c.id for c in rt.ListContainers(pb.ListContainersRequest(filter=flt)).containers)
+
+    assert ids(pb.ContainerFilter(id=running[:12])) == [running]
+    assert ids(pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.CONTAINER_CREATED))) == [created]
+    assert ids(pb.ContainerFilter(label_selector={"tier": "a"})) == [running]
+    assert ids(pb.ContainerFilter(pod_sandbox_id=pod[0][:10])) == sorted([running, created])
+    assert env.status(running[:12]).status.id == running  # prefixes work in every call
+    streamed = [c.id for r in rt.StreamContainers(pb.StreamContainersRequest()) for c in r.containers]
+    assert sorted(streamed) == sorted([running, created])
+
+    with pytest.raises(grpc.RpcError) as err:
+        env.daemon.images().RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=env.image)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert env.status(running).status.state == pb.CONTAINER_EXITED
+    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert env.leftovers() == NOTHING
+
+
+def test_containers_survive_a_daemon_restart_and_exits_while_down_are_seen(env: Env) -> None:
+    pod = env.pod()
+    survivor = env.run(pod, env.container_config("survivor", ["sleep", "60"]))
+    short = env.run(pod, env.container_config("short", ["sh", "-c", "sleep 1; exit 4"]))
+    env.daemon.stop()
+    time.sleep(1.5)
+    env.daemon.start()
+    assert env.status(survivor).status.state == pb.CONTAINER_RUNNING
+    status = env.wait_exited(short, timeout=5)
+    assert (status.exit_code, status.reason) == (4, "Error")
+    env.stop(survivor)
+    assert env.status(survivor).status.exit_code == 137
