@@ -386,7 +386,8 @@ class ContainerManager:
         )
 
     def _oom_killed(self, container: Container) -> bool:
-        if os.path.exists(os.path.join(container.bundle, "persist", "oom")):
+        markers = (os.path.join(container.bundle, "persist", "oom"), os.path.join(container.bundle, "oom"))
+        if any(os.path.exists(marker) for marker in markers):
             return True
         sample = cgroupstats.sample(container.cgroups_path)
         return bool(sample and sample.oom_kills)

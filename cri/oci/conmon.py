@@ -291,7 +291,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            line = await _launch(argv, what)
+            line = await _launch(argv, what, launch.bundle)
         if not line:
             raise OciRuntimeError(what, "conmon exited without reporting the container pid (see its syslog lines)")
         try:
@@ -317,7 +317,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
     return Created(pid=pid, conmon_pid=read_pid(launch.monitor_pidfile))
 
 
-async def _launch(argv: list[str], what: str) -> bytes:
+async def _launch(argv: list[str], what: str, cwd: str) -> bytes:
     """Run conmon's first process to its (quick) exit, then read the first sync pipe line."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     proc: asyncio.subprocess.Process | None = None
@@ -330,6 +330,8 @@ async def _launch(argv: list[str], what: str) -> bytes:
                 stderr=asyncio.subprocess.PIPE,
                 env=_conmon_env(write_fd),
                 pass_fds=(write_fd,),
+                # As cri-o does: conmon's cgroup v1 OOM handler writes an `oom` marker into its cwd.
+                cwd=cwd,
             )
         except OSError as exc:
             raise OciRuntimeError(what, f"cannot start {argv[0]}: {exc.strerror}") from exc
