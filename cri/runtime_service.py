@@ -90,7 +90,7 @@ class RuntimeService:
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             runtime_handlers=messages,
-            features=pb.RuntimeFeatures(supplemental_groups_policy=False),
+            features=pb.RuntimeFeatures(supplemental_groups_policy=True),
             info={"config": config.to_json()} if request.verbose else {},
         )
 

@@ -196,6 +196,33 @@ def test_stats_of_a_busy_container_and_update_resources(env: Env) -> None:
     assert pods[0].linux.cpu.usage_core_nano_seconds.value >= stats.cpu.usage_core_nano_seconds.value
     assert pods[0].linux.network.default_interface.name == "eth0"
     assert [c.attributes.id for c in pods[0].linux.containers] == [cid]
+    streamed = [
+        s.attributes.id
+        for r in env.rt.StreamContainerStats(pb.StreamContainerStatsRequest())
+        for s in r.container_stats
+    ]
+    assert streamed == [cid]
+    streamed_pods = [
+        p.attributes.id
+        for r in env.rt.StreamPodSandboxStats(pb.StreamPodSandboxStatsRequest())
+        for p in r.pod_sandbox_stats
+    ]
+    assert streamed_pods == [pod[0]]
+    names = {d.name for d in env.rt.ListMetricDescriptors(pb.ListMetricDescriptorsRequest()).descriptors}
+    assert "container_memory_working_set_bytes" in names
+    pod_metrics = env.rt.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest()).pod_metrics
+    working_set = [
+        m.value.value
+        for pm in pod_metrics
+        for cm in pm.container_metrics
+        for m in cm.metrics
+        if m.name == "container_memory_working_set_bytes"
+    ]
+    assert working_set and working_set[0] > 0
+    with pytest.raises(grpc.RpcError) as err:
+        env.rt.CheckpointContainer(pb.CheckpointContainerRequest(container_id=cid, location="/tmp/x.tar"))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "CRIU" in (err.value.details() or "")
 
     update = pb.LinuxContainerResources(cpu_quota=20000, cpu_period=100000, memory_limit_in_bytes=64 * 1024 * 1024)
     env.rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(container_id=cid, linux=update), timeout=10)
