@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.containers.container import Container, ContainerState
 from cri.containers.events import ContainerEvent, EventType
 from cri.oci import bundle
+from cri.sandbox_convert import labels_match
 
 STATES = {
     ContainerState.CREATING: pb.CONTAINER_UNKNOWN,
@@ -97,10 +98,6 @@ def verbose_info(container: Container) -> dict[str, str]:
     return {"info": json.dumps(info)}
 
 
-def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
 def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) -> list[pb.Container]:
     out = []
     for container in containers:
@@ -113,7 +110,7 @@ def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) ->
                 continue
             if flt.HasField("state") and STATES[container.state] != flt.state.state:
                 continue
-            if not _labels_match(container.config.labels, flt.label_selector):
+            if not labels_match(container.config.labels, flt.label_selector):
                 continue
         out.append(item(container))
     return out
@@ -127,7 +124,7 @@ def stats_selected(containers: Iterable[Container], flt: pb.ContainerStatsFilter
                 continue
             if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
                 continue
-            if not _labels_match(container.config.labels, flt.label_selector):
+            if not labels_match(container.config.labels, flt.label_selector):
                 continue
         out.append(container)
     return out

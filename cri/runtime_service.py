@@ -198,7 +198,7 @@ class RuntimeService:
 
     async def GetContainerEvents(self, request: pb.GetEventsRequest) -> AsyncIterator[pb.ContainerEventResponse]:
         async for item in self._containers.events.subscribe():
-            sandbox = self._sandboxes._match(item.sandbox_id)
+            sandbox = self._sandboxes.find(item.sandbox_id)
             pod_status = sandbox_convert.status(sandbox) if sandbox is not None else None
             statuses = [container_convert.status(c) for c in self._containers.of_sandbox(item.sandbox_id)]
             yield container_convert.event_message(item, pod_status, statuses)
@@ -246,7 +246,7 @@ class RuntimeService:
             if flt is not None:
                 if flt.id and not sandbox.id.startswith(flt.id):
                     continue
-                if any(sandbox.spec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                if not sandbox_convert.labels_match(sandbox.spec.labels, flt.label_selector):
                     continue
             if sandbox.state is SandboxState.READY:
                 out.append(await self._pod_stats(sandbox))

@@ -128,10 +128,10 @@ def _selected(sandbox: Sandbox, flt: pb.PodSandboxFilter) -> bool:
         return False
     if flt.HasField("state") and _STATES.get(sandbox.state) != flt.state.state:
         return False
-    return _labels_match(sandbox.spec.labels, flt.label_selector)
+    return labels_match(sandbox.spec.labels, flt.label_selector)
 
 
-def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 

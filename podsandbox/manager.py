@@ -88,6 +88,10 @@ class SandboxManager:
             raise InvalidArgument("pod_sandbox_id", "must not be empty")
         return self._match(id_or_prefix)
 
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with exactly this ID, or None (for callers holding an ID, not a user's prefix)."""
+        return self._sandboxes.get(sandbox_id)
+
     def list(self) -> list[Sandbox]:
         return list(self._sandboxes.values())
 

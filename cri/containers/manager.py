@@ -334,11 +334,13 @@ class ContainerManager:
         async with self._lock(container.id):
             if container.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {container.id} is {container.state.value}, not created")
+            # Taken before the call: a process that exits at once must not look finished before it started.
+            started_at = time.time_ns()
             try:
                 await conmon.start(self._runtime(container), container.id)
             except OciRuntimeError as exc:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
-            container.started_at = time.time_ns()
+            container.started_at = started_at
             _mark_running(container)
             await asyncio.to_thread(self._write, rows.update, container)
         self._publish(container, EventType.STARTED)
@@ -361,8 +363,6 @@ class ContainerManager:
         self._record_exit(container, code)
 
     def _record_exit(self, container: Container, code: int, message: str = "") -> None:
-        if container.state is ContainerState.CREATED and not container.started_at:
-            container.started_at = container.started_at or time.time_ns()
         container.state = ContainerState.EXITED
         container.exit_code = code
         container.finished_at = _mtime_ns(os.path.join(self.exit_dir, container.id)) or time.time_ns()
@@ -531,7 +531,7 @@ class ContainerManager:
             self._exited[container.id] = asyncio.Event()
             if container.state is ContainerState.EXITED:
                 self._exited[container.id].set()
-            sandbox = self._sandboxes._match(container.sandbox_id)
+            sandbox = self._sandboxes.find(container.sandbox_id)
             if sandbox is not None:
                 self._names[f"{sandbox.name}/{container.name}_{container.attempt}"] = container.id
             self._check_exit(container.id)
