@@ -34,6 +34,16 @@ def _image(container: Container) -> pb.ImageSpec:
 
 
 def item(container: Container) -> pb.Container:
+    """The list entry; only the state of a container changes, so it is cached per state."""
+    cached = container.list_cache
+    if cached is not None and cached[0] is container.state:
+        return cached[1]
+    message = _item(container)
+    container.list_cache = (container.state, message)
+    return message
+
+
+def _item(container: Container) -> pb.Container:
     return pb.Container(
         id=container.id,
         pod_sandbox_id=container.sandbox_id,

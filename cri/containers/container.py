@@ -46,6 +46,9 @@ class Container:
     reason: str = ""
     message: str = ""
     resources: pb.LinuxContainerResources = field(default_factory=pb.LinuxContainerResources)
+    # The ListContainers entry, built once per state: the kubelet relists every second, and building
+    # hundreds of messages per call costs ten times more than reusing them.
+    list_cache: tuple[ContainerState, pb.Container] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
