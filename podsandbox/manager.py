@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from cni.result import CniError
-from cri import metrics
-from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cri import idprefix, metrics
+from cri.creations import Creations
+from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.state import Store
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 SandboxHook = Callable[[str], Awaitable[None]]
 
 
-def new_id() -> str:
-    return secrets.token_hex(32)
-
-
 def default_cgroup_parent(manager: str) -> str:
     return "criopy.slice" if manager == "systemd" else "/criopy"
 
@@ -57,9 +53,7 @@ class SandboxManager:
         self._runroot = Path(config.runroot)
         self._network = PodNetwork(Path(config.root) / "cni")
         self._sandboxes: dict[str, Sandbox] = {}
-        self._names: dict[str, str] = {}  # reservation name -> sandbox ID
-        self._inflight: dict[str, asyncio.Task[Sandbox]] = {}
-        self._unclaimed: set[str] = set()  # made for a caller that gave up; its retry takes it
+        self._creations: Creations[Sandbox] = Creations("pod sandbox", lambda s: s.id, self.find)
         self._locks: dict[str, asyncio.Lock] = {}
         self.stop_hooks: list[SandboxHook] = []
         self.remove_hooks: list[SandboxHook] = []
@@ -67,26 +61,14 @@ class SandboxManager:
     # ---- lookup -------------------------------------------------------------------------------
 
     def get(self, id_or_prefix: str) -> Sandbox:
-        if not id_or_prefix:
-            raise InvalidArgument("pod_sandbox_id", "must not be empty")
-        found = self._match(id_or_prefix)
+        found = self._existing(id_or_prefix)
         if found is None:
             raise NotFound(f"pod sandbox {id_or_prefix!r} not found")
         return found
 
-    def _match(self, id_or_prefix: str) -> Sandbox | None:
-        if id_or_prefix in self._sandboxes:
-            return self._sandboxes[id_or_prefix]
-        matches = [s for sid, s in self._sandboxes.items() if sid.startswith(id_or_prefix)]
-        if len(matches) > 1:
-            raise InvalidArgument("pod_sandbox_id", f"prefix {id_or_prefix!r} matches {len(matches)} sandboxes")
-        return matches[0] if matches else None
-
     def _existing(self, id_or_prefix: str) -> Sandbox | None:
         """For the idempotent calls: None when the sandbox is gone, but an empty ID is still an error."""
-        if not id_or_prefix:
-            raise InvalidArgument("pod_sandbox_id", "must not be empty")
-        return self._match(id_or_prefix)
+        return idprefix.match(self._sandboxes, id_or_prefix, "pod_sandbox_id", "sandboxes")
 
     def find(self, sandbox_id: str) -> Sandbox | None:
         """The sandbox with exactly this ID, or None (for callers holding an ID, not a user's prefix)."""
@@ -116,38 +98,9 @@ class SandboxManager:
         handler = spec.runtime_handler or config.runtime.default_runtime
         if handler not in set(self._handlers()):
             raise InvalidArgument("runtime_handler", f"no runtime handler {handler!r} is configured")
-        name = spec.metadata.reservation
-        task = self._inflight.get(name)
-        if task is None:
-            owner = self._names.get(name)
-            if owner is not None:
-                if owner in self._unclaimed and owner in self._sandboxes:
-                    self._unclaimed.discard(owner)
-                    event(log, logging.INFO, "pod sandbox handed to a retry", pod_id=owner, pod=name)
-                    return self._sandboxes[owner]
-                raise AlreadyExists(f"pod sandbox name {name!r} is reserved for {owner}; remove that sandbox first")
-            sandbox_id = new_id()
-            self._names[name] = sandbox_id  # reserved before the first await: no other call can take it
-            task = asyncio.create_task(self._create(sandbox_id, spec, handler, config_blob), name=f"run-{sandbox_id}")
-            self._inflight[name] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(name, None))
-        else:
-            event(log, logging.INFO, "pod sandbox retry joins the creation in flight", pod=name)
-        try:
-            made = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._abandoned)
-            raise
-        # A caller that gave up earlier marked it unclaimed when it finished; this caller has it now.
-        self._unclaimed.discard(made.id)
-        return made
-
-    def _abandoned(self, task: asyncio.Task[Sandbox]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        sandbox = task.result()
-        self._unclaimed.add(sandbox.id)
-        event(log, logging.INFO, "pod sandbox finished after its caller left", pod_id=sandbox.id, pod=sandbox.name)
+        return await self._creations.create(
+            spec.metadata.reservation, lambda sandbox_id: self._create(sandbox_id, spec, handler, config_blob)
+        )
 
     async def _create(self, sandbox_id: str, spec: SandboxSpec, handler: str, config_blob: bytes) -> Sandbox:
         config = self._live.current
@@ -169,7 +122,6 @@ class SandboxManager:
                 await self._build(sandbox, undo)
                 undo.pop_all()
         except BaseException as exc:
-            self._names.pop(sandbox.name, None)
             event(log, logging.WARNING, "pod sandbox creation failed, undone", pod_id=sandbox_id, error=str(exc))
             mapped = _as_cri_error(exc)
             if mapped is exc:
@@ -313,8 +265,7 @@ class SandboxManager:
             await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
             await self._write_delete(sandbox.id)
             self._sandboxes.pop(sandbox.id, None)
-            self._names.pop(sandbox.name, None)
-            self._unclaimed.discard(sandbox.id)
+            self._creations.release(sandbox.id)
         self._locks.pop(sandbox.id, None)
         self._publish()
         event(log, logging.INFO, "pod sandbox removed", pod_id=sandbox.id, pod=sandbox.name)
@@ -337,7 +288,7 @@ class SandboxManager:
                 sandbox.state = SandboxState.NOTREADY
                 await asyncio.to_thread(self._write, rows.update, sandbox)
             self._sandboxes[sandbox.id] = sandbox
-            self._names[sandbox.name] = sandbox.id
+            self._creations.reserve(sandbox.name, sandbox.id)
         self._publish()
         event(log, logging.INFO, "pod sandboxes recovered", count=len(self._sandboxes))
 

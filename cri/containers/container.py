@@ -58,10 +58,6 @@ class Container:
     def attempt(self) -> int:
         return int(self.config.metadata.attempt)
 
-    def reservation(self, pod_reservation: str) -> str:
-        """Unique per pod and container metadata, as the kubelet builds container names."""
-        return f"{pod_reservation}/{self.name}_{self.attempt}"
-
     def data_json(self) -> str:
         return json.dumps(
             {
@@ -124,6 +120,11 @@ class Container:
             message=data["message"],
             resources=resources,
         )
+
+
+def reservation(pod_reservation: str, metadata: pb.ContainerMetadata) -> str:
+    """The name a container reserves: unique per pod and container metadata, as the kubelet builds names."""
+    return f"{pod_reservation}/{metadata.name}_{metadata.attempt}"
 
 
 SELECT_COLUMNS = "id, sandbox_id, state, image_id, created_at, config, data"

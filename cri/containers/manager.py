@@ -16,7 +16,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -24,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import metrics
+from cri import idprefix, metrics
 from cri.containers import cgroupstats, exits, ocispec, users, validate
 from cri.containers import container as rows
 from cri.containers.container import Container, ContainerState
 from cri.containers.events import ContainerEvent, EventBus, EventType
 from cri.containers.host import HostFacts
 from cri.containers.stats import StatsCollector
-from cri.errors import AlreadyExists, CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cri.creations import Creations
+from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.images.index import ImageRecord
 from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
@@ -51,10 +51,6 @@ CONMON_EXIT_WAIT = 5.0  # conmon drains the log after the exit file; let it fini
 CTL_REOPEN_LOGS = 2  # conmon's ctl fifo message: "<type> <height> <width>\n"
 
 
-def new_id() -> str:
-    return secrets.token_hex(32)
-
-
 class ContainerManager:
     def __init__(self, live: LiveConfig, store: Store, sandboxes: SandboxManager, images: ImageManager) -> None:
         self._live = live
@@ -69,9 +65,7 @@ class ContainerManager:
         self.host = HostFacts.detect()
         self.events = EventBus()
         self._containers: dict[str, Container] = {}
-        self._names: dict[str, str] = {}  # reservation -> container ID
-        self._inflight: dict[str, asyncio.Task[Container]] = {}
-        self._unclaimed: set[str] = set()
+        self._creations: Creations[Container] = Creations("container", lambda c: c.id, self._containers.get)
         self._locks: dict[str, asyncio.Lock] = {}
         self._exited: dict[str, asyncio.Event] = {}
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
@@ -98,20 +92,14 @@ class ContainerManager:
     # ---- lookup -------------------------------------------------------------------------------
 
     def get(self, id_or_prefix: str) -> Container:
-        if not id_or_prefix:
-            raise InvalidArgument("container_id", "must not be empty")
-        found = self._match(id_or_prefix)
+        found = self._existing(id_or_prefix)
         if found is None:
             raise NotFound(f"container {id_or_prefix!r} not found")
         return found
 
-    def _match(self, id_or_prefix: str) -> Container | None:
-        if id_or_prefix in self._containers:
-            return self._containers[id_or_prefix]
-        matches = [c for cid, c in self._containers.items() if cid.startswith(id_or_prefix)]
-        if len(matches) > 1:
-            raise InvalidArgument("container_id", f"prefix {id_or_prefix!r} matches {len(matches)} containers")
-        return matches[0] if matches else None
+    def _existing(self, id_or_prefix: str) -> Container | None:
+        """For the idempotent calls: None when the container is gone, but an empty ID is still an error."""
+        return idprefix.match(self._containers, id_or_prefix, "container_id", "containers")
 
     def all(self) -> list[Container]:
         return list(self._containers.values())
@@ -143,35 +131,10 @@ class ContainerManager:
         image = self._images.find(config.image.image)
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found: pull it first")
-        name = f"{sandbox.name}/{config.metadata.name}_{config.metadata.attempt}"
-        task = self._inflight.get(name)
-        if task is None:
-            owner = self._names.get(name)
-            if owner is not None:
-                if owner in self._unclaimed and owner in self._containers:
-                    self._unclaimed.discard(owner)
-                    event(log, logging.INFO, "container handed to a retry", id=owner, container=name)
-                    return self._containers[owner]
-                raise AlreadyExists(f"container name {name!r} is reserved for {owner}; remove that container first")
-            container_id = new_id()
-            self._names[name] = container_id
-            task = asyncio.create_task(self._create(container_id, name, sandbox, image, config), name=f"create-{name}")
-            self._inflight[name] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(name, None))
-        try:
-            made = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._abandoned)
-            raise
-        # A caller that gave up earlier marked it unclaimed when it finished; this caller has it now.
-        self._unclaimed.discard(made.id)
-        return made
-
-    def _abandoned(self, task: asyncio.Task[Container]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        self._unclaimed.add(task.result().id)
-        event(log, logging.INFO, "container finished after its caller left", id=task.result().id)
+        name = rows.reservation(sandbox.name, config.metadata)
+        return await self._creations.create(
+            name, lambda container_id: self._create(container_id, name, sandbox, image, config)
+        )
 
     async def _create(
         self, container_id: str, name: str, sandbox: Sandbox, image: ImageRecord, config: pb.ContainerConfig
@@ -200,7 +163,6 @@ class ContainerManager:
                 await self._build(container, name, sandbox, image, undo)
                 undo.pop_all()
         except BaseException as exc:
-            self._names.pop(name, None)
             event(log, logging.WARNING, "container creation failed, undone", id=container_id, error=str(exc))
             mapped = _as_cri_error(exc)
             if mapped is exc:
@@ -441,11 +403,6 @@ class ContainerManager:
         if not await self._wait_exit(container, KILL_WAIT):
             raise Internal(f"container {container.id} still runs {KILL_WAIT:g}s after SIGKILL")
 
-    def _existing(self, id_or_prefix: str) -> Container | None:
-        if not id_or_prefix:
-            raise InvalidArgument("container_id", "must not be empty")
-        return self._match(id_or_prefix)
-
     async def remove(self, id_or_prefix: str) -> None:
         """Kill if needed, delete the runtime state, rootfs, bundle and row, free the name. Idempotent."""
         container = self._existing(id_or_prefix)
@@ -471,10 +428,7 @@ class ContainerManager:
         await self._delete_row(container.id)
         self._containers.pop(container.id, None)
         self._exited.pop(container.id, None)
-        self._unclaimed.discard(container.id)
-        for name, owner in list(self._names.items()):
-            if owner == container.id:
-                del self._names[name]
+        self._creations.release(container.id)
         self._publish(container, EventType.DELETED)
         event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
 
@@ -533,7 +487,7 @@ class ContainerManager:
                 self._exited[container.id].set()
             sandbox = self._sandboxes.find(container.sandbox_id)
             if sandbox is not None:
-                self._names[f"{sandbox.name}/{container.name}_{container.attempt}"] = container.id
+                self._creations.reserve(rows.reservation(sandbox.name, container.config.metadata), container.id)
             self._check_exit(container.id)
             if not _exited(container) and conmon.process_gone(container.pid):
                 self._record_exit(container, 255, "the container was lost while the daemon was down")
