@@ -234,7 +234,11 @@ class LayerStore:
             source = self.path(parent)
             if not source.is_dir():
                 raise LayerNotFound(f"parent layer {parent} is not in the store")
-            _copy_tree(source, diff, self.copy_timeout)
+            # Blocking like the unpack it precedes: the caller runs both in a thread.
+            try:
+                copy_tree(source, diff, self.copy_timeout)
+            except CopyError as exc:
+                raise UnpackError(f"copying parent layer {source}: {exc}") from exc
             return "apply"
         diff.mkdir()
         os.chmod(diff, 0o755)  # not the umask's idea; the layer's root entry may change it
@@ -305,17 +309,24 @@ def _check_chain(chain_id: str, parent: str | None, diff_id: str) -> None:
         raise UnpackError(f"chain ID {chain_id} does not follow from parent {parent} and diff ID {diff_id}")
 
 
-def _copy_tree(source: Path, dest: Path, timeout: float) -> None:
-    # cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where the
-    # file system can. Blocking like the unpack it precedes: the caller runs both in a thread.
+class CopyError(Exception):
+    """cp failed or timed out; the message says which, with cp's stderr."""
+
+
+def copy_tree(source: Path, dest: Path, timeout: float) -> None:
+    """Copy `source` to `dest` (which must not exist) with everything a layer holds. Blocking: run it in a thread.
+
+    cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where the
+    file system can.
+    """
     argv = ["cp", "-a", "--reflink=auto", "--", str(source), str(dest)]
     try:
         done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise UnpackError(f"copying parent layer {source}: timed out after {timeout:g}s") from None
+        raise CopyError(f"timed out after {timeout:g}s") from None
     if done.returncode != 0:
         stderr = done.stderr.decode(errors="replace").strip()
-        raise UnpackError(f"copying parent layer {source}: cp exited with status {done.returncode}: {stderr}")
+        raise CopyError(f"cp exited with status {done.returncode}: {stderr}")
 
 
 def _rmtree(path: Path) -> None:

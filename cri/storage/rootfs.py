@@ -54,7 +54,7 @@ from pathlib import Path
 from cri import linux
 from cri.errors import Internal
 from cri.log import event
-from cri.storage.layers import Driver, tree_usage
+from cri.storage.layers import CopyError, Driver, copy_tree, tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -250,16 +250,11 @@ def _copy_vfs(paths: RootfsPaths, lowers: list[Path], timeout: float) -> str:
         paths.merged.mkdir(mode=0o755)
         os.chmod(paths.merged, 0o755)
         return "empty"
-    # cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where
-    # the file system can. merged/ does not exist yet, so cp makes it a copy of the lower dir itself.
-    argv = ["cp", "-a", "--reflink=auto", "--", str(lowers[0]), str(paths.merged)]
+    # merged/ does not exist yet, so the copy becomes merged/ itself.
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise RootfsError(f"copying {lowers[0]} to {paths.merged}: timed out after {timeout:g}s") from None
-    if done.returncode != 0:
-        stderr = done.stderr.decode(errors="replace").strip()
-        raise RootfsError(f"copying {lowers[0]} to {paths.merged}: cp exited with status {done.returncode}: {stderr}")
+        copy_tree(lowers[0], paths.merged, timeout)
+    except CopyError as exc:
+        raise RootfsError(f"copying {lowers[0]} to {paths.merged}: {exc}") from exc
     return "copy"
 
 
