@@ -193,8 +193,9 @@ class Runtime(ABC):
         self.missing: str = ""  # the first container RPC that answered UNIMPLEMENTED
 
     @property
-    @abstractmethod
-    def cni_dir(self) -> Path: ...
+    def cni_dir(self) -> Path:
+        """Both runtimes read the same bridge conflist from their own copy of this directory."""
+        return self.base / "cni"
 
     @property
     @abstractmethod
@@ -277,10 +278,6 @@ class Criopy(Runtime):
         self._config_text = f"image:\n  registries: {registries}\n"
 
     @property
-    def cni_dir(self) -> Path:
-        return self.base / "cni"
-
-    @property
     def socket(self) -> str:
         return self.daemon.socket
 
@@ -319,10 +316,6 @@ class ContainerdRuntime(Runtime):
             registry_host=env.registry.host,
             sandbox_image=env.pause_image,
         )
-
-    @property
-    def cni_dir(self) -> Path:
-        return self.base / "cni"
 
     @property
     def socket(self) -> str:

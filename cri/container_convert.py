@@ -108,36 +108,31 @@ def verbose_info(container: Container) -> dict[str, str]:
     return {"info": json.dumps(info)}
 
 
+def _selected(container: Container, flt: pb.ContainerFilter | pb.ContainerStatsFilter) -> bool:
+    """What both filters share: an ID prefix, a pod ID prefix, a label selector."""
+    return (
+        container.id.startswith(flt.id)
+        and container.sandbox_id.startswith(flt.pod_sandbox_id)
+        and labels_match(container.config.labels, flt.label_selector)
+    )
+
+
 def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) -> list[pb.Container]:
     out = []
     for container in containers:
         if container.state is ContainerState.CREATING:
             continue
         if flt is not None:
-            if flt.id and not container.id.startswith(flt.id):
-                continue
-            if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
+            if not _selected(container, flt):
                 continue
             if flt.HasField("state") and STATES[container.state] != flt.state.state:
-                continue
-            if not labels_match(container.config.labels, flt.label_selector):
                 continue
         out.append(item(container))
     return out
 
 
 def stats_selected(containers: Iterable[Container], flt: pb.ContainerStatsFilter | None) -> list[Container]:
-    out = []
-    for container in containers:
-        if flt is not None:
-            if flt.id and not container.id.startswith(flt.id):
-                continue
-            if flt.pod_sandbox_id and not container.sandbox_id.startswith(flt.pod_sandbox_id):
-                continue
-            if not labels_match(container.config.labels, flt.label_selector):
-                continue
-        out.append(container)
-    return out
+    return [c for c in containers if flt is None or _selected(c, flt)]
 
 
 def event_message(

@@ -19,13 +19,11 @@ from cri.config import RuntimeConfig
 from cri.containers import capabilities, seccomp
 from cri.containers.host import HostFacts
 from cri.containers.users import ProcessUser
+from cri.containers.validate import RES, SC
 from cri.images.index import ImageRecord
 from cri.linux import mounts
 from cri.oci import bundle
 from podsandbox.sandbox import Sandbox
-
-SC = "config.linux.security_context"
-RES = "config.linux.resources"
 
 
 class SpecError(ValueError):
