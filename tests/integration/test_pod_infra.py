@@ -150,6 +150,10 @@ def test_infra_is_pid_1_in_the_pods_namespaces_and_cgroup(pod: PodFixture) -> No
     pid = asyncio.run(infra.start(sandbox, pod.config))
     assert pid > 0
     sandbox.infra_pid = pid
+    # `runc start` returns once the exec fifo is opened: runc init may not have exec'd catatonit yet.
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] != b"/catatonit" and time.monotonic() < deadline:
+        time.sleep(0.01)
 
     # The pod's pinned namespaces, joined.
     for kind in ("net", "ipc", "uts"):
