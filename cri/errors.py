@@ -45,6 +45,10 @@ class Unauthenticated(CriError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unavailable(CriError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Internal(CriError):
     code = grpc.StatusCode.INTERNAL
 

@@ -168,3 +168,12 @@ def inotify_names(data: bytes) -> list[str]:
         names.append(os.fsdecode(raw.rstrip(b"\0")))
         offset += _EVENT_HEADER + length
     return names
+
+
+PR_SET_CHILD_SUBREAPER = 36
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def set_child_subreaper() -> None:
+    """Orphans of our children's children come to us instead of to init (what conmon does for containers)."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")

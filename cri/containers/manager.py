@@ -97,6 +97,20 @@ class ContainerManager:
             raise NotFound(f"container {id_or_prefix!r} not found")
         return found
 
+    def running(self, id_or_prefix: str) -> Container:
+        """A running container, for exec and attach: NOT_FOUND or FAILED_PRECONDITION otherwise."""
+        container = self.get(id_or_prefix)
+        if container.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is {container.state.value}, not running")
+        return container
+
+    def attach_paths(self, container: Container) -> tuple[str, str]:
+        """conmon's attach socket (through the short socket-dir link) and its ctl fifo."""
+        return os.path.join(self._socket_dir, container.id, "attach"), os.path.join(container.bundle, "ctl")
+
+    def runtime_of(self, container: Container) -> Runtime:
+        return conmon.runtime_for(self._live.current, container.runtime)
+
     def _existing(self, id_or_prefix: str) -> Container | None:
         """For the idempotent calls: None when the container is gone, but an empty ID is still an error."""
         return idprefix.match(self._containers, id_or_prefix, "container_id", "containers")
@@ -187,7 +201,7 @@ class ContainerManager:
         self, container: Container, name: str, sandbox: Sandbox, image: ImageRecord, undo: AsyncExitStack
     ) -> None:
         settings = self._live.current
-        runtime = self._runtime(container)
+        runtime = self.runtime_of(container)
         monitor = conmon.conmon_binary(settings)
         await asyncio.to_thread(self._write, rows.insert, container, name)
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
@@ -263,9 +277,6 @@ class ContainerManager:
             return f"/proc/{target.pid}/ns/pid"
         return ""
 
-    def _runtime(self, container: Container) -> Runtime:
-        return conmon.runtime_for(self._live.current, container.runtime)
-
     async def _undo(self, container_id: str, step: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         try:
             await fn(*args)
@@ -299,7 +310,7 @@ class ContainerManager:
             # Taken before the call: a process that exits at once must not look finished before it started.
             started_at = time.time_ns()
             try:
-                await conmon.start(self._runtime(container), container.id)
+                await conmon.start(self.runtime_of(container), container.id)
             except OciRuntimeError as exc:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
             container.started_at = started_at
@@ -390,7 +401,7 @@ class ContainerManager:
     async def _stop_locked(self, container: Container, timeout: int) -> None:
         if container.state is not ContainerState.RUNNING:
             return
-        runtime = self._runtime(container)
+        runtime = self.runtime_of(container)
         try:
             if timeout > 0:
                 await conmon.kill(runtime, container.id, container.stop_signal.removeprefix("SIG"))
@@ -417,7 +428,7 @@ class ContainerManager:
 
     async def _remove_locked(self, container: Container) -> None:
         try:
-            await self._delete_runtime(self._runtime(container), container)
+            await self._delete_runtime(self.runtime_of(container), container)
         except OciRuntimeError as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         try:
@@ -452,7 +463,7 @@ class ContainerManager:
             settings = self._live.current
             body = ocispec.resources(resources, self.host, settings.runtime.pids_limit)
             try:
-                await conmon.update(self._runtime(container), container.id, body)
+                await conmon.update(self.runtime_of(container), container.id, body)
             except OciRuntimeError as exc:
                 raise Internal(f"updating container {container.id}: {exc}") from exc
             container.resources = resources
@@ -496,7 +507,7 @@ class ContainerManager:
     async def _discard_half_made(self, container: Container) -> None:
         event(log, logging.WARNING, "undoing a container creation interrupted by a crash", id=container.id)
         with contextlib.suppress(OciRuntimeError):
-            await self._undo(container.id, "runtime", self._delete_runtime, self._runtime(container), container)
+            await self._undo(container.id, "runtime", self._delete_runtime, self.runtime_of(container), container)
         await self._undo(container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage))
         await self._undo(container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
         await self._delete_row(container.id)

@@ -1,0 +1,147 @@
+"""The daemon as a child subreaper: who waits for the processes it adopts.
+
+`runc exec --detach` starts the command and exits, so the command is orphaned;
+with the daemon a subreaper it comes to the daemon (not to init), which can
+then wait for it and learn its exit status, as conmon and containerd's shim
+do. Being a subreaper also brings conmon's daemonized monitors and any other
+orphan of what the daemon starts: `Sweeper` reaps those once they exit.
+
+asyncio reaps the children it started itself (one waiting thread per child,
+within microseconds of the exit). A zombie that is still there after
+`SWEEP_DELAY` is therefore an adopted one: the sweeper takes a zombie it has
+seen in two sweeps in a row (so never one that asyncio is about to reap), and
+leaves the pids `wait_child` is waiting for to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from cri import linux
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+SWEEP_DELAY = 1.0
+_awaited: set[int] = set()
+
+
+def become_subreaper() -> None:
+    linux.set_child_subreaper()
+
+
+def _status(result: os.waitid_result) -> int:
+    """An exit status as the CRI reports it: the code, or 128 + the signal that killed it."""
+    if result.si_code == os.CLD_EXITED:
+        return int(result.si_status)
+    return 128 + int(result.si_status)
+
+
+async def wait_child(pid: int) -> int:
+    """Wait for `pid` (a child of ours, adopted or not) to exit, reap it, and return its status.
+
+    A process that is not our child (the daemon is not a subreaper, or it was
+    reaped elsewhere) is waited for all the same; its status is unknown: -1.
+    """
+    _awaited.add(pid)
+    try:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return -1
+        try:
+            return await _wait_pidfd(pidfd)
+        finally:
+            os.close(pidfd)
+    finally:
+        _awaited.discard(pid)
+
+
+async def _wait_pidfd(pidfd: int) -> int:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            # Not ours to reap: the pidfd still turns readable when it exits.
+            await _readable(loop, pidfd)
+            return -1
+        if result is not None:
+            return _status(result)
+        await _readable(loop, pidfd)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _zombie_children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for tid in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found += [pid for pid in pids if _is_zombie(pid)]
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+class Sweeper:
+    """Reaps adopted orphans a moment after SIGCHLD says some child exited."""
+
+    def __init__(self, delay: float = SWEEP_DELAY) -> None:
+        self._delay = delay
+        self._pending: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seen: set[int] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGCHLD, self._schedule)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGCHLD)
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _schedule(self) -> None:
+        if self._pending is None and self._loop is not None:
+            self._pending = self._loop.call_later(self._delay, self._sweep)
+
+    def _sweep(self) -> None:
+        self._pending = None
+        zombies = {pid for pid in _zombie_children() if pid not in _awaited}
+        for pid in zombies & self._seen:
+            with contextlib.suppress(ChildProcessError):
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    event(log, logging.DEBUG, "reaped adopted process", pid=pid, status=status)
+        self._seen = zombies - self._seen
+        if self._seen:
+            self._schedule()
