@@ -185,6 +185,26 @@ class Env:
 NOTHING: dict[str, object] = {"mounts": [], "conmon": [], "cgroups": [], "bundles": [], "storage": [], "containers": []}
 
 
+@contextlib.contextmanager
+def running_env(make_daemon: Callable[..., Daemon], registry: Registry, images: list[str], extra_yaml: str = ""):
+    """A daemon on a fresh pod network with `images` pulled; every container, pod and the network removed after."""
+    from tests.e2e.pods import remove_all_pods
+
+    daemon = make_daemon(registries_yaml(registry.host, extra_yaml), start=False)
+    net = PodNet.make(daemon)
+    daemon.start()
+    env = Env(daemon, net, images[0])
+    try:
+        for image in images:
+            daemon.images().PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=120)
+        yield env
+    finally:
+        remove_all_containers(daemon)
+        remove_all_pods(daemon)
+        net.remove()
+        env.cleanup()
+
+
 def remove_all_containers(daemon: Daemon) -> None:
     if daemon.proc is None or daemon.proc.poll() is not None:
         return

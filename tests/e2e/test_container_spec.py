@@ -24,8 +24,8 @@ from api.runtime.v1 import api_pb2 as pb
 from cri.config import DEFAULT_CAPABILITIES
 from cri.containers.capabilities import CAPABILITY_NAMES
 from tests import image_builder as ib
-from tests.e2e.containers import NOTHING, Env, push_image, registries_yaml, remove_all_containers
-from tests.e2e.pods import PodNet, pod_config, remove_all_pods
+from tests.e2e.containers import NOTHING, Env, push_image, running_env
+from tests.e2e.pods import pod_config
 from tests.registry_harness import Registry
 
 SC = "config.linux.security_context"
@@ -64,19 +64,8 @@ def app_image(registry: Registry) -> str:
 
 @pytest.fixture
 def env(make_daemon, registry: Registry, busybox: str, app_image: str) -> Iterator[Env]:
-    daemon = make_daemon(registries_yaml(registry.host), start=False)
-    net = PodNet.make(daemon)
-    daemon.start()
-    env = Env(daemon, net, busybox)
-    for image in (busybox, app_image):
-        env.daemon.images().PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=120)
-    try:
+    with running_env(make_daemon, registry, [busybox, app_image]) as env:
         yield env
-    finally:
-        remove_all_containers(daemon)
-        remove_all_pods(daemon)
-        net.remove()
-        env.cleanup()
 
 
 # ---- helpers ---------------------------------------------------------------------------------

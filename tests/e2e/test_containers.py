@@ -14,8 +14,13 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.e2e.containers import CGROUP_ROOT, NOTHING, Env, push_image, registries_yaml, remove_all_containers
-from tests.e2e.pods import PodNet, remove_all_pods
+from tests.e2e.containers import (
+    CGROUP_ROOT,
+    NOTHING,
+    Env,
+    push_image,
+    running_env,
+)
 from tests.registry_harness import Registry
 
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) ")
@@ -34,18 +39,8 @@ def busybox(registry: Registry) -> str:
 
 @pytest.fixture
 def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
-    daemon = make_daemon(registries_yaml(registry.host), start=False)
-    net = PodNet.make(daemon)
-    daemon.start()
-    env = Env(daemon, net, busybox)
-    env.daemon.images().PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox)), timeout=120)
-    try:
+    with running_env(make_daemon, registry, [busybox]) as env:
         yield env
-    finally:
-        remove_all_containers(daemon)
-        remove_all_pods(daemon)
-        net.remove()
-        env.cleanup()
 
 
 def test_a_container_prints_a_line_and_its_exit_reaches_status_at_once(env: Env) -> None:
