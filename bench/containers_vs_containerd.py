@@ -514,6 +514,21 @@ def lifecycle(rt: Runtime, iterations: int, res: Results) -> None:
         res.notes.append(f"{rt.name}: {rt.missing} answered UNIMPLEMENTED: container steps not measured")
 
 
+def exec_latency(rt: Runtime, calls: int, res: Results) -> None:
+    """What a probe costs: ExecSync of `true` in a running container, round trip through the client."""
+    if rt.missing:
+        return
+    pod = run_pod(rt)
+    try:
+        cid = start_container(rt, pod, 0)
+        request = pb.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=10)
+        if rt.rs.ExecSync(request, timeout=60).exit_code != 0:  # warm-up, and a sanity check
+            res.notes.append(f"{rt.name}: ExecSync of true did not exit 0")
+        res.figures[f"ExecSync true, median of {calls} (ms)"] = median_latency_ms(rt.rs.ExecSync, request, calls)
+    finally:
+        end_pod(rt, pod.id)
+
+
 def start_pods(rt: Runtime, count: int, per_pod: int) -> list[Pod]:
     def one(_: int) -> Pod:
         pod = run_pod(rt)
@@ -621,6 +636,8 @@ def measure(rt: Runtime, args: argparse.Namespace) -> Results:
         pull(rt)
         print(f"{rt.name}: pod lifecycle x {args.iterations}", flush=True)
         lifecycle(rt, args.iterations, res)
+        print(f"{rt.name}: ExecSync x {args.exec_calls}", flush=True)
+        exec_latency(rt, args.exec_calls, res)
         if not args.skip_scale:
             print(f"{rt.name}: {args.containers} containers in {args.pods} pods", flush=True)
             scale(rt, args.pods, args.containers, args.list_calls, res)
@@ -658,6 +675,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--containers", type=int, default=200, help="running containers for the scale section")
     parser.add_argument("--pods", type=int, default=20, help="pods the scale section spreads them over")
     parser.add_argument("--list-calls", type=int, default=50, help="calls per List* latency figure (default 50)")
+    parser.add_argument("--exec-calls", type=int, default=50, help="ExecSync calls for the probe figure (default 50)")
     parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
     parser.add_argument("--skip-scale", action="store_true", help="skip the List* latency and memory sections")
     args = parser.parse_args()

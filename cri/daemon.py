@@ -9,8 +9,9 @@ import signal
 from contextlib import AsyncExitStack
 
 from cni.readiness import NetworkWatcher
-from cri import __version__, metrics
+from cri import __version__, metrics, reaper
 from cri.config import Config
+from cri.containers.execs import Execs
 from cri.containers.manager import ContainerManager
 from cri.daemon_lock import DaemonLock
 from cri.image_service import ImageService
@@ -22,6 +23,7 @@ from cri.rpc import service_handler
 from cri.runtime_service import RuntimeService
 from cri.server import CriServer
 from cri.state import Store
+from cri.streaming.server import StreamingServer
 from podsandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ async def serve(live: LiveConfig) -> None:
         lock = DaemonLock.acquire(config.root)
         stack.callback(lock.release)
         os.makedirs(config.runroot, mode=0o711, exist_ok=True)
+        # Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us.
+        reaper.become_subreaper()
+        sweeper = reaper.Sweeper()
+        sweeper.start()
+        stack.callback(sweeper.close)
         store = await asyncio.to_thread(Store.open, config.root)
         stack.callback(store.close)
 
@@ -56,8 +63,19 @@ async def serve(live: LiveConfig) -> None:
         containers = ContainerManager(live, store, sandboxes, images)
         await containers.load()
         stack.push_async_callback(containers.close)
+        execs = Execs(containers, config.runroot)
+        streaming = StreamingServer(config.streaming, execs, containers)
+        await streaming.start()
+        stack.push_async_callback(streaming.close)
         runtime = RuntimeService(
-            live, handlers=handlers, network=NetworkWatcher(), store=store, sandboxes=sandboxes, containers=containers
+            live,
+            handlers=handlers,
+            network=NetworkWatcher(),
+            store=store,
+            sandboxes=sandboxes,
+            containers=containers,
+            execs=execs,
+            streaming=streaming,
         )
 
         async def apply_reload(new: Config) -> None:

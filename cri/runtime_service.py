@@ -13,14 +13,17 @@ from cni.readiness import NetworkWatcher
 from cri import __version__, container_convert, sandbox_convert, stats_convert
 from cri.containers import stats
 from cri.containers.container import ContainerState
+from cri.containers.execs import Execs, check_command
 from cri.containers.manager import ContainerManager
-from cri.errors import InvalidArgument, Unimplemented
+from cri.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from cri.live_config import LiveConfig
 from cri.log import event
 from cri.oci.handlers import HandlerInfo, RuntimeHandlers
 from cri.rpc import chunks
 from cri.runtime_readiness import runtime_readiness
 from cri.state import Store
+from cri.streaming.requests import AttachRequest, ExecRequest, PortForwardRequest
+from cri.streaming.server import StreamingServer
 from podsandbox.manager import SandboxManager
 from podsandbox.sandbox import Sandbox, SandboxState
 
@@ -31,6 +34,14 @@ CRI_API_VERSION = "v1"
 # What the kubelet's Version call reports as the CRI "version" (cri-o and containerd say the same).
 KUBELET_API_VERSION = "0.1.0"
 POD_CIDR_KEY = "pod_cidr"
+
+
+def _check_stdio(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:
+    """The CRI's rules for the streams of Exec and Attach."""
+    if not (stdin or stdout or stderr):
+        raise InvalidArgument("stdin/stdout/stderr", "at least one of stdin, stdout and stderr must be requested")
+    if tty and stderr:
+        raise InvalidArgument("stderr", "must be false with tty: a terminal has one output stream")
 
 
 def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
@@ -53,6 +64,8 @@ class RuntimeService:
         store: Store,
         sandboxes: SandboxManager,
         containers: ContainerManager,
+        execs: Execs,
+        streaming: StreamingServer,
     ) -> None:
         self._live = live
         self._handlers = handlers
@@ -60,6 +73,8 @@ class RuntimeService:
         self._store = store
         self._sandboxes = sandboxes
         self._containers = containers
+        self._execs = execs
+        self._streaming = streaming
 
     async def Version(self, request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(
@@ -202,6 +217,37 @@ class RuntimeService:
             pod_status = sandbox_convert.status(sandbox) if sandbox is not None else None
             statuses = [container_convert.status(c) for c in self._containers.of_sandbox(item.sandbox_id)]
             yield container_convert.event_message(item, pod_status, statuses)
+
+    # ---- exec, attach, port forward -------------------------------------------------------------
+
+    async def ExecSync(self, request: pb.ExecSyncRequest) -> pb.ExecSyncResponse:
+        result = await self._execs.run_sync(request.container_id, request.cmd, request.timeout)
+        return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    async def Exec(self, request: pb.ExecRequest) -> pb.ExecResponse:
+        _check_stdio(request.tty, request.stdin, request.stdout, request.stderr)
+        cmd = check_command(request.cmd)
+        container = self._containers.running(request.container_id)
+        target = ExecRequest(container.id, tuple(cmd), request.tty, request.stdin, request.stdout, request.stderr)
+        return pb.ExecResponse(url=self._streaming.url("exec", target))
+
+    async def Attach(self, request: pb.AttachRequest) -> pb.AttachResponse:
+        _check_stdio(request.tty, request.stdin, request.stdout, request.stderr)
+        container = self._containers.running(request.container_id)
+        if request.tty and not container.config.tty:
+            raise InvalidArgument("tty", f"container {container.id} was not created with a TTY")
+        target = AttachRequest(container.id, request.tty, request.stdin, request.stdout, request.stderr)
+        return pb.AttachResponse(url=self._streaming.url("attach", target))
+
+    async def PortForward(self, request: pb.PortForwardRequest) -> pb.PortForwardResponse:
+        for port in request.port:
+            if not 0 < port < 65536:
+                raise InvalidArgument("port", f"{port} is not a TCP port")
+        sandbox = self._sandboxes.get(request.pod_sandbox_id)
+        if sandbox.state is not SandboxState.READY:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        target = PortForwardRequest(sandbox.id, sandbox.pins.get("net", ""), tuple(request.port))
+        return pb.PortForwardResponse(url=self._streaming.url("portforward", target))
 
     # ---- stats ----------------------------------------------------------------------------------
 

@@ -107,23 +107,6 @@ def test_update_runtime_config_records_the_pod_cidr(daemon):
         assert db.execute("SELECT value FROM kv WHERE key = 'pod_cidr'").fetchone() == ("10.244.1.0/24",)
 
 
-@pytest.mark.parametrize(
-    ("service", "method", "request_type"),
-    [
-        ("runtime", "ExecSync", pb.ExecSyncRequest),
-        ("runtime", "Exec", pb.ExecRequest),
-        ("runtime", "Attach", pb.AttachRequest),
-        ("runtime", "PortForward", pb.PortForwardRequest),
-    ],
-)
-def test_unbuilt_rpcs_answer_unimplemented_naming_themselves(daemon, service, method, request_type):
-    stub = getattr(daemon, service)()
-    with pytest.raises(grpc.RpcError) as err:
-        getattr(stub, method)(request_type(), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert method in err.value.details()
-
-
 def test_socket_is_0660_and_one_log_line_per_rpc(daemon):
     assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o660
     daemon.runtime().RuntimeConfig(pb.RuntimeConfigRequest(), timeout=5)
