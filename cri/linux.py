@@ -177,3 +177,21 @@ _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 def set_child_subreaper() -> None:
     """Orphans of our children's children come to us instead of to init (what conmon does for containers)."""
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str  # R, S, D, Z, X, ...
+    ppid: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """State and parent of a process from /proc/<pid>/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces and parentheses: the fields follow the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return ProcStat(fields[0].decode(), int(fields[1]))

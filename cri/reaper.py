@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 
-from cri import linux
+from cri import fdwait, linux
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -62,31 +62,16 @@ async def wait_child(pid: int) -> int:
 
 
 async def _wait_pidfd(pidfd: int) -> int:
-    loop = asyncio.get_running_loop()
     while True:
         try:
             result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             # Not ours to reap: the pidfd still turns readable when it exits.
-            await _readable(loop, pidfd)
+            await fdwait.ready(pidfd)
             return -1
         if result is not None:
             return _status(result)
-        await _readable(loop, pidfd)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
+        await fdwait.ready(pidfd)
 
 
 def _zombie_children() -> list[int]:
@@ -103,12 +88,8 @@ def _zombie_children() -> list[int]:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+    stat = linux.proc_stat(pid)
+    return stat is not None and stat.state == "Z"
 
 
 class Sweeper:

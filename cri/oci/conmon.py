@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cri import linux
 from cri.config import Config
 from cri.log import event
 from cri.process import CommandError, run
@@ -523,13 +524,8 @@ def process_gone(pid: int) -> bool:
     """True when `pid` no longer runs (absent, or a zombie waiting for its parent)."""
     if pid <= 0:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    # The state letter follows the command name, which is in parentheses and may hold spaces.
-    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    stat = linux.proc_stat(pid)
+    return stat is None or stat.state in ("Z", "X")
 
 
 async def wait_gone(pids: Sequence[int], timeout: float, *, interval: float = 0.05) -> bool:

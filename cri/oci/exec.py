@@ -34,10 +34,10 @@ import subprocess
 import termios
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cri import reaper
-from cri.oci.conmon import OciRuntimeError, Runtime
+from cri import linux, reaper
+from cri.oci.conmon import OciRuntimeError, Runtime, read_pid
 
 # ExecSync output is capped per stream: the kubelet's gRPC client takes at most 16 MiB per message.
 OUTPUT_LIMIT = 8 << 20
@@ -124,9 +124,8 @@ class ExecProcess:
             self.pty = -1
         if self._pipes.stdin is not None:
             self._pipes.stdin.close()
-        for reader in (self._pipes.stdout, self._pipes.stderr):
-            if reader is not None and reader._transport is not None:  # type: ignore[attr-defined]
-                reader._transport.close()  # type: ignore[attr-defined]
+        for transport in self._pipes.read_transports:
+            transport.close()
 
 
 async def start(
@@ -159,7 +158,7 @@ async def start(
         if code != 0:
             failure = await asyncio.to_thread(_runtime_error, log_file)
             raise OciRuntimeError(what, failure or f"{runtime.binary} exited with status {code}")
-        pid = await asyncio.to_thread(_read_pid, pid_file)
+        pid = await asyncio.to_thread(read_pid, pid_file)
         if not pid:
             raise OciRuntimeError(what, f"{runtime.binary} wrote no pid to {pid_file}")
     except BaseException:
@@ -183,6 +182,7 @@ class _Pipes:
     stdin: asyncio.StreamWriter | None = None
     stdout: asyncio.StreamReader | None = None
     stderr: asyncio.StreamReader | None = None
+    read_transports: list[asyncio.BaseTransport] = field(default_factory=list)
 
 
 async def _spawn(
@@ -221,9 +221,10 @@ async def _streams(fds: list[int]) -> _Pipes:
     for index, name in ((1, "stdout"), (2, "stderr")):
         if fds[index] >= 0:
             reader = asyncio.StreamReader(limit=1 << 20)
-            await loop.connect_read_pipe(
+            read_transport, _ = await loop.connect_read_pipe(
                 functools.partial(asyncio.StreamReaderProtocol, reader), os.fdopen(fds[index], "rb", buffering=0)
             )
+            pipes.read_transports.append(read_transport)
             setattr(pipes, name, reader)
     return pipes
 
@@ -316,14 +317,6 @@ def _recv_fd(conn: socket.socket) -> int:
 # ---- process trees ----------------------------------------------------------------------------
 
 
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def _runtime_error(log_file: str) -> str:
     """The last error runc logged, or "" when it logged none (the command itself exited 255)."""
     try:
@@ -342,16 +335,9 @@ def _runtime_error(log_file: str) -> str:
 def _children_map() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields start after the last ')'.
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        stat = linux.proc_stat(int(entry)) if entry.isdigit() else None
+        if stat is not None:
+            children.setdefault(stat.ppid, []).append(int(entry))
     return children
 
 

@@ -8,6 +8,8 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 
+from cri import fdwait
+
 Reader = Callable[[], Awaitable[bytes]]
 Writer = Callable[[bytes], Awaitable[None]]
 READ_SIZE = 65536
@@ -58,7 +60,7 @@ class Pty:
             try:
                 return os.read(self._fd, READ_SIZE)
             except BlockingIOError:
-                await _ready(self._fd, write=False)
+                await fdwait.ready(self._fd)
             except OSError as exc:
                 if exc.errno == errno.EIO:
                     return b""
@@ -70,19 +72,4 @@ class Pty:
             try:
                 view = view[os.write(self._fd, view) :]
             except BlockingIOError:
-                await _ready(self._fd, write=True)
-
-
-async def _ready(fd: int, *, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    (loop.add_writer if write else loop.add_reader)(fd, wake)
-    try:
-        await ready
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
+                await fdwait.ready(self._fd, write=True)
