@@ -68,7 +68,7 @@ class Execs:
                 tty=tty,
                 stdin=stdin,
                 stdout=stdout,
-                stderr=stderr and not tty,
+                stderr=stderr,
             )
         except OciRuntimeError as exc:
             raise Internal(f"exec in container {container.id}: {exc}") from exc

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 
 from cri.config import StreamingConfig
@@ -149,10 +150,8 @@ class StreamingServer:
         if upgraded is None:
             return
         transport, protocol = upgraded
-        served = asyncio.ensure_future(transport.serve())
-        watchdog = asyncio.ensure_future(self._idle_watch(transport))
         wanted = rc.Wanted(request.stdin, request.stdout, request.stderr, request.tty)
-        try:
+        async with self._serving(transport) as served:
             if isinstance(transport, SpdySession):
                 streams = await rc.spdy_streams(transport, served, protocol, wanted)
             else:
@@ -161,6 +160,14 @@ class StreamingServer:
                 await self._exec(request, streams)
             else:
                 await self._attach(request, streams)
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, transport: Transport) -> AsyncIterator[asyncio.Task[None]]:
+        """The transport's read loop (the task that ends when the client goes away) and its idle watch."""
+        served = asyncio.ensure_future(transport.serve())
+        watchdog = asyncio.ensure_future(self._idle_watch(transport))
+        try:
+            yield served
         finally:
             watchdog.cancel()
             await transport.close()
@@ -199,19 +206,12 @@ class StreamingServer:
         if upgraded is None:
             return
         transport, _ = upgraded
-        served = asyncio.ensure_future(transport.serve())
-        watchdog = asyncio.ensure_future(self._idle_watch(transport))
-        try:
+        async with self._serving(transport) as served:
             if isinstance(transport, SpdySession):
                 await sessions.serve_portforward_spdy(transport, request.netns)
             else:
                 ports = list(request.ports) or _query_ports(head)
                 await sessions.serve_portforward_websocket(transport, served, request.netns, ports)
-        finally:
-            watchdog.cancel()
-            await transport.close()
-            served.cancel()
-            await asyncio.gather(served, watchdog, return_exceptions=True)
 
     async def _idle_watch(self, transport: Transport) -> None:
         limit = float(self._config.idle_timeout)
