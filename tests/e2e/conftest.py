@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import DEBIAN_CNI_DIR, Daemon
+from tests.registry_harness import Registry
 
 
 def _require_system() -> None:
@@ -54,3 +55,10 @@ def make_daemon(daemon_factory: list[Daemon]):
 @pytest.fixture
 def daemon(make_daemon) -> Daemon:
     return make_daemon()
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    """A loopback docker-registry shared by one test module's tests (a module may define its own)."""
+    with Registry() as r:
+        yield r

@@ -38,12 +38,6 @@ ENTRY_SCRIPT = 'echo "pwd=$(pwd) env=$FROM_IMAGE,$OVERRIDE,$FROM_CONFIG args=$0 
 
 
 @pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
 def busybox(registry: Registry) -> str:
     return push_image(registry, "e2e/spec-busybox")
 

@@ -22,12 +22,6 @@ TOKEN_TTL = 4
 
 
 @pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
 def busybox(registry: Registry) -> str:
     return push_image(registry, "e2e/busybox")
 
