@@ -61,6 +61,7 @@ def spec_of(request: pb.RunPodSandboxRequest) -> SandboxSpec:
         ipc_mode=_mode(ns.ipc, f"{where}.ipc"),
         sysctls=dict(config.linux.sysctls),
         runtime_handler=request.runtime_handler,
+        privileged=config.linux.security_context.privileged,
     )
 
 

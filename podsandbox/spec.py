@@ -68,6 +68,8 @@ class SandboxSpec:
     ipc_mode: NamespaceMode = NamespaceMode.POD
     sysctls: dict[str, str] = field(default_factory=dict)
     runtime_handler: str = ""
+    # Containers may only be privileged in a privileged pod (the kubelet's and containerd's rule).
+    privileged: bool = False
 
     @property
     def host_network(self) -> bool:
@@ -104,6 +106,7 @@ class SandboxSpec:
             ipc_mode=NamespaceMode(data["ipc_mode"]),
             sysctls=dict(data["sysctls"]),
             runtime_handler=data["runtime_handler"],
+            privileged=bool(data.get("privileged", False)),  # rows written before the field existed
         )
 
 

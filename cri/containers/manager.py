@@ -142,6 +142,10 @@ class ContainerManager:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox.state is not SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        if config.linux.security_context.privileged and not sandbox.spec.privileged:
+            raise InvalidArgument(
+                "config.linux.security_context.privileged", f"pod sandbox {sandbox.id} is not privileged"
+            )
         image = self._images.find(config.image.image)
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found: pull it first")

@@ -74,9 +74,16 @@ def test_a_valid_spec_round_trips_through_json():
         labels={"app": "web"},
         sysctls={"net.ipv4.ip_unprivileged_port_start": "0"},
         pid_mode=NamespaceMode.POD,
+        privileged=True,
     )
     validate(original, "cgroupfs")
     assert SandboxSpec.from_json(original.to_json()) == original
+
+
+def test_a_row_written_before_the_privileged_field_reads_as_unprivileged():
+    data = spec(privileged=True).to_json()
+    del data["privileged"]
+    assert SandboxSpec.from_json(data).privileged is False
 
 
 def test_resolv_conf_and_hosts_render_like_the_peers():
