@@ -22,9 +22,11 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard, Union, get_args, get_origin
+from typing import Any, NoReturn, TypeGuard, Union, get_args, get_origin
 
 import yaml
+
+from cri.containers import ulimits
 
 DEFAULT_CONFIG_FILE = "/etc/criopy/criopy.yaml"
 DEFAULT_CONFIG_DIR = "/etc/criopy/criopy.d"
@@ -111,6 +113,12 @@ class RuntimeConfig:
         DEFAULT_CAPABILITIES, "Capabilities a container gets unless it adds or drops some.", reloadable=True
     )
     default_sysctls: list[str] = opt([], "Sysctls applied to every pod, as key=value.", reloadable=True)
+    default_ulimits: list[str] = opt(
+        [],
+        "Resource limits every container starts with, as name=soft:hard (e.g. nofile=1024:4096; "
+        "-1 is unlimited). Unset ones are inherited from the daemon.",
+        reloadable=True,
+    )
     seccomp_profile: str = opt(
         "/usr/share/containers/seccomp.json",
         "Profile used for the RuntimeDefault seccomp type.",
@@ -393,7 +401,7 @@ def load(sources: ConfigSources) -> Config:
 def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     """Checks that span keys or need more than a type."""
 
-    def fail(key: str, problem: str) -> None:
+    def fail(key: str, problem: str) -> NoReturn:
         raise ConfigError(_origin_of(key, origins or {}), key, problem)
 
     for key in ("listen", "root", "runroot"):
@@ -415,6 +423,16 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     for i, sysctl in enumerate(config.runtime.default_sysctls):
         if "=" not in sysctl or not sysctl.split("=", 1)[0].strip():
             fail(f"runtime.default_sysctls[{i}]", f"expected key=value, got {sysctl!r}")
+    seen: set[str] = set()
+    for i, text in enumerate(config.runtime.default_ulimits):
+        try:
+            limit = ulimits.parse(text)
+        except ValueError as exc:
+            fail(f"runtime.default_ulimits[{i}]", str(exc))
+        problem = ulimits.settable(limit) or (f"{limit.name} is given twice" if limit.name in seen else None)
+        if problem:
+            fail(f"runtime.default_ulimits[{i}]", problem)
+        seen.add(limit.name)
     for i, registry in enumerate(config.image.registries):
         if not registry.prefix:
             fail(f"image.registries[{i}].prefix", "must not be empty")

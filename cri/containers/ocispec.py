@@ -16,7 +16,7 @@ from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.config import RuntimeConfig
-from cri.containers import capabilities, seccomp
+from cri.containers import capabilities, seccomp, ulimits
 from cri.containers.host import HostFacts
 from cri.containers.users import ProcessUser
 from cri.containers.validate import RES, SC
@@ -118,6 +118,8 @@ def build(inputs: SpecInputs) -> dict[str, Any]:
         ambient = [capabilities.normalize(c) for c in sc.capabilities.add_ambient_capabilities]
         process["capabilities"]["ambient"] = ambient
         process["capabilities"]["inheritable"] = ambient
+    if inputs.runtime.default_ulimits:
+        process["rlimits"] = [ulimits.parse(text).to_oci() for text in inputs.runtime.default_ulimits]
     process["oomScoreAdj"] = max(config.linux.resources.oom_score_adj, inputs.host.oom_score_adj_floor)
     linux["resources"] = _resources(config.linux.resources, inputs)
     devices = _devices(config.devices, privileged)

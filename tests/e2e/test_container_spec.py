@@ -404,6 +404,8 @@ def test_bad_requests_are_refused_naming_the_field_and_leave_nothing(env: Env, t
                 "bad-memory", ["true"], linux=pb.LinuxContainerConfig(resources=resources(memory_limit_in_bytes=-1))
             ),
         ),
+        # The pod was not asked to be privileged, so none of its containers may be (containerd's rule).
+        (f"{SC}.privileged", env.container_config("privileged", ["true"], linux=security(privileged=True))),
         # These two are found after the rootfs is made: it has to be undone.
         (f"{SC}.run_as_username", env.container_config("ghost", ["true"], linux=security(run_as_username="ghost"))),
         (
@@ -493,3 +495,25 @@ def test_bind_mounts_read_only_created_and_propagation(env: Env, tmp_path: Path)
         (shared / "sub" / "marker").write_text("propagated\n")
         status = env.wait_exited(cid)
         assert (status.exit_code, env.output(pod, "rslave")) == (0, "propagated\n")
+
+
+def test_default_ulimits_reach_the_container_and_its_execs(make_daemon, registry: Registry, busybox: str) -> None:
+    """The CRI has no rlimits: `runtime.default_ulimits` sets them, as cri-o's option of that name does."""
+    extra = "runtime:\n  default_ulimits: [nofile=1000:2000, core=-1, nproc=500]\n"
+    with running_env(make_daemon, registry, [busybox], extra) as env:
+        pod = env.pod()
+        cid = env.run(pod, env.container_config("limits", sh("cat /proc/self/limits; sleep 300")))
+        env.wait_for(cid, lambda s: "Max open files" in env.output(pod, "limits"))
+        limits = rlimits(env.output(pod, "limits"))
+        assert limits["Max open files"] == ("1000", "2000")
+        assert limits["Max core file size"] == ("unlimited", "unlimited")
+        assert limits["Max processes"] == ("500", "500")
+        # An exec gets the container's limits too, not the daemon's.
+        resp = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", "/proc/self/limits"], timeout=10))
+        assert rlimits(resp.stdout.decode())["Max open files"] == ("1000", "2000")
+
+
+def rlimits(text: str) -> dict[str, tuple[str, str]]:
+    """Soft and hard limit by name, from /proc/<pid>/limits."""
+    found = re.findall(r"^(Max [a-z ]+?)\s{2,}(\S+)\s+(\S+)", text, re.MULTILINE)
+    return {name: (soft, hard) for name, soft, hard in found}

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 from pathlib import Path
 
 import pytest
 
 from cri import config as cfg
 from cri.config import Config, ConfigError, ConfigSources
+from cri.containers import capabilities
 from cri.live_config import LiveConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +97,10 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("root: relative/dir\n", "root", "must be an absolute path"),
         ("streaming:\n  port: 70000\n", "streaming.port", "between 0 and 65535"),
         ("runtime:\n  default_sysctls: [net.ipv4.ip_forward]\n", "runtime.default_sysctls[0]", "expected key=value"),
+        ("runtime:\n  default_ulimits: [files=10]\n", "runtime.default_ulimits[0]", "with a name among"),
+        ("runtime:\n  default_ulimits: [nofile=10:5]\n", "runtime.default_ulimits[0]", "above hard limit"),
+        ("runtime:\n  default_ulimits: [nofile=many]\n", "runtime.default_ulimits[0]", "is not a number"),
+        ("runtime:\n  default_ulimits: [core=0, core=1]\n", "runtime.default_ulimits[1]", "core is given twice"),
         ("log: debug\n", "log", "expected mapping"),
         ("- a list\n", "-", "must hold a mapping"),
     ],
@@ -193,3 +199,17 @@ def test_reload_is_all_or_nothing_across_keys(tmp_path):
     assert not ok
     assert live.current.log.level == "info"
     assert "extra" in live.current.runtime.runtimes
+
+
+def test_a_default_ulimit_above_what_the_host_lets_raise_is_refused_at_load(tmp_path):
+    """Without CAP_SYS_RESOURCE (as on the CI machines) runc could not set it: every container would fail."""
+    _, ours = resource.getrlimit(resource.RLIMIT_NOFILE)
+    text = f"runtime:\n  default_ulimits: [nofile=1024:{ours}]\n"
+    assert cfg.load(sources(tmp_path, main=text)).runtime.default_ulimits == [f"nofile=1024:{ours}"]
+    above = f"runtime:\n  default_ulimits: [nofile=1024:{ours + 1}]\n"
+    if "CAP_SYS_RESOURCE" in capabilities.bounding_set():
+        cfg.load(sources(tmp_path, main=above))  # runc may raise it here
+        return
+    with pytest.raises(ConfigError, match="withholds CAP_SYS_RESOURCE") as err:
+        cfg.load(sources(tmp_path, main=above))
+    assert err.value.key == "runtime.default_ulimits[0]"
