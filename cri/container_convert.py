@@ -131,6 +131,37 @@ def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) ->
     return out
 
 
+class ListResponses:
+    """ListContainers answers, reused while they would be built from the very same entries.
+
+    The kubelet relists every second; with hundreds of containers, copying the
+    entries into a new response costs more than the rest of the call. Entries
+    are cached per container state (`item`), so an unchanged list is one whose
+    entries are the same objects as last time.
+    """
+
+    LIMIT = 16  # distinct filters remembered; the kubelet uses two or three
+
+    def __init__(self) -> None:
+        self._last: dict[bytes, tuple[list[pb.Container], pb.ListContainersResponse]] = {}
+
+    def answer(self, containers: Iterable[Container], flt: pb.ContainerFilter | None) -> pb.ListContainersResponse:
+        key = flt.SerializeToString(deterministic=True) if flt is not None else b""
+        entries = filtered(containers, flt)
+        last = self._last.get(key)
+        if last is not None and _same(last[0], entries):
+            return last[1]
+        response = pb.ListContainersResponse(containers=entries)
+        if key not in self._last and len(self._last) >= self.LIMIT:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (entries, response)
+        return response
+
+
+def _same(before: list[pb.Container], now: list[pb.Container]) -> bool:
+    return len(before) == len(now) and all(a is b for a, b in zip(before, now, strict=True))
+
+
 def stats_selected(containers: Iterable[Container], flt: pb.ContainerStatsFilter | None) -> list[Container]:
     return [c for c in containers if flt is None or _selected(c, flt)]
 

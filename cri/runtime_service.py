@@ -75,6 +75,7 @@ class RuntimeService:
         self._containers = containers
         self._execs = execs
         self._streaming = streaming
+        self._container_lists = container_convert.ListResponses()
 
     async def Version(self, request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(
@@ -189,7 +190,7 @@ class RuntimeService:
 
     async def ListContainers(self, request: pb.ListContainersRequest) -> pb.ListContainersResponse:
         flt = request.filter if request.HasField("filter") else None
-        return pb.ListContainersResponse(containers=container_convert.filtered(self._containers.all(), flt))
+        return self._container_lists.answer(self._containers.all(), flt)
 
     async def StreamContainers(self, request: pb.StreamContainersRequest) -> AsyncIterator[pb.StreamContainersResponse]:
         flt = request.filter if request.HasField("filter") else None
