@@ -21,7 +21,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 
 # The C library already loaded into this process: no find_library(), which runs ldconfig (about 50 ms),
-# a cost every short-lived helper (nsinit, the long-chain overlay mounter) would pay at start.
+# a cost every short-lived helper (the long-chain overlay mounter) would pay at start.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
@@ -73,7 +73,7 @@ def umount_if_mounted(target: str) -> bool:
 
 
 def unshare(flags: int) -> None:
-    """Move the calling thread into new namespaces (a single-threaded process for net/ipc/uts)."""
+    """Move the calling thread into new namespaces (net, ipc and uts are per thread)."""
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 

@@ -1,9 +1,8 @@
 """Connecting to localhost inside a pod: a socket made in the pod's network namespace.
 
 A socket belongs to the namespace it was created in, so only its creation
-needs the namespace: a throwaway thread enters it, makes the socket and
-leaves; the event loop does the connect and the I/O. A fresh thread each
-time, so a failed return to the host namespace cannot leak into a pool.
+needs the namespace: a throwaway thread (`cri.nsthread`) enters it, makes
+the socket and leaves; the event loop does the connect and the I/O.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import asyncio
 import functools
 import os
 import socket
-import threading
-from collections.abc import Callable
 
-from cri import linux
+from cri import linux, nsthread
 
 CLONE_NEWNET = 0x40000000
 DIAL_TIMEOUT = 10.0
@@ -39,36 +36,12 @@ def _socket_in(netns: str, family: int) -> socket.socket:
         os.close(own)
 
 
-async def _in_fresh_thread(fn: Callable[[], socket.socket]) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[socket.socket] = loop.create_future()
-
-    def settle(result: socket.socket | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        elif result is not None:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=run, name="netns-dial", daemon=True).start()
-    return await done
-
-
 async def dial(netns: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to localhost:port in `netns` ("" = the host's): IPv4 first, then IPv6."""
     loop = asyncio.get_running_loop()
     failures = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        sock = await _in_fresh_thread(functools.partial(_socket_in, netns, family))
+        sock = await nsthread.in_fresh_thread(functools.partial(_socket_in, netns, family), "netns-dial")
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), DIAL_TIMEOUT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import textwrap
 import time
@@ -121,6 +122,13 @@ def test_hostname_dns_shm_and_sysctl_seen_inside_the_pod(make_daemon) -> None:
         assert sh("nsenter", f"--ipc={pins['ipc']}", "cat", "/proc/sys/kernel/shmmni").stdout.strip() == "1234"
         # ...and the host's own values are untouched.
         assert Path("/proc/sys/kernel/shmmni").read_text().strip() != "1234"
+        assert Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip() != "80"
+        assert socket.gethostname() != "web-0"
+        # The namespaces were made by a thread of the daemon: every thread left is in the host's.
+        assert daemon.proc is not None
+        host = {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in ("net", "ipc", "uts")}
+        for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
+            assert {kind: os.readlink(task / "ns" / kind) for kind in host} == host, task
         hosts = (sandbox_dir / "hosts").read_text()
         assert f"{env.status(pod).network.ip}\tweb-0" in hosts
     finally:
