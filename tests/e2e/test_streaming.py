@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, push_image, running_env
+from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone
 from tests.registry_harness import Registry
 from tests.streamclients import UpgradeRefused
 from tests.streamclients import remotecommand as rc
@@ -32,46 +30,6 @@ def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
         yield env
 
 
-def _sleeper(env: Env, **kwargs) -> str:
-    return env.run(env.pod(**kwargs), env.container_config(command=["sleep", "3600"]))
-
-
-def _processes(argv: list[str], pid_ns: str = "") -> list[int]:
-    """Host pids whose command line is exactly argv, and the zombies named like it in `pid_ns` (a zombie has no
-    command line left: what pgrep in the container would still show)."""
-    wanted = "\0".join(argv).encode() + b"\0"
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ns = os.readlink(f"/proc/{entry}/ns/pid") if pid_ns else ""
-            except OSError:
-                continue
-            zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z" and f"({Path(argv[0]).name})" in stat
-            if cmdline == wanted or (zombie and pid_ns and ns == pid_ns):
-                found.append(int(entry))
-    return found
-
-
-def _pid_ns(env: Env, cid: str) -> str:
-    info = json.loads(env.status(cid, verbose=True).info["info"])
-    return os.readlink(f"/proc/{info['pid']}/ns/pid")
-
-
-def _wait_gone(argv: list[str], timeout: float = 10) -> list[int]:
-    end = time.monotonic() + timeout
-    while (left := _processes(argv)) and time.monotonic() < end:
-        time.sleep(0.05)
-    return left
-
-
-def _exec_url(env: Env, cid: str, cmd: list[str], **streams: bool) -> str:
-    request = pb.ExecRequest(container_id=cid, cmd=cmd, **streams)
-    return str(env.rt.Exec(request, timeout=10).url)
-
-
 def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -80,7 +38,7 @@ def _run(coro):
 
 
 def test_exec_sync_separates_streams_returns_the_code_and_times_out_alone(env: Env) -> None:
-    cid = _sleeper(env)
+    cid = sleeper(env)
     resp = env.rt.ExecSync(
         pb.ExecSyncRequest(container_id=cid[:12], cmd=["sh", "-c", "echo out; echo err >&2; exit 7"]), timeout=30
     )
@@ -92,7 +50,7 @@ def test_exec_sync_separates_streams_returns_the_code_and_times_out_alone(env: E
     took = time.monotonic() - started
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.9 < took < 5, took
-    assert _processes(["sleep", "1001"], _pid_ns(env, cid)) == []  # killed and reaped at once, no zombie
+    assert processes(["sleep", "1001"], pid_ns(env, cid)) == []  # killed and reaped at once, no zombie
     # The container itself is untouched.
     assert env.status(cid).status.state == pb.CONTAINER_RUNNING
 
@@ -106,7 +64,7 @@ def test_exec_sync_separates_streams_returns_the_code_and_times_out_alone(env: E
 
 
 def test_exec_sync_errors_name_what_is_wrong(env: Env) -> None:
-    cid = _sleeper(env)
+    cid = sleeper(env)
     cases = [
         (pb.ExecSyncRequest(container_id="f" * 64, cmd=["true"]), grpc.StatusCode.NOT_FOUND, "not found"),
         (pb.ExecSyncRequest(container_id=cid, cmd=[]), grpc.StatusCode.INVALID_ARGUMENT, "cmd"),
@@ -137,69 +95,69 @@ def test_exec_sync_errors_name_what_is_wrong(env: Env) -> None:
 
 
 def test_exec_over_spdy_output_exit_code_stdin_and_tty(env: Env) -> None:
-    cid = _sleeper(env)
-    url = _exec_url(env, cid, ["sh", "-c", "echo hello; echo oops >&2; exit 3"], stdout=True, stderr=True)
+    cid = sleeper(env)
+    url = exec_url(env, cid, ["sh", "-c", "echo hello; echo oops >&2; exit 3"], stdout=True, stderr=True)
     result = _run(rc.exec_spdy(url))
     assert result.protocol == "v4.channel.k8s.io"
     assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 3)
     assert result.status is not None and result.status["reason"] == "NonZeroExitCode"
 
-    url = _exec_url(env, cid, ["cat"], stdin=True, stdout=True, stderr=True)
+    url = exec_url(env, cid, ["cat"], stdin=True, stdout=True, stderr=True)
     result = _run(rc.exec_spdy(url, stdin=b"piped through cat\n" * 1000))
     assert result.stdout == b"piped through cat\n" * 1000 and result.exit_code == 0
 
-    url = _exec_url(env, cid, ["sh", "-c", "sleep 0.5; stty size"], stdout=True, tty=True)
+    url = exec_url(env, cid, ["sh", "-c", "sleep 0.5; stty size"], stdout=True, tty=True)
     result = _run(rc.exec_spdy(url, tty=True, stderr=False, resize=(91, 37)))
     assert result.stdout.strip() == b"37 91" and result.exit_code == 0
 
     # An older client negotiates down and gets the text error stream.
-    url = _exec_url(env, cid, ["sh", "-c", "exit 5"], stdout=True)
+    url = exec_url(env, cid, ["sh", "-c", "exit 5"], stdout=True)
     result = _run(rc.exec_spdy(url, stderr=False, protocols=("v2.channel.k8s.io",)))
     assert result.protocol == "v2.channel.k8s.io" and "5" in result.error_text
 
 
 def test_exec_over_websocket_output_exit_code_stdin_and_tty(env: Env) -> None:
-    cid = _sleeper(env)
-    url = _exec_url(env, cid, ["sh", "-c", "echo hello; echo oops >&2; exit 4"], stdout=True, stderr=True)
+    cid = sleeper(env)
+    url = exec_url(env, cid, ["sh", "-c", "echo hello; echo oops >&2; exit 4"], stdout=True, stderr=True)
     result = _run(rc.exec_websocket(url))
     assert result.protocol == "v5.channel.k8s.io"
     assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 4)
 
-    url = _exec_url(env, cid, ["cat"], stdin=True, stdout=True, stderr=True)
+    url = exec_url(env, cid, ["cat"], stdin=True, stdout=True, stderr=True)
     result = _run(rc.exec_websocket(url, stdin=b"to cat over websocket\n"))
     assert result.stdout == b"to cat over websocket\n" and result.exit_code == 0
 
-    url = _exec_url(env, cid, ["sh", "-c", "sleep 0.5; stty size"], stdout=True, tty=True)
+    url = exec_url(env, cid, ["sh", "-c", "sleep 0.5; stty size"], stdout=True, tty=True)
     result = _run(rc.exec_websocket(url, tty=True, stderr=False, resize=(120, 40), subprotocols=("v4.channel.k8s.io",)))
     assert result.protocol == "v4.channel.k8s.io"
     assert result.stdout.strip() == b"40 120" and result.exit_code == 0
 
 
 def test_a_client_that_goes_away_mid_exec_leaves_no_process(env: Env) -> None:
-    cid = _sleeper(env)
-    url = _exec_url(env, cid, ["sh", "-c", "echo ready; exec sleep 1003"], stdout=True, stderr=True)
+    cid = sleeper(env)
+    url = exec_url(env, cid, ["sh", "-c", "echo ready; exec sleep 1003"], stdout=True, stderr=True)
 
     async def go() -> None:
         streams = await rc.open_exec_streams(url)
         assert streams.stdout is not None
         assert await streams.stdout.read(10) == b"ready\n"
-        assert _processes(["sleep", "1003"])
+        assert processes(["sleep", "1003"])
         streams.abort()
 
     _run(go())
-    assert _wait_gone(["sleep", "1003"]) == []
+    assert wait_gone(["sleep", "1003"]) == []
     assert env.status(cid).status.state == pb.CONTAINER_RUNNING
 
 
 def test_a_token_works_once_and_not_after_it_expires(env: Env) -> None:
-    cid = _sleeper(env)
-    url = _exec_url(env, cid, ["true"], stdout=True)
+    cid = sleeper(env)
+    url = exec_url(env, cid, ["true"], stdout=True)
     assert _run(rc.exec_spdy(url, stderr=False)).exit_code == 0
     with pytest.raises(UpgradeRefused) as refused:
         _run(rc.exec_spdy(url, stderr=False))
     assert refused.value.status == 404
 
-    url = _exec_url(env, cid, ["true"], stdout=True)
+    url = exec_url(env, cid, ["true"], stdout=True)
     time.sleep(TOKEN_TTL + 0.5)
     with pytest.raises(UpgradeRefused) as refused:
         _run(rc.exec_websocket(url, stderr=False))
