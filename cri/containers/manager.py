@@ -431,14 +431,22 @@ class ContainerManager:
         self._locks.pop(container.id, None)
 
     async def _remove_locked(self, container: Container) -> None:
+        runtime = self.runtime_of(container)
         try:
-            await self._delete_runtime(self.runtime_of(container), container)
-        except OciRuntimeError as exc:
-            raise Internal(f"removing container {container.id}: {exc}") from exc
-        try:
-            await asyncio.to_thread(rootfs.remove, Path(container.storage))
+            if container.state is ContainerState.EXITED and self._owns_pid_namespace(container):
+                # Its PID namespace died with its init, so nothing uses the rootfs any more:
+                # unmount it while the runtime deletes its state.
+                await _all(
+                    self._delete_runtime(runtime, container),
+                    asyncio.to_thread(rootfs.remove, Path(container.storage)),
+                )
+            else:
+                # A created container's init, or an exec'd process in a shared PID namespace, may still
+                # use the rootfs until the runtime kills it.
+                await self._delete_runtime(runtime, container)
+                await asyncio.to_thread(rootfs.remove, Path(container.storage))
             await asyncio.to_thread(bundle.remove, container.bundle)
-        except OSError as exc:
+        except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         await self._delete_row(container.id)
         self._containers.pop(container.id, None)
@@ -446,6 +454,13 @@ class ContainerManager:
         self._creations.release(container.id)
         self._publish(container, EventType.DELETED)
         event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
+
+    def _owns_pid_namespace(self, container: Container) -> bool:
+        mode = container.config.linux.security_context.namespace_options.pid
+        if mode == pb.CONTAINER:
+            return True
+        sandbox = self._sandboxes.find(container.sandbox_id)
+        return mode == pb.POD and sandbox is not None and not sandbox.infra_pid
 
     async def stop_pod_containers(self, sandbox_id: str) -> None:
         """StopPodSandbox: every container of the pod is killed (the kubelet stopped them gracefully first)."""
@@ -525,6 +540,13 @@ def _mark_running(container: Container) -> None:
     # A very short process may have exited (and been recorded) while `start` ran: keep that.
     if container.state is ContainerState.CREATED:
         container.state = ContainerState.RUNNING
+
+
+async def _all(*steps: Awaitable[Any]) -> None:
+    """Run the steps concurrently, and only once every one has ended raise the first failure."""
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _log_path(sandbox: Sandbox, config: pb.ContainerConfig) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri import linux
+from cri import fdwait, linux
 from cri.config import Config
 from cri.log import event
 from cri.process import CommandError, run
@@ -528,12 +528,28 @@ def process_gone(pid: int) -> bool:
     return stat is None or stat.state in ("Z", "X")
 
 
-async def wait_gone(pids: Sequence[int], timeout: float, *, interval: float = 0.05) -> bool:
-    """Wait until every pid is gone; False when some still run after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if all(process_gone(pid) for pid in pids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
+async def wait_gone(pids: Sequence[int], timeout: float) -> bool:
+    """Wait until every pid is gone; False when some still run after `timeout` seconds.
+
+    Woken by a pidfd, which turns readable the moment the process exits: a
+    removal waiting for conmon must not pay a polling interval each time.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(_exited(pid) for pid in pids))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _exited(pid: int) -> None:
+    if process_gone(pid):
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await fdwait.ready(pidfd)
+    finally:
+        os.close(pidfd)
