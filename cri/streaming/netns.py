@@ -14,7 +14,6 @@ import socket
 
 from cri import linux, nsthread
 
-CLONE_NEWNET = 0x40000000
 DIAL_TIMEOUT = 10.0
 
 
@@ -25,11 +24,11 @@ def _socket_in(netns: str, family: int) -> socket.socket:
     try:
         target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            linux.setns(target, CLONE_NEWNET)
+            linux.setns(target, linux.CLONE_NEWNET)
             try:
                 return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             finally:
-                linux.setns(own, CLONE_NEWNET)
+                linux.setns(own, linux.CLONE_NEWNET)
         finally:
             os.close(target)
     finally:
