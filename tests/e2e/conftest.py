@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import DEBIAN_CNI_DIR, Daemon
+from tests.e2e.containers import Env, push_image, running_env
 from tests.registry_harness import Registry
 
 
@@ -62,3 +63,16 @@ def registry() -> Iterator[Registry]:
     """A loopback docker-registry shared by one test module's tests (a module may define its own)."""
     with Registry() as r:
         yield r
+
+
+@pytest.fixture(scope="module")
+def busybox(registry: Registry) -> str:
+    """The suite's busybox image, pushed once per module to that module's registry."""
+    return push_image(registry, "e2e/busybox")
+
+
+@pytest.fixture
+def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
+    """A daemon with busybox pulled, on a fresh pod network (a module may define its own)."""
+    with running_env(make_daemon, registry, [busybox]) as env:
+        yield env

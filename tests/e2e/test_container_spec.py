@@ -38,11 +38,6 @@ ENTRY_SCRIPT = 'echo "pwd=$(pwd) env=$FROM_IMAGE,$OVERRIDE,$FROM_CONFIG args=$0 
 
 
 @pytest.fixture(scope="module")
-def busybox(registry: Registry) -> str:
-    return push_image(registry, "e2e/spec-busybox")
-
-
-@pytest.fixture(scope="module")
 def app_image(registry: Registry) -> str:
     """USER app, an ENTRYPOINT and CMD, Env, WORKDIR /home/app, and an /etc/group with memberships."""
     config = ib.ImageConfig(

@@ -7,7 +7,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,23 +17,9 @@ from tests.e2e.containers import (
     CGROUP_ROOT,
     NOTHING,
     Env,
-    push_image,
-    running_env,
 )
-from tests.registry_harness import Registry
 
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) ")
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry) -> str:
-    return push_image(registry, "e2e/busybox")
-
-
-@pytest.fixture
-def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
-    with running_env(make_daemon, registry, [busybox]) as env:
-        yield env
 
 
 def test_a_container_prints_a_line_and_its_exit_reaches_status_at_once(env: Env) -> None:

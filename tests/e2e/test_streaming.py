@@ -10,18 +10,13 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.e2e.containers import Env, push_image, running_env
+from tests.e2e.containers import Env, running_env
 from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone
 from tests.registry_harness import Registry
 from tests.streamclients import UpgradeRefused
 from tests.streamclients import remotecommand as rc
 
 TOKEN_TTL = 4
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry) -> str:
-    return push_image(registry, "e2e/busybox")
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import asyncio
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.e2e.containers import Env, push_image, running_env
+from tests.e2e.containers import Env, running_env
 from tests.e2e.streams import exec_url, processes, sleeper, wait_gone
 from tests.registry_harness import Registry, make_ca, make_server_cert
 from tests.streamclients import parse_url
@@ -28,17 +27,6 @@ IDLE_TIMEOUT = 2  # seconds (streaming.idle_timeout is an int of seconds)
 SEQ_END = 1_200_000
 SEQ_OUTPUT = b"".join(b"%d\n" % i for i in range(1, SEQ_END + 1))  # 8,488,896 bytes
 EIGHT_MIB = 8 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def busybox(registry: Registry) -> str:
-    return push_image(registry, "e2e/busybox-limits")
-
-
-@pytest.fixture
-def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
-    with running_env(make_daemon, registry, [busybox]) as env:
-        yield env
 
 
 @pytest.fixture
@@ -192,14 +180,10 @@ def test_sessions_with_traffic_outlive_the_idle_timeout(idle_env: Env) -> None:
 # ---- large output --------------------------------------------------------------------------------
 
 
-@dataclass
-class _Read:
-    seconds: float  # from sending the trigger to the last expected byte
-    most_unread: int  # the most bytes received but not yet read, seen at the end of a pause
-
-
-async def _attach_and_read(url: str, go: bytes, expected: bytes, options: SessionOptions, pauses: int) -> _Read:
+async def _attach_and_read(url: str, go: bytes, expected: bytes, options: SessionOptions, pauses: int) -> int:
     """Attach, send `go`, read stdout until `expected` (checked byte for byte) and make sure nothing follows.
+
+    Returns the most bytes received but not yet read, seen at the end of a pause.
 
     pauses: how many times to stop reading for 0.3 s along the way, so the server meets a full window or a full
     socket buffer and has to wait, and conmon with it.
@@ -207,7 +191,6 @@ async def _attach_and_read(url: str, go: bytes, expected: bytes, options: Sessio
     streams = await rc.open_exec_streams(url, stdin=True, options=options, timeout=20)
     try:
         assert streams.stdout is not None
-        started = time.monotonic()
         await streams.send_stdin(go)
         seen = bytearray()
         most_unread = 0
@@ -220,7 +203,6 @@ async def _attach_and_read(url: str, go: bytes, expected: bytes, options: Sessio
                 pause_at.pop(0)
                 await asyncio.sleep(0.3)
                 most_unread = max(most_unread, streams.stdout.bytes_received - len(seen))
-        took = time.monotonic() - started
         assert len(seen) == len(expected), (len(seen), len(expected))
         if seen != expected:
             first = next(i for i, (a, b) in enumerate(zip(seen, expected, strict=False)) if a != b)
@@ -228,7 +210,7 @@ async def _attach_and_read(url: str, go: bytes, expected: bytes, options: Sessio
         with pytest.raises(TimeoutError):
             extra = await streams.stdout.read(timeout=0.5)
             pytest.fail(f"unexpected output after the marker: {extra[:80]!r}")
-        return _Read(took, most_unread)
+        return most_unread
     finally:
         await streams.close()
 
@@ -240,7 +222,7 @@ def test_attach_delivers_megabytes_of_output_intact_over_spdy(env: Env) -> None:
     config.stdin = True
     cid = env.run(pod, config)
 
-    def attach(go: bytes, options: SessionOptions, pauses: int) -> _Read:
+    def attach(go: bytes, options: SessionOptions, pauses: int) -> int:
         request = pb.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)
         url = str(env.rt.Attach(request, timeout=10).url)
         expected = SEQ_OUTPUT + b"END-" + go
@@ -252,8 +234,8 @@ def test_attach_delivers_megabytes_of_output_intact_over_spdy(env: Env) -> None:
     attach(b"2\n", SessionOptions(max_queued_frames=2), pauses=4)
     # A client that grants window only for what it has read: the server must stop at the 64 KiB window
     # while the reader pauses (its inbox is unbounded here, so only the server can hold the data back).
-    windowed = attach(b"3\n", SessionOptions(send_window_updates=True, session_window_updates=True), pauses=4)
-    assert 0 < windowed.most_unread <= DEFAULT_WINDOW, windowed.most_unread
+    windowed_unread = attach(b"3\n", SessionOptions(send_window_updates=True, session_window_updates=True), pauses=4)
+    assert 0 < windowed_unread <= DEFAULT_WINDOW, windowed_unread
     assert env.status(cid).status.state == pb.CONTAINER_RUNNING
 
 
