@@ -55,7 +55,15 @@ class Execs:
         return result
 
     async def start(
-        self, container_id: str, cmd: Sequence[str], *, tty: bool, stdin: bool, stdout: bool, stderr: bool
+        self,
+        container_id: str,
+        cmd: Sequence[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+        console_size: tuple[int, int] | None = None,
     ) -> oci_exec.ExecProcess:
         argv = check_command(cmd)
         container = self._containers.running(container_id)
@@ -69,6 +77,7 @@ class Execs:
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
+                console=oci_exec.Console(container.bundle, console_size) if tty and console_size else None,
             )
         except OciRuntimeError as exc:
             raise Internal(f"exec in container {container.id}: {exc}") from exc

@@ -54,6 +54,21 @@ class ExecTimedOut(OciRuntimeError):
 
 
 @dataclass(frozen=True)
+class Console:
+    """A TTY exec's terminal size, (width, height), set on the pty before the command runs. runc takes it only
+    from a whole process spec (`--process`), made from the container's own in `bundle`/config.json."""
+
+    bundle: str
+    size: tuple[int, int]
+
+    def process_spec(self, argv: Sequence[str]) -> dict[str, object]:
+        with open(os.path.join(self.bundle, "config.json")) as f:
+            process = dict(json.load(f)["process"])
+        width, height = self.size
+        return {**process, "args": list(argv), "terminal": True, "consoleSize": {"width": width, "height": height}}
+
+
+@dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: bytes
@@ -138,20 +153,27 @@ async def start(
     stdout: bool = True,
     stderr: bool = True,
     tty: bool = False,
+    console: Console | None = None,
 ) -> ExecProcess:
-    """Start `argv` in the container. With `tty`, the pty master is in `.pty` and there are no pipes."""
+    """Start `argv` in the container. With `tty`, the pty master is in `.pty` and there are no pipes; `console`
+    gives that pty its size from the start."""
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
     token = secrets.token_hex(8)
-    files = [os.path.join(work_dir, f"{token}.{kind}") for kind in ("pid", "log", "sock")]
-    pid_file, log_file, console = files
+    files = [os.path.join(work_dir, f"{token}.{kind}") for kind in ("pid", "log", "sock", "json")]
+    pid_file, log_file, console_socket, process_file = files
     command = ["--log", log_file, "--log-format", "json", "exec", "--detach", "--pid-file", pid_file]
-    listener = _console_listener(console) if tty else None
+    listener = _console_listener(console_socket) if tty else None
     if listener is not None:
-        command += ["--tty", "--console-socket", console]
+        command += ["--tty", "--console-socket", console_socket]
     what = f"{runtime.name} exec {container_id}"
     pty = -1
     try:
-        proc, pipes = await _spawn(runtime.argv(*command, container_id, *argv), what, (stdin, stdout, stderr), tty)
+        if tty and console is not None:
+            await asyncio.to_thread(_write_process, process_file, console, argv, what)
+            command += ["--process", process_file, container_id]
+        else:
+            command += [container_id, *argv]
+        proc, pipes = await _spawn(runtime.argv(*command), what, (stdin, stdout, stderr), tty)
         if listener is not None:
             pty = await _receive_console(listener, proc, what)
         code = await proc.wait()
@@ -172,6 +194,16 @@ async def start(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     return ExecProcess(what, pid, pipes, pty)
+
+
+def _write_process(path: str, console: Console, argv: Sequence[str], what: str) -> None:
+    try:
+        spec = console.process_spec(argv)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise OciRuntimeError(what, f"cannot read the container's process spec from {console.bundle}: {exc}") from exc
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -171,3 +171,38 @@ async def resizes(inbound: Inbound) -> AsyncIterator[tuple[int, int]]:
             buffer = buffer[end:]
             if isinstance(value, dict):
                 yield int(value.get("Width", 0)), int(value.get("Height", 0))
+
+
+class TerminalSizes:
+    """The client's terminal size from the resize stream: the first one awaited before a TTY exec starts
+    (runc gives the pty that size before the command runs, so a program that reads it at once, like
+    `stty size`, sees the client's size and not 0x0), the later ones followed while the session lasts."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self._sizes = resizes(inbound)
+        self._pending: asyncio.Future[tuple[int, int]] | None = None
+
+    async def first(self, timeout: float) -> tuple[int, int] | None:
+        """The first size, or None if the client sent none within `timeout` (it may still come later)."""
+        self._pending = asyncio.ensure_future(anext(self._sizes))
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        if not done or self._pending.cancelled() or self._pending.exception() is not None:
+            return None  # still pending: follow() picks it up
+        size, self._pending = self._pending.result(), None
+        return size
+
+    async def follow(self, apply: Callable[[int, int], None]) -> None:
+        """Apply each size that arrives from now on (including one first() stopped waiting for)."""
+        try:
+            if self._pending is not None:
+                apply(*await self._pending)
+            async for width, height in self._sizes:
+                apply(width, height)
+        except StopAsyncIteration:
+            pass  # the resize stream ended before a first size
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PORTFORWARD_SPDY = ("portforward.k8s.io",)
 PORTFORWARD_WEBSOCKET = (rc.V4, rc.BASE64_V4)
+# How long a TTY exec waits for the client's terminal size before it starts without one. client-go sends it as
+# soon as the streams are up, so this bounds only clients that never do.
+FIRST_SIZE_WAIT = 0.5
 KINDS = {"exec": ExecRequest, "attach": AttachRequest, "portforward": PortForwardRequest}
 Transport = SpdySession | WebSocket
 
@@ -175,6 +178,8 @@ class StreamingServer:
             await asyncio.gather(served, watchdog, return_exceptions=True)
 
     async def _exec(self, request: ExecRequest, streams: rc.CommandStreams) -> None:
+        sizes = rc.TerminalSizes(streams.resize) if streams.resize is not None else None
+        size = await sizes.first(FIRST_SIZE_WAIT) if sizes is not None and request.tty else None
         try:
             process = await self._execs.start(
                 request.container_id,
@@ -183,11 +188,14 @@ class StreamingServer:
                 stdin=request.stdin,
                 stdout=request.stdout,
                 stderr=request.stderr,
+                console_size=size,
             )
         except CriError as exc:
+            if sizes is not None:
+                sizes.close()
             await streams.finish(None, str(exc))
             return
-        await sessions.serve_exec(streams, process)
+        await sessions.serve_exec(streams, process, sizes)
         event(log, logging.INFO, "streaming exec ended", id=request.container_id, pid=process.pid)
 
     async def _attach(self, request: AttachRequest, streams: rc.CommandStreams) -> None:

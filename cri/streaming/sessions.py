@@ -15,7 +15,7 @@ from cri.log import event
 from cri.oci.exec import DRAIN_GRACE, ExecProcess
 from cri.streaming import netns
 from cri.streaming.pumps import Pty, pump, stream_reader, stream_writer
-from cri.streaming.remotecommand import CommandStreams, Inbound, resizes
+from cri.streaming.remotecommand import CommandStreams, Inbound, TerminalSizes, resizes
 from cri.streaming.spdy import SpdySession, SpdyStream
 from cri.streaming.websocket import WebSocket
 
@@ -60,7 +60,7 @@ async def _apply_resizes(inbound: Inbound, apply: Callable[[int, int], None]) ->
         apply(width, height)
 
 
-async def serve_exec(streams: CommandStreams, process: ExecProcess) -> None:
+async def serve_exec(streams: CommandStreams, process: ExecProcess, sizes: TerminalSizes | None) -> None:
     outputs: list[Coroutine[Any, Any, None]] = []
     inputs: list[Coroutine[Any, Any, None]] = []
     if process.pty >= 0:
@@ -76,8 +76,8 @@ async def serve_exec(streams: CommandStreams, process: ExecProcess) -> None:
         if streams.stdin is not None and process.stdin is not None:
             write, close = stream_writer(process.stdin)
             inputs.append(pump(streams.stdin.read, write, close))
-    if streams.resize is not None:
-        inputs.append(_apply_resizes(streams.resize, process.resize))
+    if sizes is not None:
+        inputs.append(sizes.follow(process.resize))
     try:
         await _run(streams, outputs, inputs, process.wait(), process.kill)
     finally:

@@ -101,7 +101,8 @@ def test_exec_over_spdy_output_exit_code_stdin_and_tty(env: Env) -> None:
     result = _run(rc.exec_spdy(url, stdin=b"piped through cat\n" * 1000))
     assert result.stdout == b"piped through cat\n" * 1000 and result.exit_code == 0
 
-    url = exec_url(env, cid, ["sh", "-c", "sleep 0.5; stty size"], stdout=True, tty=True)
+    # The pty has the client's size before the command runs: no sleep needed for the resize to land.
+    url = exec_url(env, cid, ["stty", "size"], stdout=True, tty=True)
     result = _run(rc.exec_spdy(url, tty=True, stderr=False, resize=(91, 37)))
     assert result.stdout.strip() == b"37 91" and result.exit_code == 0
 
