@@ -36,7 +36,7 @@ from cri.images.index import ImageRecord
 from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event
-from cri.oci import bundle, conmon
+from cri.oci import bundle, conmon, conmon_ctl
 from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
 from cri.state import Store
 from cri.storage import rootfs
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 KILL_WAIT = 30.0  # seconds a SIGKILLed container may take to be reported gone
 CONMON_EXIT_WAIT = 5.0  # conmon drains the log after the exit file; let it finish before its dir goes
-CTL_REOPEN_LOGS = 2  # conmon's ctl fifo message: "<type> <height> <width>\n"
 
 
 class ContainerManager:
@@ -105,8 +104,8 @@ class ContainerManager:
         return container
 
     def attach_paths(self, container: Container) -> tuple[str, str]:
-        """conmon's attach socket (through the short socket-dir link) and its ctl fifo."""
-        return os.path.join(self._socket_dir, container.id, "attach"), os.path.join(container.bundle, "ctl")
+        """conmon's attach socket (through the short socket-dir link) and the bundle that holds its ctl fifo."""
+        return os.path.join(self._socket_dir, container.id, "attach"), container.bundle
 
     def runtime_of(self, container: Container) -> Runtime:
         return conmon.runtime_for(self._live.current, container.runtime)
@@ -493,11 +492,10 @@ class ContainerManager:
         container = self.get(id_or_prefix)
         if container.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {container.id} is not running")
-        ctl = os.path.join(container.bundle, "ctl")
         try:
-            await asyncio.to_thread(_write_fifo, ctl, f"{CTL_REOPEN_LOGS} 0 0\n".encode())
+            await conmon_ctl.send(container.bundle, conmon_ctl.REOPEN_LOGS)
         except OSError as exc:
-            raise Internal(f"reopening the log of container {container.id}: {ctl}: {exc.strerror}") from exc
+            raise Internal(f"reopening the log of container {container.id}: conmon's ctl fifo: {exc.strerror}") from exc
         event(log, logging.INFO, "container log reopened", id=container.id, path=container.log_path)
 
     # ---- recovery -----------------------------------------------------------------------------
@@ -570,15 +568,6 @@ def _resolve_user(root: Path, config: pb.ContainerConfig, image: ImageRecord) ->
         )
     except users.UserError as exc:
         raise InvalidArgument(exc.field, str(exc)) from exc
-
-
-def _write_fifo(path: str, data: bytes) -> None:
-    # Non-blocking: a conmon that is gone must not hang the call (ENXIO when nobody reads).
-    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _mtime_ns(path: str) -> int:

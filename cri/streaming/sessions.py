@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from cri.log import event
+from cri.oci import conmon_ctl
 from cri.oci.exec import DRAIN_GRACE, ExecProcess
 from cri.streaming import netns
 from cri.streaming.pumps import Pty, pump, stream_reader, stream_writer
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 ATTACH_PIPE_STDOUT = 2
 ATTACH_PIPE_STDERR = 3
 ATTACH_PACKET = 8192 + 1
-CTL_RESIZE = 1
 
 
 async def _run(
@@ -55,11 +55,6 @@ async def _run(
         await asyncio.gather(*out_tasks, *in_tasks, end, return_exceptions=True)
 
 
-async def _apply_resizes(inbound: Inbound, apply: Callable[[int, int], None]) -> None:
-    async for width, height in resizes(inbound):
-        apply(width, height)
-
-
 async def serve_exec(streams: CommandStreams, process: ExecProcess, sizes: TerminalSizes | None) -> None:
     outputs: list[Coroutine[Any, Any, None]] = []
     inputs: list[Coroutine[Any, Any, None]] = []
@@ -84,7 +79,7 @@ async def serve_exec(streams: CommandStreams, process: ExecProcess, sizes: Termi
         process.close()
 
 
-async def serve_attach(streams: CommandStreams, attach_socket: str, ctl_fifo: str, stdin_once: bool) -> None:
+async def serve_attach(streams: CommandStreams, attach_socket: str, bundle: str, stdin_once: bool) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
@@ -114,7 +109,7 @@ async def serve_attach(streams: CommandStreams, attach_socket: str, ctl_fifo: st
     if streams.stdin is not None:
         inputs.append(pump(streams.stdin.read, send, end_input))
     if streams.resize is not None:
-        inputs.append(_apply_resizes(streams.resize, lambda w, h: _resize_attached(ctl_fifo, w, h)))
+        inputs.append(_resize_attached(streams.resize, bundle))
 
     async def detach() -> None:
         sock.close()
@@ -134,14 +129,10 @@ async def _connect_long_path(loop: asyncio.AbstractEventLoop, sock: socket.socke
         os.close(directory)
 
 
-def _resize_attached(ctl_fifo: str, width: int, height: int) -> None:
-    # conmon reads "<kind> <height> <width>\n" lines from its ctl fifo; O_NONBLOCK: never hang on a gone conmon.
-    with contextlib.suppress(OSError):
-        fd = os.open(ctl_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            os.write(fd, f"{CTL_RESIZE} {height} {width}\n".encode())
-        finally:
-            os.close(fd)
+async def _resize_attached(inbound: Inbound, bundle: str) -> None:
+    async for width, height in resizes(inbound):
+        with contextlib.suppress(OSError):  # conmon gone: the session ends with the container
+            await conmon_ctl.send(bundle, conmon_ctl.RESIZE, height, width)
 
 
 # ---- port forward -------------------------------------------------------------------------------

@@ -186,6 +186,32 @@ def test_attach_receives_output_and_sends_input(env: Env) -> None:
     assert env.status(cid).status.state == pb.CONTAINER_RUNNING
 
 
+def test_attach_resizes_sent_back_to_back_all_reach_the_terminal(env: Env) -> None:
+    # kubectl attach sends (w+1, h+1) then (w, h) at once to make the program redraw; conmon 2.1.6 keeps only the
+    # first of two messages that meet in its fifo, so the daemon paces them.
+    config = env.container_config(command=["sleep", "3600"])
+    config.stdin, config.tty = True, True
+    cid = env.run(env.pod(), config)
+    url = str(env.rt.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True, tty=True), timeout=10).url)
+    probe = pb.ExecSyncRequest(container_id=cid, cmd=["stty", "size", "-F", "/proc/1/fd/0"], timeout=10)
+
+    async def go() -> list[bytes]:
+        streams = await rc.open_exec_streams(url, stdin=True, stderr=False, tty=True)
+        seen: list[bytes] = []
+        try:
+            for width, height in ((81, 25), (80, 24), (133, 41), (132, 40)):
+                await streams.send_resize(width, height)
+            end = time.monotonic() + 10
+            while not seen or (seen[-1] != b"40 132\n" and time.monotonic() < end):
+                await asyncio.sleep(0.1)
+                seen.append((await asyncio.to_thread(env.rt.ExecSync, probe, timeout=30)).stdout)
+        finally:
+            await streams.close()
+        return seen
+
+    assert _run(go())[-1] == b"40 132\n"
+
+
 # ---- PortForward ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,69 @@
+"""conmon's control fifo, `<bundle>/ctl`: one `"<type> <height> <width>\\n"` line per message.
+
+Type 1 resizes the container's terminal (conmon passes it on as `"<height>
+<width>\\n"` through a second fifo, `<bundle>/winsz`); type 2 reopens the log.
+
+conmon of Debian 12 (2.1.6) and its age handles only the first line of what
+one read of either fifo returns: it hands its buffer's start, not the line's,
+to the parser, once per line. Two messages that meet in a fifo become two
+copies of the first. kubectl attach resizes to (w+1, h+1) and back to (w, h)
+back to back, to make the program redraw; the terminal was left a row and a
+column too big about half the time. So each message waits, briefly, until
+conmon has taken the one before out of both fifos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import struct
+import termios
+
+RESIZE = 1
+REOPEN_LOGS = 2
+# How long a message waits for conmon to take the previous one; past it, it is sent anyway.
+DRAIN_WAIT = 0.2
+POLL_INTERVAL = 0.002
+# Empty fifos seen this many polls in a row: conmon is not between reading ctl and writing winsz.
+QUIET_POLLS = 2
+
+
+async def send(bundle: str, kind: int, height: int = 0, width: int = 0) -> None:
+    """Write one message to conmon. OSError when conmon is gone (ENXIO: nobody reads the fifo)."""
+    await _drained(bundle)
+    await asyncio.to_thread(_write, os.path.join(bundle, "ctl"), f"{kind} {height} {width}\n".encode())
+
+
+async def _drained(bundle: str) -> None:
+    fifos = [os.path.join(bundle, "ctl"), os.path.join(bundle, "winsz")]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_WAIT
+    quiet = 0
+    while loop.time() < deadline:
+        quiet = quiet + 1 if not any(_unread(fifo) for fifo in fifos) else 0
+        if quiet >= QUIET_POLLS:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+def _unread(fifo: str) -> int:
+    """Bytes in the fifo that conmon has not read yet (0 when it or its reader is gone)."""
+    try:
+        # Opened for writing, never read: a reader of ours would take conmon's messages.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    finally:
+        os.close(fd)
+
+
+def _write(fifo: str, data: bytes) -> None:
+    # Non-blocking: a conmon that is gone must not hang the caller.
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
