@@ -113,8 +113,11 @@ def test_kubectl_exec_output_exit_code_and_stdin(kube: Kube, protocol: str) -> N
     assert kube.upgrades() == [UPGRADE[protocol]] * 3, kube.api.requests
 
 
-def _in_terminal(kube: Kube, args: list[str], *, protocol: str, rows: int, cols: int, timeout: float = 60) -> bytes:
-    """kubectl run with a pty of rows x cols as its terminal (kubectl -t wants one); all it wrote there."""
+def _in_terminal(
+    kube: Kube, args: list[str], *, protocol: str, rows: int, cols: int, send: bytes = b"", timeout: float = 60
+) -> bytes:
+    """kubectl run with a pty of rows x cols as its terminal (kubectl -t wants one); all it wrote there. `send` is
+    typed on that terminal once kubectl is connected (its first request reached the API stand-in)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     environ = kube.environ(KUBECTL_REMOTE_COMMAND_WEBSOCKETS=PROTOCOLS[protocol], TERM="xterm")
@@ -126,6 +129,10 @@ def _in_terminal(kube: Kube, args: list[str], *, protocol: str, rows: int, cols:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if send and kube.api.upgrades:
+                time.sleep(0.5)  # the upgrade reached the daemon; let the streams settle
+                os.write(master, send)
+                send = b""
             ready, _, _ = select.select([master], [], [], 0.2)
             if ready:
                 try:
@@ -218,3 +225,16 @@ def test_kubectl_port_forward_two_concurrent_connections(kube: Kube, websockets:
     # speaks plain SPDY to the kubelet): the streaming server refuses, and kubectl falls back to SPDY.
     expected = ["websocket", "SPDY/3.1"] if websockets == "true" else ["SPDY/3.1"]
     assert kube.upgrades() == expected, kube.api.requests
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_kubectl_attach_tty_resizes_the_containers_terminal(kube: Kube, protocol: str) -> None:
+    # The container's shell reads a line (sent once kubectl is attached and has set the size), prints the size,
+    # and ends: the attach ends with it.
+    config = kube.env.container_config(command=["sh", "-c", "read line; stty size; echo done-$line"])
+    config.stdin, config.stdin_once, config.tty = True, True, True
+    pod = kube.pod(("c", config))
+    seen = _in_terminal(kube, ["attach", "-it", pod.name, "-c", "c"], protocol=protocol, rows=21, cols=77, send=b"x\r")
+    assert re.search(rb"21 77\r?\n", seen), seen
+    assert b"done-x" in seen, seen
+    assert kube.upgrades() == [UPGRADE[protocol]], kube.api.requests
