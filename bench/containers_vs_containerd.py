@@ -3,15 +3,18 @@
     sudo .venv/bin/python -m bench.containers_vs_containerd [--iterations 15] [--containers 200 --pods 20]
         [--only criopy|containerd] [--skip-scale]
 
-Both runtimes get the same client (the generated gRPC stubs), the same busybox
-image from a loopback docker-registry, the same CNI bridge conflist (own bridge
-and /24 each) and the same requests. Figures:
+Both daemons run at once and every figure is sampled in turns, one runtime
+then the other, so the VM's noise falls on both alike. They get the same
+client (the generated gRPC stubs), the same busybox image from a loopback
+docker-registry, the same CNI bridge conflist (own bridge and /24 each) and the
+same requests. Figures:
 
 1. the pod lifecycle, step by step and in total (median of --iterations, after
    one warm-up): a pod with a PID namespace per container, one busybox
    `sleep 3600` container, stopped with timeout 0 (SIGKILL at once);
-2. ListContainers / ListContainerStats / ListPodSandbox latency with
-   --containers running containers in --pods pods;
+2. ListContainers / ListContainerStats / ListPodSandbox latency and response
+   size with --containers running containers in --pods pods, and Version
+   latency, the floor of the client and server stack under them;
 3. memory: the daemon's RSS and PSS with those containers, and the PSS and RSS
    of a pod's monitor processes (conmon per container for criopy, one
    containerd-shim-runc-v2 per pod for containerd) for 10- and 1-container pods.
@@ -25,6 +28,7 @@ end, also after an error or Ctrl-C. Run as root.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -80,6 +84,7 @@ RPC_TIMEOUT = 120.0
 SCALE_CLIENTS = 4  # parallel clients that start and remove the pods of the scale section
 CATATONIT = Path("/usr/bin/catatonit")
 LOOPBACK: dict[str, object] = {"type": "loopback"}
+SUBNET_OCTETS = iter(random.sample(range(1, 255), 254))
 
 
 class Unsupported(Exception):
@@ -182,7 +187,7 @@ class Runtime(ABC):
         self.base = env.base / self.name
         self.net = PodNet(
             bridge=f"cbb{secrets.token_hex(4)}",
-            subnet=f"10.202.{random.randint(1, 254)}",
+            subnet=f"10.202.{next(SUBNET_OCTETS)}",  # distinct: both runtimes' bridges are up at once
             ipam_dir=self.base / "ipam",
             conflist=self.cni_dir / "10-bench.conflist",
         )
@@ -501,32 +506,104 @@ def lifecycle_once(rt: Runtime, check: Results | None = None) -> dict[str, float
     return times
 
 
-def lifecycle(rt: Runtime, iterations: int, res: Results) -> None:
-    lifecycle_once(rt, check=res)  # warm-up (caches, first CNI call, page cache) and a sanity check
-    runs = [lifecycle_once(rt) for _ in range(iterations)]
-    for step in STEPS:
-        samples = [r[step] for r in runs if step in r]
-        if samples:
-            res.figures[f"{step} (ms)"] = statistics.median(samples)
-    if all(step in runs[0] for step in STEPS):
-        res.figures["pod lifecycle total (ms)"] = statistics.median(sum(r[s] for s in STEPS) for r in runs)
-    if rt.missing:
-        res.notes.append(f"{rt.name}: {rt.missing} answered UNIMPLEMENTED: container steps not measured")
+class Run:
+    """The runtimes still being measured and their results. A runtime that fails a step is dropped, with a
+    note: a broken runtime must not cost the other one its figures."""
+
+    def __init__(self, runtimes: list[Runtime]) -> None:
+        self.live = list(runtimes)
+        self.results = {rt.name: Results() for rt in runtimes}
+
+    def res(self, rt: Runtime) -> Results:
+        return self.results[rt.name]
+
+    def guard(self, rt: Runtime, step: str, work: Callable[[], object]) -> bool:
+        """Runs `work` for `rt` unless it was dropped; False (and `rt` dropped) when it fails."""
+
+        def done() -> bool:
+            work()
+            return True
+
+        return self.check(rt, step, done)
+
+    def check(self, rt: Runtime, step: str, test: Callable[[], bool]) -> bool:
+        """`test`'s answer for `rt`; False for a dropped runtime, and when it fails (then `rt` is dropped)."""
+        if rt not in self.live:
+            return False
+        try:
+            return test()
+        except Exception as error:  # any failure of one runtime: note it, go on with the other
+            traceback.print_exc()
+            self.res(rt).notes.append(f"{rt.name}: stopped at {step}: {describe(error)}")
+            self.live.remove(rt)
+            return False
+
+    def each(self, step: str, work: Callable[[Runtime], object], runtimes: list[Runtime] | None = None) -> None:
+        for rt in list(self.live if runtimes is None else runtimes):
+            self.guard(rt, step, functools.partial(work, rt))
+
+    def interleaved(
+        self, step: str, rounds: int, sample: Callable[[Runtime], T], runtimes: list[Runtime] | None = None
+    ) -> dict[str, list[T]]:
+        """`rounds` samples per runtime taken in turns (A, B, A, B, ...): both meet the same machine, so
+        a noisy minute on this VM weighs on both figures alike."""
+        chosen = list(self.live if runtimes is None else runtimes)
+        samples: dict[str, list[T]] = {rt.name: [] for rt in chosen}
+
+        def take(rt: Runtime) -> None:
+            samples[rt.name].append(sample(rt))
+
+        for _ in range(rounds):
+            for rt in chosen:
+                self.guard(rt, step, functools.partial(take, rt))
+        return {rt.name: samples[rt.name] for rt in chosen if rt in self.live}
 
 
-def exec_latency(rt: Runtime, calls: int, res: Results) -> None:
+def time_call_ms(method: Callable[..., object], request: object) -> float:
+    started = time.perf_counter()
+    method(request, timeout=60)
+    return (time.perf_counter() - started) * 1000
+
+
+def lifecycle(run: Run, iterations: int) -> None:
+    # Warm-up (caches, first CNI call, page cache) and a sanity check.
+    run.each("the lifecycle warm-up", lambda rt: lifecycle_once(rt, check=run.res(rt)))
+    for rt in list(run.live):
+        if rt.missing:
+            run.res(rt).notes.append(f"{rt.name}: {rt.missing} answered UNIMPLEMENTED: container steps not measured")
+    for name, runs in run.interleaved("the pod lifecycle", iterations, lifecycle_once).items():
+        figures = run.results[name].figures
+        for step in STEPS:
+            samples = [r[step] for r in runs if step in r]
+            if samples:
+                figures[f"{step} (ms)"] = statistics.median(samples)
+        if runs and all(step in runs[0] for step in STEPS):
+            figures["pod lifecycle total (ms)"] = statistics.median(sum(r[s] for s in STEPS) for r in runs)
+
+
+def exec_latency(run: Run, calls: int) -> None:
     """What a probe costs: ExecSync of `true` in a running container, round trip through the client."""
-    if rt.missing:
-        return
-    pod = run_pod(rt)
-    try:
-        cid = start_container(rt, pod, 0)
-        request = pb.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=10)
+    pods: dict[str, Pod] = {}
+    requests: dict[str, pb.ExecSyncRequest] = {}
+
+    def prepare(rt: Runtime) -> None:
+        pod = pods[rt.name] = run_pod(rt)
+        request = pb.ExecSyncRequest(container_id=start_container(rt, pod, 0), cmd=["true"], timeout=10)
         if rt.rs.ExecSync(request, timeout=60).exit_code != 0:  # warm-up, and a sanity check
-            res.notes.append(f"{rt.name}: ExecSync of true did not exit 0")
-        res.figures[f"ExecSync true, median of {calls} (ms)"] = median_latency_ms(rt.rs.ExecSync, request, calls)
+            run.res(rt).notes.append(f"{rt.name}: ExecSync of true did not exit 0")
+        requests[rt.name] = request
+
+    able = [rt for rt in run.live if not rt.missing]
+    try:
+        run.each("the ExecSync set-up", prepare, able)
+        able = [rt for rt in able if rt.name in requests]
+        sample = lambda rt: time_call_ms(rt.rs.ExecSync, requests[rt.name])  # noqa: E731
+        for name, samples in run.interleaved("ExecSync", calls, sample, able).items():
+            run.results[name].figures[f"ExecSync true, median of {calls} (ms)"] = statistics.median(samples)
     finally:
-        end_pod(rt, pod.id)
+        run.each(
+            "the ExecSync clean-up", lambda rt: end_pod(rt, pods[rt.name].id), [rt for rt in able if rt.name in pods]
+        )
 
 
 def start_pods(rt: Runtime, count: int, per_pod: int) -> list[Pod]:
@@ -545,36 +622,55 @@ def end_pods(rt: Runtime, pods: list[Pod]) -> None:
         list(pool.map(lambda pod: end_pod(rt, pod.id), pods))
 
 
-def median_latency_ms(method: Callable[..., object], request: object, calls: int) -> float:
-    samples = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        method(request, timeout=60)
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+@dataclass(frozen=True)
+class ListProbe:
+    method: str
+    request: Any
+    where: str  # "200 containers"
+    expected: int  # items it should list
+    items: str  # the response field that holds them
 
 
-def list_latencies(rt: Runtime, calls: int, res: Results, pods: int, count: int) -> None:
-    """Median latency of each List call; a note when one lists fewer items than there are."""
-    probes: list[tuple[str, Any, str, int, str]] = [
-        ("ListContainers", pb.ListContainersRequest(), f"{count} containers", count, "containers"),
-        ("ListContainerStats", pb.ListContainerStatsRequest(), f"{count} containers", count, "stats"),
-        ("ListPodSandbox", pb.ListPodSandboxRequest(), f"{pods} pods", pods, "items"),
+def probe_list(run: Run, probe: ListProbe, rt: Runtime) -> bool:
+    """One warm-up call: its size, notes on what it lists; False when the runtime lacks the method."""
+    try:
+        response = getattr(rt.rs, probe.method)(probe.request, timeout=60)
+    except grpc.RpcError as error:
+        if not unimplemented(error):
+            raise
+        run.res(rt).notes.append(f"{rt.name}: {probe.method} answered UNIMPLEMENTED")
+        return False
+    listed = getattr(response, probe.items)
+    if len(listed) != probe.expected:
+        run.res(rt).notes.append(f"{rt.name}: {probe.method} listed {len(listed)}, expected {probe.expected}")
+    if probe.items == "stats" and not all(s.memory.working_set_bytes.value for s in listed):
+        run.res(rt).notes.append(f"{rt.name}: ListContainerStats has entries without a memory working set")
+    run.res(rt).figures[f"{probe.method} response, {probe.where} (bytes)"] = response.ByteSize()
+    return True
+
+
+def list_latencies(run: Run, runtimes: list[Runtime], calls: int, pods: int, count: int) -> None:
+    """Median latency of each List call, taken in turns, and of Version: the floor under them all, the
+    smallest call through the same client and server stack."""
+    probes = [
+        ListProbe("ListContainers", pb.ListContainersRequest(), f"{count} containers", count, "containers"),
+        ListProbe("ListContainerStats", pb.ListContainerStatsRequest(), f"{count} containers", count, "stats"),
+        ListProbe("ListPodSandbox", pb.ListPodSandboxRequest(), f"{pods} pods", pods, "items"),
+        ListProbe("Version", pb.VersionRequest(), "", 0, ""),
     ]
-    for name, request, where, expected, items in probes:
-        method = getattr(rt.rs, name)
-        try:
-            listed = getattr(method(request, timeout=60), items)  # warm-up, and a probe for UNIMPLEMENTED
-        except grpc.RpcError as error:
-            if not unimplemented(error):
-                raise
-            res.notes.append(f"{rt.name}: {name} answered UNIMPLEMENTED")
-            continue
-        if len(listed) != expected:
-            res.notes.append(f"{rt.name}: {name} listed {len(listed)}, expected {expected}")
-        if items == "stats" and not all(s.memory.working_set_bytes.value for s in listed):
-            res.notes.append(f"{rt.name}: ListContainerStats has entries without a memory working set")
-        res.figures[f"{name}, {where} (ms)"] = median_latency_ms(method, request, calls)
+    for probe in probes:
+        answering = [
+            rt
+            for rt in runtimes
+            if not probe.items or run.check(rt, probe.method, functools.partial(probe_list, run, probe, rt))
+        ]
+
+        def sample(rt: Runtime, probe: ListProbe = probe) -> float:
+            return time_call_ms(getattr(rt.rs, probe.method), probe.request)
+
+        figure = f"{probe.method}, {probe.where} (ms)" if probe.where else f"{probe.method} (ms)"
+        for name, samples in run.interleaved(probe.method, calls, sample, answering).items():
+            run.results[name].figures[figure] = statistics.median(samples)
 
 
 def pod_memory(rt: Runtime, pods: list[Pod], label: str, res: Results) -> None:
@@ -597,56 +693,72 @@ def daemon_memory(rt: Runtime, res: Results, count: int) -> None:
         res.figures[f"daemon's child processes RSS, {count} containers (MiB)"] = memory_mib(helpers)[0]
 
 
-def scale(rt: Runtime, pods: int, containers: int, calls: int, res: Results) -> None:
-    if rt.missing:
-        res.notes.append(f"{rt.name}: scale section skipped ({rt.missing} is UNIMPLEMENTED)")
-        return
+def scale(run: Run, pods: int, containers: int, calls: int) -> None:
+    """Both runtimes hold their containers at once, so the List calls can be timed in turns. The pods left
+    when a step fails are removed by Runtime.stop()."""
     per_pod = containers // pods
-    made: list[Pod] = []
-    try:
+    count = pods * per_pod
+    able = [rt for rt in run.live if not rt.missing]
+    for rt in run.live:
+        if rt.missing:
+            run.res(rt).notes.append(f"{rt.name}: scale section skipped ({rt.missing} is UNIMPLEMENTED)")
+    made: dict[str, list[Pod]] = {rt.name: [] for rt in able}
+    singles: dict[str, list[Pod]] = {}
+
+    def start_all(rt: Runtime) -> None:
         started = time.perf_counter()
-        made += start_pods(rt, pods, per_pod)
-        res.figures[f"start {pods} pods x {per_pod} containers, {SCALE_CLIENTS} clients (ms)"] = (
-            time.perf_counter() - started
-        ) * 1000
-        time.sleep(2)  # let the monitors and the daemon settle
-        daemon_memory(rt, res, pods * per_pod)
-        list_latencies(rt, calls, res, pods, pods * per_pod)
-        pod_memory(rt, made, f"{per_pod}-container", res)
-        singles = start_pods(rt, 5, 1)
-        made += singles
-        time.sleep(1)
-        pod_memory(rt, singles, "1-container", res)
+        made[rt.name] += start_pods(rt, pods, per_pod)
+        figure = f"start {pods} pods x {per_pod} containers, {SCALE_CLIENTS} clients (ms)"
+        run.res(rt).figures[figure] = (time.perf_counter() - started) * 1000
+
+    def start_singles(rt: Runtime) -> None:
+        singles[rt.name] = start_pods(rt, 5, 1)
+        made[rt.name] += singles[rt.name]
+
+    def remove_all(rt: Runtime) -> None:
         started = time.perf_counter()
-        end_pods(rt, made)
-        made = []
-        res.figures[f"remove {pods + 5} pods, {SCALE_CLIENTS} clients (ms)"] = (time.perf_counter() - started) * 1000
-    except Unsupported as gap:
-        res.notes.append(f"{rt.name}: scale section stopped: {gap} answered UNIMPLEMENTED")
-    finally:
-        end_pods(rt, made)
+        end_pods(rt, made[rt.name])
+        made[rt.name] = []
+        figure = f"remove {pods + 5} pods, {SCALE_CLIENTS} clients (ms)"
+        run.res(rt).figures[figure] = (time.perf_counter() - started) * 1000
+
+    run.each("starting the scale pods", start_all, able)
+    time.sleep(2)  # let the monitors and the daemons settle
+    run.each("the daemon's memory", lambda rt: daemon_memory(rt, run.res(rt), count), able)
+    list_latencies(run, [rt for rt in able if rt in run.live], calls, pods, count)
+    label = f"{per_pod}-container"
+    run.each("the pods' memory", lambda rt: pod_memory(rt, made[rt.name], label, run.res(rt)), able)
+    run.each("starting 1-container pods", start_singles, able)
+    time.sleep(1)
+    run.each(
+        "the 1-container pods' memory", lambda rt: pod_memory(rt, singles[rt.name], "1-container", run.res(rt)), able
+    )
+    run.each("removing the scale pods", remove_all, able)
 
 
-def measure(rt: Runtime, args: argparse.Namespace) -> Results:
-    res = Results()
+def start_runtime(run: Run, rt: Runtime) -> None:
+    print(f"{rt.name}: starting", flush=True)
+    rt.start()
+    run.res(rt).notes.append(f"{rt.name}: {rt.version()}")
+    pull(rt)
+
+
+def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Results]:
+    """Every figure, each taken from the runtimes in turns; every runtime stopped and cleaned at the end."""
+    run = Run(runtimes)
     try:
-        print(f"{rt.name}: starting", flush=True)
-        rt.start()
-        res.notes.append(f"{rt.name}: {rt.version()}")
-        pull(rt)
-        print(f"{rt.name}: pod lifecycle x {args.iterations}", flush=True)
-        lifecycle(rt, args.iterations, res)
-        print(f"{rt.name}: ExecSync x {args.exec_calls}", flush=True)
-        exec_latency(rt, args.exec_calls, res)
+        run.each("start", functools.partial(start_runtime, run))
+        print(f"pod lifecycle x {args.iterations}, in turns", flush=True)
+        lifecycle(run, args.iterations)
+        print(f"ExecSync x {args.exec_calls}, in turns", flush=True)
+        exec_latency(run, args.exec_calls)
         if not args.skip_scale:
-            print(f"{rt.name}: {args.containers} containers in {args.pods} pods", flush=True)
-            scale(rt, args.pods, args.containers, args.list_calls, res)
-    except Exception as error:  # a broken runtime must not cost the other one its figures
-        traceback.print_exc()
-        res.notes.append(f"{rt.name}: stopped early: {describe(error)}")
+            print(f"{args.containers} containers in {args.pods} pods on each runtime", flush=True)
+            scale(run, args.pods, args.containers, args.list_calls)
     finally:
-        rt.stop()
-    return res
+        for rt in runtimes:
+            rt.stop()
+    return run.results
 
 
 # -- output --
@@ -698,8 +810,7 @@ def main() -> None:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1  # before we add our own
     try:
         with bench_env() as env:
-            for name in names:
-                results[name] = measure(RUNTIMES[name](env), args)
+            results = measure([RUNTIMES[name](env) for name in names], args)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: pods, daemons, bridges and directories removed") from None
     print()
