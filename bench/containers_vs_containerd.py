@@ -81,6 +81,9 @@ STEPS = (
     "RemovePodSandbox",
 )
 RPC_TIMEOUT = 120.0
+# A pause before each sample: work a runtime finishes after it answered (a shim delivering its events, processes
+# being torn down) must not land on the other runtime's next sample.
+SETTLE = 0.1
 SCALE_CLIENTS = 4  # parallel clients that start and remove the pods of the scale section
 CATATONIT = Path("/usr/bin/catatonit")
 LOOPBACK: dict[str, object] = {"type": "loopback"}
@@ -555,6 +558,7 @@ class Run:
 
         for _ in range(rounds):
             for rt in chosen:
+                time.sleep(SETTLE)
                 self.guard(rt, step, functools.partial(take, rt))
         return {rt.name: samples[rt.name] for rt in chosen if rt in self.live}
 
