@@ -419,7 +419,7 @@ def _busybox_bytes() -> bytes:
 
 BUSYBOX_APPLETS = (
     "sh", "echo", "cat", "sleep", "ls", "id", "true", "false", "env", "mkdir", "touch", "rm",
-    "wc", "head", "hostname", "readlink", "stat", "kill", "ps", "test", "grep", "date", "stty",
+    "wc", "head", "hostname", "readlink", "stat", "kill", "ps", "test", "grep", "date", "stty", "tar",
 )  # fmt: skip
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"

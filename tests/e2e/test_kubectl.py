@@ -238,3 +238,21 @@ def test_kubectl_attach_tty_resizes_the_containers_terminal(kube: Kube, protocol
     assert re.search(rb"21 77\r?\n", seen), seen
     assert b"done-x" in seen, seen
     assert kube.upgrades() == [UPGRADE[protocol]], kube.api.requests
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_kubectl_cp_both_ways(kube: Kube, protocol: str, tmp_path: Path) -> None:
+    """kubectl cp is tar through exec: binary data on stdin one way and on stdout the other."""
+    pod = kube.pod(("c", _sleeper(kube.env)))
+    payload = bytes(range(256)) * 4096 + os.urandom(100_000)  # 1.1 MB, every byte value
+    (tmp_path / "out").mkdir()
+    source = tmp_path / "payload.bin"
+    source.write_bytes(payload)
+    result = kube.run("cp", str(source), f"{pod.name}:/tmp/payload.bin", "-c", "c", protocol=protocol)
+    assert result.returncode == 0, _explain(result, kube)
+    back = tmp_path / "out" / "back.bin"
+    result = kube.run("cp", f"{pod.name}:/tmp/payload.bin", str(back), "-c", "c", protocol=protocol)
+    assert result.returncode == 0, _explain(result, kube)
+    assert back.read_bytes() == payload
+    # Each copy is a tar exec; kubectl also execs `test -d` to see whether the destination is a directory.
+    assert len(kube.upgrades()) >= 2 and set(kube.upgrades()) == {UPGRADE[protocol]}, kube.api.requests
