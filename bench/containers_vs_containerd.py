@@ -761,7 +761,10 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
             scale(run, args.pods, args.containers, args.list_calls)
     finally:
         for rt in runtimes:
-            rt.stop()
+            try:
+                rt.stop()
+            except Exception:  # a failed clean-up of one runtime must not skip the other's
+                traceback.print_exc()
     return run.results
 
 

@@ -237,5 +237,6 @@ def _relay(client: socket.socket, client_read: Callable[[int], bytes], upstream:
     pump(upstream.recv, client)
     upward.join(RELAY_LINGER)
     if upward.is_alive():  # the server is done and the client still holds its side open: end it
-        client.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
         upward.join(RELAY_LINGER)
