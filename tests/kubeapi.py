@@ -82,8 +82,9 @@ def _discovery(path: str) -> dict[str, Any] | None:
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}
     if path == "/api/v1":
         pods: dict[str, Any] = {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod"}
-        subresources = [{**pods, "name": f"pods/{sub}", "verbs": ["create", "get"]} for sub in ("exec", "attach")]
-        subresources.append({**pods, "name": "pods/portforward", "verbs": ["create", "get"]})
+        subresources = [
+            {**pods, "name": f"pods/{sub}", "verbs": ["create", "get"]} for sub in ("exec", "attach", "portforward")
+        ]
         return {
             "kind": "APIResourceList",
             "groupVersion": "v1",

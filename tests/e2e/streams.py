@@ -1,4 +1,4 @@
-"""Helpers shared by the streaming e2e modules: a sleeping container, exec URLs, process scans."""
+"""Helpers shared by the streaming e2e modules: a sleeping container, a web server, exec URLs, process scans."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env
 
 
+def sleeper_config(env: Env) -> pb.ContainerConfig:
+    return env.container_config(command=["sleep", "3600"])
+
+
 def sleeper(env: Env, **kwargs) -> str:
-    return env.run(env.pod(**kwargs), env.container_config(command=["sleep", "3600"]))
+    return env.run(env.pod(**kwargs), sleeper_config(env))
+
+
+def web_server_config(env: Env, page: str) -> pb.ContainerConfig:
+    """busybox httpd on port 8080 of the pod, serving `page` (one line) as /index.html."""
+    script = f"mkdir -p /www && echo {page} > /www/index.html && exec busybox httpd -f -p 8080 -h /www"
+    return env.container_config(command=["sh", "-c", script])
 
 
 def processes(argv: list[str], pid_ns: str = "") -> list[int]:

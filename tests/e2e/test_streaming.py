@@ -11,7 +11,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, running_env
-from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone
+from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone, web_server_config
 from tests.registry_harness import Registry
 from tests.streamclients import UpgradeRefused
 from tests.streamclients import remotecommand as rc
@@ -217,8 +217,7 @@ def test_attach_resizes_sent_back_to_back_all_reach_the_terminal(env: Env) -> No
 
 def _http_pod(env: Env) -> str:
     pod = env.pod()
-    script = "mkdir -p /www && echo hello-through-the-tunnel > /www/index.html && exec busybox httpd -f -p 8080 -h /www"
-    cid = env.run(pod, env.container_config(command=["sh", "-c", script]))
+    cid = env.run(pod, web_server_config(env, "hello-through-the-tunnel"))
     probe = ["sh", "-c", "busybox wget -q -O - http://127.0.0.1:8080/index.html"]
     end = time.monotonic() + 20
     while env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=probe, timeout=5), timeout=30).exit_code != 0:
