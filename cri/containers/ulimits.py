@@ -85,7 +85,7 @@ def _above(value: int, limit: int) -> bool:
 
 def settable(limit: Ulimit) -> str | None:
     """Why a container could not be given `limit` on this host, or None if it can."""
-    if "CAP_SYS_RESOURCE" in capabilities.bounding_set():
+    if capabilities.has_effective("CAP_SYS_RESOURCE"):
         return None
     _, ours = resource.getrlimit(NAMES[limit.name])
     if _above(limit.hard, ours):
