@@ -19,7 +19,6 @@ from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event, set_level
 from cri.oci.handlers import RuntimeHandlers
-from cri.rpc import service_handler
 from cri.runtime_service import RuntimeService
 from cri.server import CriServer
 from cri.state import Store
@@ -91,7 +90,8 @@ async def serve(live: LiveConfig) -> None:
 
         server = CriServer(
             config.listen,
-            [service_handler("RuntimeService", runtime), service_handler("ImageService", ImageService(images))],
+            {"RuntimeService": runtime, "ImageService": ImageService(images)},
+            config.grpc_server,
         )
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)

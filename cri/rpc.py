@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 from api.runtime.v1 import api_pb2
 from cri import metrics
 from cri.errors import Unimplemented, status_of
+from cri.grpcserver import Route, RpcError
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -110,27 +112,22 @@ def _unimplemented(method: Method) -> Unimplemented:
     return Unimplemented(f"{method.service}/{method.name} is not implemented by criopy yet")
 
 
-async def _fail(
-    method: Method, request: Message, started: float, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
-) -> NoReturn:
-    """Answer the call with the gRPC status that `exc` maps to."""
-    code, message = status_of(exc)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error("unexpected error", exc_info=exc, extra={"fields": {"method": method.path}})
-    _finish(method, request, started, code, message)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")
-
-
 UnaryImpl = Callable[[Any], Awaitable[Message]]
 StreamImpl = Callable[[Any], AsyncIterator[Message]]
 
 
-@asynccontextmanager
-async def _instrumented(
-    method: Method, request: Message, context: grpc.aio.ServicerContext[Any, Any]
-) -> AsyncIterator[None]:
-    """Times the call, logs and counts it, and answers a failure with its mapped gRPC status."""
+def _failed(method: Method, request: Message, started: float, exc: Exception) -> RpcError:
+    """Logs and counts a failed call; the status it answers with, as an RpcError."""
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unexpected error", exc_info=exc, extra={"fields": {"method": method.path}})
+    _finish(method, request, started, code, message)
+    return RpcError(code, message)
+
+
+@contextmanager
+def _instrumented(method: Method, request: Message) -> Iterator[None]:
+    """Times the call, logs and counts it, and turns a failure into its mapped status."""
     started = time.monotonic()
     try:
         yield
@@ -138,21 +135,25 @@ async def _instrumented(
         _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
         raise
     except Exception as exc:
-        await _fail(method, request, started, context, exc)
+        raise _failed(method, request, started, exc) from exc
     _finish(method, request, started, grpc.StatusCode.OK, None)
 
 
-def _unary(
-    method: Method, impl: UnaryImpl | None
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        async with _instrumented(method, request, context):
-            if impl is None:
-                raise _unimplemented(method)
-            response = await impl(request)
-        return response
+async def call_unary(method: Method, impl: UnaryImpl | None, request: Message) -> Message:
+    """Runs one unary call, instrumented; a failure raises RpcError with its status."""
+    with _instrumented(method, request):
+        if impl is None:
+            raise _unimplemented(method)
+        return await impl(request)
 
-    return handle
+
+async def call_stream(method: Method, impl: StreamImpl | None, request: Message) -> AsyncIterator[Message]:
+    """Runs one server-streaming call, instrumented as `call_unary` is."""
+    with _instrumented(method, request):
+        if impl is None:
+            raise _unimplemented(method)
+        async for item in impl(request):
+            yield item
 
 
 T = TypeVar("T")
@@ -167,33 +168,58 @@ def chunks(items: Sequence[T], size: int = STREAM_CHUNK) -> Iterator[Sequence[T]
         yield items[start : start + size]
 
 
-def _stream(
+def routes(servicers: Mapping[str, object | None]) -> dict[str, Route]:
+    """Every RPC of the named services, for criopy's own gRPC transport."""
+    table: dict[str, Route] = {}
+    for service, servicer in servicers.items():
+        for method in methods(service):
+            impl = getattr(servicer, method.name, None)
+            if method.server_streaming:
+                table[method.path] = Route(parse=method.request.FromString, stream=partial(call_stream, method, impl))
+            else:
+                table[method.path] = Route(parse=method.request.FromString, unary=partial(call_unary, method, impl))
+    return table
+
+
+def _aio_unary(
+    method: Method, impl: UnaryImpl | None
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await call_unary(method, impl, request)
+        except RpcError as exc:
+            await context.abort(exc.code, exc.details)
+
+    return handle
+
+
+def _aio_stream(
     method: Method, impl: StreamImpl | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        async with _instrumented(method, request, context):
-            if impl is None:
-                raise _unimplemented(method)
-            async for item in impl(request):
+        try:
+            async for item in call_stream(method, impl, request):
                 yield item
+        except RpcError as exc:
+            await context.abort(exc.code, exc.details)
 
     return handle
 
 
 def service_handler(service: str, servicer: object | None) -> grpc.GenericRpcHandler:
-    """All RPCs of `service`, dispatched to `servicer`'s methods of the same name."""
+    """All RPCs of `service` for grpcio's server, dispatched to `servicer`'s methods of the same name."""
     table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in methods(service):
         impl = getattr(servicer, method.name, None)
         if method.server_streaming:
             table[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(method, impl),
+                _aio_stream(method, impl),
                 request_deserializer=method.request.FromString,
                 response_serializer=method.response.SerializeToString,
             )
         else:
             table[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method, impl),
+                _aio_unary(method, impl),
                 request_deserializer=method.request.FromString,
                 response_serializer=method.response.SerializeToString,
             )

@@ -1,4 +1,4 @@
-"""The CRI gRPC server on a unix socket: socket lifecycle and graceful stop."""
+"""The CRI gRPC server on a unix socket: socket lifecycle, the choice of transport, graceful stop."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import grpc
 
+from cri.grpcserver import GrpcServer
 from cri.log import event
+from cri.rpc import routes, service_handler
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +51,42 @@ def prepare_socket_path(path: str) -> None:
 
 
 class CriServer:
-    def __init__(self, socket_path: str, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+    """The CRI services on the unix socket, served by criopy's own gRPC transport or by grpcio's."""
+
+    def __init__(self, socket_path: str, servicers: Mapping[str, object], transport: str = "builtin") -> None:
         self.socket_path = socket_path
-        self._server = grpc.aio.server(
-            handlers=list(handlers),
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self.transport = transport
+        self._builtin: GrpcServer | None = None
+        self._grpcio: grpc.aio.Server | None = None
+        if transport == "builtin":
+            self._builtin = GrpcServer(routes(servicers), MAX_MESSAGE_BYTES)
+        else:
+            self._grpcio = grpc.aio.server(
+                handlers=[service_handler(name, servicer) for name, servicer in servicers.items()],
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ],
+            )
 
     async def start(self) -> None:
         prepare_socket_path(self.socket_path)
-        self._server.add_insecure_port(f"unix://{self.socket_path}")
-        await self._server.start()
+        if self._builtin is not None:
+            await self._builtin.start(self.socket_path)
+        else:
+            assert self._grpcio is not None
+            self._grpcio.add_insecure_port(f"unix://{self.socket_path}")
+            await self._grpcio.start()
         os.chmod(self.socket_path, SOCKET_MODE)
-        event(log, logging.INFO, "listening", socket=self.socket_path)
+        event(log, logging.INFO, "listening", socket=self.socket_path, transport=self.transport)
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, then cancel them."""
-        await self._server.stop(grace_seconds)
+        if self._builtin is not None:
+            await self._builtin.stop(grace_seconds)
+        else:
+            assert self._grpcio is not None
+            await self._grpcio.stop(grace_seconds)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         event(log, logging.INFO, "stopped listening", socket=self.socket_path)

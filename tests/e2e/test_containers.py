@@ -17,6 +17,7 @@ from tests.e2e.containers import (
     CGROUP_ROOT,
     NOTHING,
     Env,
+    running_env,
 )
 
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) ")
@@ -209,6 +210,21 @@ def test_stats_of_a_busy_container_and_update_resources(env: Env) -> None:
 
 
 def test_events_arrive_for_create_start_stop_delete(env: Env) -> None:
+    _events_arrive(env)
+
+
+def test_grpcio_transport_serves_a_container_and_its_events(make_daemon, registry, busybox: str) -> None:
+    """The fallback transport (grpc_server: grpcio) still runs the whole service."""
+    with running_env(make_daemon, registry, [busybox], "grpc_server: grpcio\n") as env:
+        assert "transport=grpcio" in env.daemon.log()
+        pod = env.pod()
+        done = env.run_to_exit(pod, env.container_config(command=["echo", "over grpcio"]))
+        assert (done.exit_code, done.reason) == (0, "Completed")
+        assert any(line.endswith(" stdout F over grpcio") for line in env.log_lines(pod))
+        _events_arrive(env)
+
+
+def _events_arrive(env: Env) -> None:
     pod = env.pod()
     received: list[pb.ContainerEventResponse] = []
     stream = env.rt.GetContainerEvents(pb.GetEventsRequest())

@@ -1,4 +1,4 @@
-"""The method table and its instrumentation, served in-process on a unix socket."""
+"""The method table and its instrumentation, served in-process on a unix socket by both transports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
 from cri.errors import InvalidArgument, NotFound
-from cri.rpc import methods, object_id, service_handler
+from cri.rpc import methods, object_id
+from cri.server import CriServer
 
 
 def test_every_rpc_of_both_services_is_in_the_table():
@@ -56,9 +57,8 @@ class FakeRuntime:
             yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i))])
 
 
-async def _exercise(path: str) -> dict[str, object]:
-    server = grpc.aio.server(handlers=[service_handler("RuntimeService", FakeRuntime())])
-    server.add_insecure_port(f"unix://{path}")
+async def _exercise(path: str, transport: str) -> dict[str, object]:
+    server = CriServer(path, {"RuntimeService": FakeRuntime()}, transport)
     await server.start()
     results: dict[str, object] = {}
     try:
@@ -77,13 +77,13 @@ async def _exercise(path: str) -> dict[str, object]:
                     results[name] = (exc.code(), exc.details())
             results["stream"] = [r.containers[0].id async for r in stub.StreamContainers(pb.StreamContainersRequest())]
     finally:
-        await server.stop(None)
+        await server.stop(1.0)
     return results
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return asyncio.run(_exercise(str(tmp_path_factory.mktemp("rpc") / "s.sock")))
+@pytest.fixture(scope="module", params=["builtin", "grpcio"])
+def results(request, tmp_path_factory):
+    return asyncio.run(_exercise(str(tmp_path_factory.mktemp("rpc") / "s.sock"), request.param))
 
 
 def test_implemented_calls_answer(results):

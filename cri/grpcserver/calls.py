@@ -1,0 +1,185 @@
+"""gRPC calls over HTTP/2 (gRPC's PROTOCOL-HTTP2.md): routing, message framing, deadlines, status.
+
+A complete request stream becomes one asyncio task running the route's handler; RST_STREAM
+or a lost connection cancels it, as does the client's `grpc-timeout`. Handlers end a call
+with a status by raising `RpcError`; anything else they raise is answered INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from cri.grpcserver import frames as f
+from cri.grpcserver.connection import Http2Connection, Stream
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
+
+UnaryHandler = Callable[[Any], Awaitable[Message]]
+StreamHandler = Callable[[Any], AsyncIterator[Message]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One method: how to read its request, and the handler (unary, or server-streaming)."""
+
+    parse: Callable[[bytes], Message]
+    unary: UnaryHandler | None = None
+    stream: StreamHandler | None = None
+
+
+class RpcError(Exception):
+    """Ends a call with a gRPC status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+_CONTENT_TYPE = f.literal(b"content-type", b"application/grpc")
+RESPONSE_HEADERS = f.STATUS_200 + _CONTENT_TYPE + f.literal(b"grpc-accept-encoding", b"identity")
+_OK_TRAILERS = f.literal(b"grpc-status", b"0")
+
+
+def _percent_encode(text: str) -> bytes:
+    """grpc-message encoding: printable ASCII except '%' as is, every other byte as %XX."""
+    out = bytearray()
+    for byte in text.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def status_block(code: grpc.StatusCode, details: str) -> bytes:
+    number: int = code.value[0]
+    block = f.literal(b"grpc-status", str(number).encode())
+    if details:
+        block += f.literal(b"grpc-message", _percent_encode(details))
+    return block
+
+
+def trailers_only(code: grpc.StatusCode, details: str) -> bytes:
+    return f.STATUS_200 + _CONTENT_TYPE + status_block(code, details)
+
+
+def parse_timeout(value: bytes) -> float:
+    """Seconds from a grpc-timeout header value ("100m", "5S", at most 8 digits)."""
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"grpc-timeout: malformed value {value!r}")
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def _request_message(route: Route, headers: dict[bytes, bytes], body: bytearray, path: str) -> Message:
+    if len(body) < MESSAGE_PREFIX.size:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: the request carries no message")
+    compressed, length = MESSAGE_PREFIX.unpack_from(body)
+    if len(body) != MESSAGE_PREFIX.size + length:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: a unary request carries exactly one message")
+    if compressed:
+        encoding = headers.get(b"grpc-encoding", b"identity").decode("latin-1")
+        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding: compressed messages ({encoding}) unsupported")
+    try:
+        return route.parse(bytes(body[MESSAGE_PREFIX.size :]))
+    except DecodeError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: the request is not a valid message: {exc}") from exc
+
+
+def _http_refusal(status: bytes) -> bytes:
+    return f.literal(b":status", status)
+
+
+class Dispatcher:
+    """Turns complete request streams into calls of the routes; keeps the running calls."""
+
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._routes = {path.encode(): route for path, route in routes.items()}
+        self.calls: set[asyncio.Task[None]] = set()
+
+    def __call__(self, conn: Http2Connection, stream: Stream) -> None:
+        headers = stream.headers or {}
+        if headers.get(b":method") != b"POST":
+            conn.finish(stream, _http_refusal(b"405"))
+            return
+        if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
+            conn.finish(stream, _http_refusal(b"415"))
+            return
+        raw_path = headers.get(b":path", b"")
+        path = raw_path.decode("latin-1")
+        route = self._routes.get(raw_path)
+        try:
+            if route is None:
+                raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+            if stream.too_large:
+                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{path}: request larger than the limit")
+            timeout = headers.get(b"grpc-timeout")
+            deadline = parse_timeout(timeout) if timeout is not None else None
+            request = _request_message(route, headers, stream.body, path)
+        except RpcError as exc:
+            event(log, logging.INFO, "rpc refused", method=path, code=exc.code.name, error=exc.details)
+            conn.finish(stream, trailers_only(exc.code, exc.details))
+            return
+        stream.body = bytearray()
+        run = _unary if route.unary else _stream
+        task = asyncio.get_running_loop().create_task(run(conn, stream, route, request, deadline))
+        stream.task = task
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+
+def _failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RpcError):
+        return exc.code, exc.details
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    log.error("unexpected error in a call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def _unary(conn: Http2Connection, stream: Stream, route: Route, request: Message, deadline: float | None) -> None:
+    assert route.unary is not None
+    try:
+        async with asyncio.timeout(deadline):
+            response = await route.unary(request)
+        payload = response.SerializeToString()
+    except Exception as exc:
+        code, details = _failure(exc)
+        conn.finish(stream, trailers_only(code, details))
+        return
+    conn.respond(stream, RESPONSE_HEADERS, MESSAGE_PREFIX.pack(0, len(payload)) + payload, _OK_TRAILERS)
+
+
+async def _stream(
+    conn: Http2Connection, stream: Stream, route: Route, request: Message, deadline: float | None
+) -> None:
+    assert route.stream is not None
+    started = False
+    try:
+        async with asyncio.timeout(deadline):
+            async for item in route.stream(request):
+                payload = item.SerializeToString()
+                if not started:
+                    conn.send_headers(stream, RESPONSE_HEADERS)
+                    started = True
+                conn.send_data(stream, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+                await conn.writable(stream)
+    except Exception as exc:
+        code, details = _failure(exc)
+        conn.finish(stream, status_block(code, details) if started else trailers_only(code, details))
+        return
+    conn.finish(stream, _OK_TRAILERS if started else trailers_only(grpc.StatusCode.OK, ""))

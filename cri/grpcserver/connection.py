@@ -1,0 +1,491 @@
+"""One HTTP/2 server connection (RFC 9113) as an asyncio protocol: frames, streams, flow control.
+
+It knows nothing of gRPC. A stream whose request is complete (headers and body, the
+client's END_STREAM seen) goes to `on_request`; the call layer answers through
+`respond`, `send_headers`, `send_data` and `finish`. Output is paced by the peer's
+flow-control windows; what does not fit waits in the stream until WINDOW_UPDATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import hpack
+
+from cri.grpcserver import frames as f
+from cri.grpcserver.frames import ConnectionFailure, ErrorCode
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+# Output a streaming call may queue beyond the peer's window before it has to wait.
+HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int
+    max_concurrent_streams: int = 1024
+    max_header_list_bytes: int = 64 * 1024
+    # What we let the client send before it must wait for our WINDOW_UPDATE: large, so
+    # that a request is rarely held up; requests are bounded by max_request_bytes anyway.
+    initial_window: int = 4 * 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+
+
+class Stream:
+    """One request and its answer. `headers` are the decoded request headers, names and values raw."""
+
+    __slots__ = (
+        "block",
+        "block_ends_stream",
+        "body",
+        "headers",
+        "id",
+        "local_closed",
+        "pending",
+        "recv_unacked",
+        "remote_closed",
+        "send_window",
+        "task",
+        "too_large",
+        "trailers",
+        "writable",
+    )
+
+    def __init__(self, stream_id: int, send_window: int) -> None:
+        self.id = stream_id
+        self.headers: dict[bytes, bytes] | None = None
+        self.block = bytearray()
+        self.block_ends_stream = False
+        self.body = bytearray()
+        self.remote_closed = False
+        self.local_closed = False
+        self.send_window = send_window
+        self.recv_unacked = 0
+        self.pending = bytearray()
+        self.trailers: bytes | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.writable: asyncio.Future[None] | None = None
+        self.too_large = False
+
+
+RequestHandler = Callable[["Http2Connection", Stream], None]
+
+
+class Http2Connection(asyncio.Protocol):
+    def __init__(self, on_request: RequestHandler, on_lost: Callable[[Http2Connection], None], limits: Limits) -> None:
+        self._on_request = on_request
+        self._on_lost = on_lost
+        self._limits = limits
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._preface_seen = False
+        self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_list_bytes)
+        self.streams: dict[int, Stream] = {}
+        self.last_stream_id = 0
+        self._continuing: Stream | None = None  # stream whose header block awaits CONTINUATION
+        self._peer_initial_window = f.DEFAULT_WINDOW
+        self._peer_max_frame = f.MIN_FRAME_SIZE
+        self._send_window = f.DEFAULT_WINDOW
+        self._recv_unacked = 0
+        self._out: list[bytes] | None = None  # frames batched while one read is handled
+        self._blocked: dict[int, Stream] = {}  # streams with output waiting for window
+        self._going_away = False
+        self.closed = False
+
+    # ---- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        ours = {
+            f.SETTINGS_ENABLE_PUSH: 0,
+            f.SETTINGS_MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
+            f.SETTINGS_INITIAL_WINDOW_SIZE: self._limits.initial_window,
+            f.SETTINGS_MAX_HEADER_LIST_SIZE: self._limits.max_header_list_bytes,
+        }
+        transport.write(f.settings_frame(ours) + f.window_update(0, self._limits.connection_window - f.DEFAULT_WINDOW))
+
+    def data_received(self, data: bytes) -> None:
+        self._out = []
+        try:
+            self._consume(data)
+        except ConnectionFailure as exc:
+            self._out.append(f.goaway(self.last_stream_id, exc.code, str(exc)))
+            self._flush_batch()
+            event(log, logging.WARNING, "http2 connection error", code=exc.code.name, reason=str(exc))
+            self.close()
+            return
+        self._flush_batch()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for stream in list(self.streams.values()):
+            self._cancel(stream)
+        self.streams.clear()
+        self._blocked.clear()
+        self._on_lost(self)
+
+    # ---- what the call layer uses -------------------------------------------------------
+
+    def respond(self, stream: Stream, headers: bytes, message: bytes, trailers: bytes) -> None:
+        """A whole answer at once: headers, one DATA payload (may be empty), trailers."""
+        if stream.local_closed:
+            return
+        outside_read = self._out is None
+        if outside_read:  # one write (one syscall) for the whole answer
+            self._out = []
+        self._write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, headers))
+        stream.pending += message
+        stream.trailers = trailers
+        self._pump(stream)
+        if outside_read:
+            self._flush_batch()
+
+    def send_headers(self, stream: Stream, headers: bytes) -> None:
+        if not stream.local_closed:
+            self._write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, headers))
+
+    def send_data(self, stream: Stream, data: bytes) -> None:
+        if not stream.local_closed:
+            stream.pending += data
+            self._pump(stream)
+
+    async def writable(self, stream: Stream) -> None:
+        """Wait while the stream's unsent output is above the high-water mark."""
+        while len(stream.pending) > HIGH_WATER and not stream.local_closed and not self.closed:
+            stream.writable = asyncio.get_running_loop().create_future()
+            await stream.writable
+
+    def finish(self, stream: Stream, trailers: bytes) -> None:
+        """Trailers with END_STREAM, sent once every queued byte of the stream is out."""
+        if not stream.local_closed:
+            stream.trailers = trailers
+            self._pump(stream)
+
+    def go_away(self) -> None:
+        """Graceful shutdown: no new streams; the ones already opened are answered."""
+        if self._going_away or self.closed:
+            return
+        self._going_away = True
+        self._write(f.goaway(self.last_stream_id, ErrorCode.NO_ERROR, "server shutting down"))
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _consume(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        if not self._preface_seen:
+            if len(buf) < len(f.PREFACE):
+                if not f.PREFACE.startswith(bytes(buf)):
+                    raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+                return
+            if buf[: len(f.PREFACE)] != f.PREFACE:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+            del buf[: len(f.PREFACE)]
+            self._preface_seen = True
+        pos, end = 0, len(buf)
+        try:
+            while end - pos >= f.FRAME_HEADER_SIZE:
+                length_kind, flags, stream_id = f.FRAME_HEADER.unpack_from(buf, pos)
+                length = length_kind >> 8
+                if length > f.MIN_FRAME_SIZE:
+                    raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if end - pos < f.FRAME_HEADER_SIZE + length:
+                    break
+                start = pos + f.FRAME_HEADER_SIZE
+                payload = bytes(buf[start : start + length])
+                pos = start + length
+                self._frame(length_kind & 0xFF, flags, stream_id & 0x7FFFFFFF, payload)
+        finally:
+            del buf[:pos]
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuing is not None and kind != f.CONTINUATION:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "header block interrupted before END_HEADERS")
+        handler = self._handlers.get(kind)
+        if handler is not None:  # unknown frame types are ignored (RFC 9113 section 4.1)
+            handler(self, flags, stream_id, payload)
+
+    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0 or len(payload) != 8:
+            raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "PING must be 8 bytes on stream 0")
+        if not flags & f.ACK:
+            self._write(f.frame(f.PING, f.ACK, 0, payload))
+
+    def _on_rst_stream(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0 or len(payload) != 4:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._cancel(stream)
+
+    def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0 or len(payload) != 5:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
+
+    def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
+        """The client opens no more streams; the ones it has are still answered."""
+
+    def _on_push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
+        raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "clients cannot push")
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if not flags & f.PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
+        return payload[1 : len(payload) - payload[0]]
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        # Flow control counts the whole payload, padding included, whatever the stream's fate.
+        self._recv_unacked += len(payload)
+        if self._recv_unacked > self._limits.connection_window:
+            raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
+        if self._recv_unacked >= self._limits.connection_window // 2:
+            self._write(f.window_update(0, self._recv_unacked))
+            self._recv_unacked = 0
+        data = self._unpad(flags, payload)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.last_stream_id:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return  # a stream we already reset or answered: frames in flight are dropped
+        if stream.remote_closed or stream.headers is None:
+            self._reset(stream, ErrorCode.STREAM_CLOSED)
+            return
+        stream.recv_unacked += len(payload)
+        if stream.recv_unacked > self._limits.initial_window:
+            self._reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        if not stream.too_large:
+            stream.body += data
+            if len(stream.body) > self._limits.max_request_bytes:
+                stream.too_large = True
+                stream.body = bytearray()
+        if flags & f.END_STREAM:
+            stream.remote_closed = True
+            self._on_request(self, stream)
+        elif stream.recv_unacked >= self._limits.initial_window // 2:
+            self._write(f.window_update(stream_id, stream.recv_unacked))
+            stream.recv_unacked = 0
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0 or stream_id % 2 == 0:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+        block = self._unpad(flags, payload)
+        if flags & f.PRIORITY_FLAG:
+            if len(block) < 5:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "HEADERS too short for its priority")
+            block = block[5:]
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id <= self.last_stream_id:
+                # Trailers or a late block on a stream already finished: decode it all the same,
+                # the HPACK table must stay in step with the client's.
+                stream = Stream(stream_id, 0)
+                stream.local_closed = stream.remote_closed = True
+            else:
+                self.last_stream_id = stream_id
+                stream = Stream(stream_id, self._peer_initial_window)
+                self.streams[stream_id] = stream
+        elif stream.remote_closed:
+            raise ConnectionFailure(ErrorCode.STREAM_CLOSED, f"HEADERS on half-closed stream {stream_id}")
+        stream.block += block
+        stream.block_ends_stream = bool(flags & f.END_STREAM)
+        if flags & f.END_HEADERS:
+            self._headers_complete(stream)
+        else:
+            self._continuing = stream
+
+    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        stream = self._continuing
+        if stream is None or stream.id != stream_id:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
+        stream.block += payload
+        if len(stream.block) > 4 * self._limits.max_header_list_bytes:
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & f.END_HEADERS:
+            self._continuing = None
+            self._headers_complete(stream)
+
+    def _headers_complete(self, stream: Stream) -> None:
+        try:
+            fields = self._decoder.decode(bytes(stream.block), raw=True)
+        except hpack.OversizedHeaderListError as exc:
+            stream.block = bytearray()
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, f"header list too large: {exc}") from exc
+        except hpack.HPACKError as exc:
+            raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+        stream.block = bytearray()
+        if stream.local_closed and stream.remote_closed and stream.id not in self.streams:
+            return  # decoded only to keep the table in step
+        if stream.headers is not None:
+            # Request trailers: gRPC clients send none that matter; they end the request.
+            if not stream.block_ends_stream:
+                self._reset(stream, ErrorCode.PROTOCOL_ERROR)
+                return
+        else:
+            stream.headers = {bytes(name): bytes(value) for name, value in fields}
+            if self._going_away:
+                self._reset(stream, ErrorCode.REFUSED_STREAM)
+                return
+            if len(self.streams) > self._limits.max_concurrent_streams:
+                self._reset(stream, ErrorCode.REFUSED_STREAM)
+                return
+        if stream.block_ends_stream:
+            stream.remote_closed = True
+            self._on_request(self, stream)
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.ACK:
+            if payload:
+                raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        for offset in range(0, len(payload), 6):
+            ident, value = f.SETTING.unpack_from(payload, offset)
+            if ident == f.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif ident == f.SETTINGS_MAX_FRAME_SIZE:
+                if not f.MIN_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE:
+                    raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+                self._peer_max_frame = value
+            elif ident == f.SETTINGS_ENABLE_PUSH and value > 1:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
+            # HEADER_TABLE_SIZE: our header blocks never use the peer's dynamic table.
+        self._write(f.frame(f.SETTINGS, f.ACK, 0))
+        self._pump_blocked()
+
+    def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE must be 4 bytes")
+        increment = f.U32.unpack(payload)[0] & 0x7FFFFFFF
+        if stream_id == 0:
+            if increment == 0:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0 on the connection")
+            self._send_window += increment
+            if self._send_window > f.MAX_WINDOW:
+                raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._pump_blocked()
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if increment == 0:
+            self._reset(stream, ErrorCode.PROTOCOL_ERROR)
+            return
+        stream.send_window += increment
+        if stream.send_window > f.MAX_WINDOW:
+            self._reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        self._pump(stream)
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        elif self._transport is not None and not self.closed:
+            self._transport.write(data)
+
+    def _flush_batch(self) -> None:
+        out, self._out = self._out, None
+        if out and self._transport is not None and not self.closed:
+            self._transport.write(b"".join(out))
+
+    def _pump(self, stream: Stream) -> None:
+        """Send what the windows allow of the stream's output; its trailers once all is out."""
+        pending = stream.pending
+        chunks: list[bytes] = []
+        sent = 0
+        while sent < len(pending):
+            room = min(self._send_window, stream.send_window, self._peer_max_frame, len(pending) - sent)
+            if room <= 0:
+                break
+            chunks.append(f.frame(f.DATA, 0, stream.id, bytes(pending[sent : sent + room])))
+            sent += room
+            self._send_window -= room
+            stream.send_window -= room
+        if sent:
+            del pending[:sent]
+        if not pending and stream.trailers is not None:
+            chunks.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream.id, stream.trailers))
+            stream.trailers = None
+            stream.local_closed = True
+        if chunks:
+            self._write(b"".join(chunks))
+        if stream.local_closed:
+            self._blocked.pop(stream.id, None)
+            self._closed_locally(stream)
+        elif pending:
+            self._blocked[stream.id] = stream
+        else:
+            self._blocked.pop(stream.id, None)
+        if stream.writable is not None and len(pending) <= HIGH_WATER:
+            if not stream.writable.done():
+                stream.writable.set_result(None)
+            stream.writable = None
+
+    def _pump_blocked(self) -> None:
+        for stream in list(self._blocked.values()):
+            if self._send_window <= 0:
+                break
+            self._pump(stream)
+
+    def _closed_locally(self, stream: Stream) -> None:
+        if self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        if not stream.remote_closed:
+            # We answered before the request ended: tell the client to stop sending (RFC 9113 8.1).
+            self._write(f.rst_stream(stream.id, ErrorCode.NO_ERROR))
+
+    def _reset(self, stream: Stream, code: ErrorCode) -> None:
+        self._write(f.rst_stream(stream.id, code))
+        self.streams.pop(stream.id, None)
+        self._cancel(stream)
+
+    def _cancel(self, stream: Stream) -> None:
+        stream.local_closed = True
+        self._blocked.pop(stream.id, None)
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+        if stream.writable is not None and not stream.writable.done():
+            stream.writable.set_result(None)
+
+    _handlers: ClassVar[dict[int, Callable[[Http2Connection, int, int, bytes], None]]] = {
+        f.DATA: _on_data,
+        f.HEADERS: _on_headers,
+        f.PRIORITY: _on_priority,
+        f.RST_STREAM: _on_rst_stream,
+        f.SETTINGS: _on_settings,
+        f.PUSH_PROMISE: _on_push_promise,
+        f.PING: _on_ping,
+        f.GOAWAY: _on_goaway,
+        f.WINDOW_UPDATE: _on_window_update,
+        f.CONTINUATION: _on_continuation,
+    }
