@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -72,9 +74,16 @@ def record_sandbox_states(counts: dict[str, int]) -> None:
         POD_SANDBOXES.labels(state=state).set(count)
 
 
+@functools.cache
+def _operation_children(operation: str, code: str) -> tuple[Any, Any]:
+    # labels() costs a lock and a dict walk; every RPC pays it, so each child is looked up once.
+    return OPERATIONS.labels(operation=operation, code=code), OPERATION_SECONDS.labels(operation=operation)
+
+
 def record_operation(operation: str, code: str, seconds: float) -> None:
-    OPERATIONS.labels(operation=operation, code=code).inc()
-    OPERATION_SECONDS.labels(operation=operation).observe(seconds)
+    count, duration = _operation_children(operation, code)
+    count.inc()
+    duration.observe(seconds)
 
 
 @dataclass

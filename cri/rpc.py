@@ -96,6 +96,8 @@ def _finish(method: Method, request: Message, started: float, code: grpc.StatusC
     # Routine calls (the kubelet polls several times a second) at debug; refusals at
     # info; our own failures at error.
     level = logging.DEBUG if code == grpc.StatusCode.OK else _FAILURE_LEVELS.get(code, logging.INFO)
+    if not log.isEnabledFor(level):
+        return
     event(
         log,
         level,
