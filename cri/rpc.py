@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 PACKAGE = "runtime.v1"
 SERVICES = ("RuntimeService", "ImageService")
 
+# Server streams that last until the client leaves; a stopping daemon ends them at once.
+SUBSCRIPTIONS = frozenset({"GetContainerEvents"})
+
 # Request fields that identify the object an RPC acts on, most specific first.
 _ID_FIELDS = (("container_id",), ("pod_sandbox_id",), ("image", "image"), ("config", "metadata", "name"))
 
@@ -134,7 +137,9 @@ def _instrumented(method: Method, request: Message) -> Iterator[None]:
     try:
         yield
     except asyncio.CancelledError:
-        _finish(method, request, started, grpc.StatusCode.CANCELLED, "client went away")
+        _finish(
+            method, request, started, grpc.StatusCode.CANCELLED, "cancelled: client gone, deadline passed or stopping"
+        )
         raise
     except Exception as exc:
         raise _failed(method, request, started, exc) from exc
@@ -177,7 +182,11 @@ def routes(servicers: Mapping[str, object | None]) -> dict[str, Route]:
         for method in methods(service):
             impl = getattr(servicer, method.name, None)
             if method.server_streaming:
-                table[method.path] = Route(parse=method.request.FromString, stream=partial(call_stream, method, impl))
+                table[method.path] = Route(
+                    parse=method.request.FromString,
+                    stream=partial(call_stream, method, impl),
+                    subscription=method.name in SUBSCRIPTIONS,
+                )
             else:
                 table[method.path] = Route(parse=method.request.FromString, unary=partial(call_unary, method, impl))
     return table

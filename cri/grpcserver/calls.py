@@ -12,6 +12,7 @@ import logging
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -36,6 +37,9 @@ class Route:
     parse: Callable[[bytes], Message]
     unary: UnaryHandler | None = None
     stream: StreamHandler | None = None
+    # A stream that lasts as long as the client wants (an event feed): at stop it is ended
+    # at once rather than waited for.
+    subscription: bool = False
 
 
 class RpcError(Exception):
@@ -110,6 +114,20 @@ class Dispatcher:
     def __init__(self, routes: Mapping[str, Route]) -> None:
         self._routes = {path.encode(): route for path, route in routes.items()}
         self.calls: set[asyncio.Task[None]] = set()
+        self.subscriptions: set[asyncio.Task[None]] = set()
+        self._last_answer: dict[bytes, tuple[Message, bytes]] = {}
+
+    def _framed(self, path: bytes, response: Message) -> bytes:
+        """The response as a gRPC message; the bytes are reused when a method returns the very same
+        message object again (ListContainers does while nothing changed; 80 kB for 200 containers).
+        Handlers never change a message after they have returned it."""
+        last = self._last_answer.get(path)
+        if last is not None and last[0] is response:
+            return last[1]
+        payload = response.SerializeToString()
+        framed = MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        self._last_answer[path] = (response, framed)
+        return framed
 
     def __call__(self, conn: Http2Connection, stream: Stream) -> None:
         headers = stream.headers or {}
@@ -135,11 +153,19 @@ class Dispatcher:
             conn.finish(stream, trailers_only(exc.code, exc.details))
             return
         stream.body = bytearray()
-        run = _unary if route.unary else _stream
-        task = asyncio.get_running_loop().create_task(run(conn, stream, route, request, deadline))
+        if route.unary is not None:
+            framed = partial(self._framed, raw_path)
+            run = _unary(conn, stream, request, handler=route.unary, framed=framed, deadline=deadline)
+        else:
+            run = _stream(conn, stream, route, request, deadline)
+        task = asyncio.get_running_loop().create_task(run)
         stream.task = task
-        self.calls.add(task)
-        task.add_done_callback(self.calls.discard)
+        running = self.subscriptions if route.subscription else self.calls
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+
+_STOPPED = (grpc.StatusCode.UNAVAILABLE, "criopy is shutting down")
 
 
 def _failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -151,17 +177,28 @@ def _failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-async def _unary(conn: Http2Connection, stream: Stream, route: Route, request: Message, deadline: float | None) -> None:
-    assert route.unary is not None
+async def _unary(
+    conn: Http2Connection,
+    stream: Stream,
+    request: Message,
+    *,
+    handler: UnaryHandler,
+    framed: Callable[[Message], bytes],
+    deadline: float | None,
+) -> None:
     try:
         async with asyncio.timeout(deadline):
-            response = await route.unary(request)
-        payload = response.SerializeToString()
+            response = await handler(request)
+        message = framed(response)
+    except asyncio.CancelledError:
+        # By the client (its stream is already closed: nothing is sent) or by the server's stop.
+        conn.finish(stream, trailers_only(*_STOPPED))
+        raise
     except Exception as exc:
         code, details = _failure(exc)
         conn.finish(stream, trailers_only(code, details))
         return
-    conn.respond(stream, RESPONSE_HEADERS, MESSAGE_PREFIX.pack(0, len(payload)) + payload, _OK_TRAILERS)
+    conn.respond(stream, RESPONSE_HEADERS, message, _OK_TRAILERS)
 
 
 async def _stream(
@@ -178,6 +215,9 @@ async def _stream(
                     started = True
                 conn.send_data(stream, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
                 await conn.writable(stream)
+    except asyncio.CancelledError:
+        conn.finish(stream, status_block(*_STOPPED) if started else trailers_only(*_STOPPED))
+        raise
     except Exception as exc:
         code, details = _failure(exc)
         conn.finish(stream, status_block(code, details) if started else trailers_only(code, details))

@@ -273,11 +273,13 @@ class Http2Connection(asyncio.Protocol):
         if stream.recv_unacked > self._limits.initial_window:
             self._reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
             return
-        if not stream.too_large:
-            stream.body += data
-            if len(stream.body) > self._limits.max_request_bytes:
-                stream.too_large = True
-                stream.body = bytearray()
+        stream.body += data
+        if len(stream.body) > self._limits.max_request_bytes:
+            # Answered now (RESOURCE_EXHAUSTED), not after the rest of an oversized body has arrived.
+            stream.too_large = True
+            stream.body = bytearray()
+            self._on_request(self, stream)
+            return
         if flags & f.END_STREAM:
             stream.remote_closed = True
             self._on_request(self, stream)

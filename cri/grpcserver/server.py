@@ -33,7 +33,9 @@ class GrpcServer:
             self._listener.close()
         for conn in list(self._connections):
             conn.go_away()
-        calls = set(self._dispatch.calls)
+        for feed in self._dispatch.subscriptions:
+            feed.cancel()
+        calls = self._dispatch.calls | self._dispatch.subscriptions
         if calls:
             _, late = await asyncio.wait(calls, timeout=grace_seconds)
             for call in late:

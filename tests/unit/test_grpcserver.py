@@ -33,10 +33,14 @@ class Handlers:
     loop: asyncio.AbstractEventLoop | None = None
     release: asyncio.Event | None = None
     started: list[str] = field(default_factory=list)
+    kept: pb.VersionResponse = field(default_factory=lambda: pb.VersionResponse(runtime_name="first"))
     cancelled: list[str] = field(default_factory=list)
 
     async def version(self, request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(runtime_name="x" * (BIG if request.version == "big" else 4))
+
+    async def kept_answer(self, request: pb.VersionRequest) -> pb.VersionResponse:
+        return self.kept
 
     async def fail(self, request: pb.VersionRequest) -> pb.VersionResponse:
         raise RpcError(grpc.StatusCode.NOT_FOUND, "container 50% gone: ü")
@@ -50,6 +54,10 @@ class Handlers:
             self.cancelled.append(request.version)
             raise
         return pb.VersionResponse(runtime_name="released")
+
+    async def feed(self, request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
+        await self.wait(request)
+        yield pb.VersionResponse()
 
     async def stream(self, request: pb.StreamContainersRequest) -> AsyncIterator[pb.StreamContainersResponse]:
         for i in range(3):
@@ -74,9 +82,11 @@ def served(tmp_path: Path) -> Iterator[Served]:
     handlers = Handlers()
     routes = {
         "/t.S/Version": Route(parse=pb.VersionRequest.FromString, unary=handlers.version),
+        "/t.S/Kept": Route(parse=pb.VersionRequest.FromString, unary=handlers.kept_answer),
         "/t.S/Fail": Route(parse=pb.VersionRequest.FromString, unary=handlers.fail),
         "/t.S/Wait": Route(parse=pb.VersionRequest.FromString, unary=handlers.wait),
         "/t.S/Stream": Route(parse=pb.StreamContainersRequest.FromString, stream=handlers.stream),
+        "/t.S/Feed": Route(parse=pb.VersionRequest.FromString, stream=handlers.feed, subscription=True),
     }
     server = GrpcServer(routes, MAX_MESSAGE)
     loop = asyncio.new_event_loop()
@@ -228,6 +238,17 @@ def test_unary_call_answers_with_status_ok(client: Client) -> None:
     assert client.headers[1]["content-type"] == "application/grpc"
 
 
+def test_a_returned_again_answer_is_reused_and_a_new_one_is_sent(served: Served, client: Client) -> None:
+    def name() -> str:
+        status, body = client.answer(client.call("/t.S/Kept", grpc_message(pb.VersionRequest())))
+        assert status["grpc-status"] == "0"
+        return pb.VersionResponse.FromString(body).runtime_name
+
+    assert [name(), name()] == ["first", "first"]
+    served.handlers.kept = pb.VersionResponse(runtime_name="second")
+    assert name() == "second"
+
+
 def test_large_answer_waits_for_the_clients_window(served: Served) -> None:
     """A 100-byte stream window: the answer comes in pieces as the client grants room, never beyond it."""
     c = Client(served.path, window=100)
@@ -339,14 +360,18 @@ def test_server_stream_then_status(client: Client) -> None:
     assert len(client.data[sid]) > 3000  # the three messages came before the failure
 
 
+def _wait_method(channel: grpc.Channel) -> Any:
+    return channel.unary_unary(
+        "/t.S/Wait",
+        request_serializer=pb.VersionRequest.SerializeToString,
+        response_deserializer=pb.VersionResponse.FromString,
+    )
+
+
 def test_stop_lets_a_running_call_finish_and_refuses_new_calls(served: Served) -> None:
     """grpcio as the client here: it follows GOAWAY as a real client does (h2 stops reading at GOAWAY)."""
     with grpc.insecure_channel(f"unix://{served.path}") as channel:
-        wait = channel.unary_unary(
-            "/t.S/Wait",
-            request_serializer=pb.VersionRequest.SerializeToString,
-            response_deserializer=pb.VersionResponse.FromString,
-        )
+        wait = _wait_method(channel)
         running = wait.future(pb.VersionRequest(version="in-flight"))
         _eventually(lambda: served.handlers.started == ["in-flight"])
         stopping = asyncio.run_coroutine_threadsafe(served.server.stop(5), served.loop)
@@ -362,12 +387,33 @@ def test_stop_lets_a_running_call_finish_and_refuses_new_calls(served: Served) -
     assert served.handlers.cancelled == []
 
 
-def test_stop_cancels_what_outlives_the_grace_period(served: Served, client: Client) -> None:
-    sid = client.call("/t.S/Wait", grpc_message(pb.VersionRequest(version="stuck")))
-    _eventually(lambda: served.handlers.started == ["stuck"])
-    served.run(served.server.stop(0.1))
-    assert served.handlers.cancelled == ["stuck"]
-    client.until(lambda: client.closed or sid in client.ended)
+def test_stop_cancels_what_outlives_the_grace_period(served: Served) -> None:
+    with grpc.insecure_channel(f"unix://{served.path}") as channel:
+        wait = _wait_method(channel)
+        running = wait.future(pb.VersionRequest(version="stuck"))
+        _eventually(lambda: served.handlers.started == ["stuck"])
+        served.run(served.server.stop(0.1))
+        assert served.handlers.cancelled == ["stuck"]
+        with pytest.raises(grpc.RpcError) as cut:
+            running.result(5)
+        assert (cut.value.code(), cut.value.details()) == (grpc.StatusCode.UNAVAILABLE, "criopy is shutting down")
+
+
+def test_stop_ends_a_subscription_at_once(served: Served) -> None:
+    with grpc.insecure_channel(f"unix://{served.path}") as channel:
+        feed = channel.unary_stream(
+            "/t.S/Feed",
+            request_serializer=pb.VersionRequest.SerializeToString,
+            response_deserializer=pb.VersionResponse.FromString,
+        )
+        responses = feed(pb.VersionRequest(version="feed"))
+        _eventually(lambda: served.handlers.started == ["feed"])
+        stopping = asyncio.run_coroutine_threadsafe(served.server.stop(60), served.loop)
+        with pytest.raises(grpc.RpcError) as cut:
+            next(responses)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert served.handlers.cancelled == ["feed"]
+        stopping.result(10)  # nothing else was running: no wait for the 60 s grace
 
 
 def test_garbage_instead_of_the_preface_ends_the_connection(served: Served) -> None:
