@@ -9,7 +9,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 packages=(runc crun conmon containernetworking-plugins iptables catatonit
           golang-github-containers-common python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(docker-registry busybox-static iproute2 procps openssl util-linux)
+  packages+=(docker-registry busybox-static iproute2 procps openssl util-linux
+            # grpc-go, the kubelet's gRPC stack, for tests/goclient (built in GOPATH mode).
+            golang-go golang-google-grpc-dev)
 fi
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -10,6 +10,8 @@ import pytest
 
 from tests.daemon_harness import DEBIAN_CNI_DIR, Daemon
 from tests.e2e.containers import Env, push_image, running_env
+from tests.e2e.goclient import GoClient
+from tests.e2e.goclient import build as build_go_client
 from tests.registry_harness import Registry
 
 
@@ -76,3 +78,9 @@ def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
     """A daemon with busybox pulled, on a fresh pod network (a module may define its own)."""
     with running_env(make_daemon, registry, [busybox]) as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> GoClient:
+    """The grpc-go client (the kubelet's gRPC stack), built once per session."""
+    return GoClient(build_go_client(tmp_path_factory.mktemp("goclient")))
