@@ -43,6 +43,7 @@ async def serve(live: LiveConfig) -> None:
         os.makedirs(config.runroot, mode=0o711, exist_ok=True)
         # Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us.
         reaper.become_subreaper()
+        reaper.watch_children_with_pidfds()
         sweeper = reaper.Sweeper()
         sweeper.start()
         stack.callback(sweeper.close)

