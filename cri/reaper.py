@@ -39,6 +39,8 @@ def watch_children_with_pidfds() -> None:
     watcher = asyncio.PidfdChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.get_event_loop_policy().set_child_watcher(watcher)
+
+
 _awaited: set[int] = set()
 
 
