@@ -52,6 +52,10 @@ class FakeRuntime:
     async def ExecSync(self, request):
         raise RuntimeError("boom")
 
+    async def GetContainerEvents(self, request):
+        await asyncio.Event().wait()  # a feed with nothing to say, held open by its client
+        yield pb.ContainerEventResponse()
+
     async def StreamContainers(self, request):
         for i in range(3):
             yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i))])
@@ -104,3 +108,22 @@ def test_unexpected_errors_are_internal_and_unbuilt_rpcs_unimplemented(results):
         grpc.StatusCode.UNIMPLEMENTED,
         "RuntimeService/RunPodSandbox is not implemented by criopy yet",
     )
+
+
+def test_stop_ends_an_open_event_feed_without_waiting_the_grace(tmp_path):
+    """Builtin transport only: grpcio's server keeps the call open when its handler task is cancelled."""
+
+    async def exercise() -> grpc.StatusCode:
+        path = str(tmp_path / "s.sock")
+        server = CriServer(path, {"RuntimeService": FakeRuntime()}, "builtin")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+            feed = api_pb2_grpc.RuntimeServiceStub(channel).GetContainerEvents(pb.GetEventsRequest())
+            await asyncio.sleep(0.3)  # the call is running on the server
+            # A grace of 60 s: if the feed were waited for, this would time out.
+            await asyncio.wait_for(server.stop(60), 10)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await feed.read()
+            return ended.value.code()
+
+    assert asyncio.run(exercise()) == grpc.StatusCode.UNAVAILABLE
