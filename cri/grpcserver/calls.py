@@ -58,14 +58,19 @@ RESPONSE_HEADERS = f.STATUS_200 + _CONTENT_TYPE + f.literal(b"grpc-accept-encodi
 _OK_TRAILERS = f.literal(b"grpc-status", b"0")
 
 
-def _percent_encode(text: str) -> bytes:
-    """grpc-message encoding: printable ASCII except '%' as is, every other byte as %XX."""
+# Clients limit the header list (gRPC C-core: 8 kB soft, 16 kB hard); a runtime's stderr quoted in
+# an error must not take the whole connection down with it.
+MAX_MESSAGE_HEADER = 4096
+
+
+def _percent_encode(text: str, limit: int = MAX_MESSAGE_HEADER) -> bytes:
+    """grpc-message encoding: printable ASCII except '%' as is, every other byte as %XX; cut at `limit`."""
     out = bytearray()
     for byte in text.encode("utf-8"):
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(byte)
-        else:
-            out += b"%%%02X" % byte
+        piece = bytes([byte]) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+        if len(out) + len(piece) > limit:
+            break
+        out += piece
     return bytes(out)
 
 
@@ -142,7 +147,7 @@ class Dispatcher:
         route = self._routes.get(raw_path)
         try:
             if route is None:
-                raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+                raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path[:256]}")
             if stream.too_large:
                 raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{path}: request larger than the limit")
             timeout = headers.get(b"grpc-timeout")

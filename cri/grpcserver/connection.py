@@ -36,6 +36,12 @@ class Limits:
     initial_window: int = 4 * 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
 
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Unfinished request bodies one connection may hold before it is closed (ENHANCE_YOUR_CALM).
+        Flow control gives each stream its window back as data arrives, so only this bounds them."""
+        return 4 * self.max_request_bytes
+
 
 class Stream:
     """One request and its answer. `headers` are the decoded request headers, names and values raw."""
@@ -96,6 +102,8 @@ class Http2Connection(asyncio.Protocol):
         self._out: list[bytes] | None = None  # frames batched while one read is handled
         self._blocked: dict[int, Stream] = {}  # streams with output waiting for window
         self._going_away = False
+        self._write_paused = False
+        self._buffered = 0  # bytes of request bodies received and not yet handed to a call
         self.closed = False
 
     # ---- asyncio.Protocol -------------------------------------------------------------
@@ -126,6 +134,20 @@ class Http2Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False
 
+    def pause_writing(self) -> None:
+        # The client is not reading: stop reading from it too, so that it cannot make us queue
+        # answers to its PINGs and SETTINGS without end (CVE-2019-9512, 9515).
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+        for stream in list(self.streams.values()):
+            self._wake_writer(stream)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         for stream in list(self.streams.values()):
@@ -143,7 +165,7 @@ class Http2Connection(asyncio.Protocol):
         outside_read = self._out is None
         if outside_read:  # one write (one syscall) for the whole answer
             self._out = []
-        self._write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, headers))
+        self._write(f.headers_frames(stream.id, headers, False, self._peer_max_frame))
         stream.pending += message
         stream.trailers = trailers
         self._pump(stream)
@@ -152,7 +174,7 @@ class Http2Connection(asyncio.Protocol):
 
     def send_headers(self, stream: Stream, headers: bytes) -> None:
         if not stream.local_closed:
-            self._write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, headers))
+            self._write(f.headers_frames(stream.id, headers, False, self._peer_max_frame))
 
     def send_data(self, stream: Stream, data: bytes) -> None:
         if not stream.local_closed:
@@ -161,7 +183,7 @@ class Http2Connection(asyncio.Protocol):
 
     async def writable(self, stream: Stream) -> None:
         """Wait while the stream's unsent output is above the high-water mark."""
-        while len(stream.pending) > HIGH_WATER and not stream.local_closed and not self.closed:
+        while (len(stream.pending) > HIGH_WATER or self._write_paused) and not stream.local_closed and not self.closed:
             stream.writable = asyncio.get_running_loop().create_future()
             await stream.writable
 
@@ -181,6 +203,11 @@ class Http2Connection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None and not self.closed:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what the client has not read."""
+        if self._transport is not None and not self.closed:
+            self._transport.abort()
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -228,6 +255,8 @@ class Http2Connection(asyncio.Protocol):
     def _on_rst_stream(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or len(payload) != 4:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
+        if stream_id > self.last_stream_id:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             self._cancel(stream)
@@ -274,14 +303,18 @@ class Http2Connection(asyncio.Protocol):
             self._reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
             return
         stream.body += data
+        self._buffered += len(data)
         if len(stream.body) > self._limits.max_request_bytes:
             # Answered now (RESOURCE_EXHAUSTED), not after the rest of an oversized body has arrived.
             stream.too_large = True
-            stream.body = bytearray()
+            self._drop_body(stream)
             self._on_request(self, stream)
             return
+        if self._buffered > self._limits.max_buffered_bytes:
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "too many unfinished request bodies")
         if flags & f.END_STREAM:
             stream.remote_closed = True
+            self._buffered -= len(stream.body)  # the call owns it now
             self._on_request(self, stream)
         elif stream.recv_unacked >= self._limits.initial_window // 2:
             self._write(f.window_update(stream_id, stream.recv_unacked))
@@ -336,7 +369,10 @@ class Http2Connection(asyncio.Protocol):
             raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         stream.block = bytearray()
         if stream.local_closed and stream.remote_closed and stream.id not in self.streams:
-            return  # decoded only to keep the table in step
+            # Decoded only to keep the table in step: the stream is closed (answered, reset, or skipped
+            # over by a higher id, RFC 9113 5.1.1).
+            self._write(f.rst_stream(stream.id, ErrorCode.STREAM_CLOSED))
+            return
         if stream.headers is not None:
             # Request trailers: gRPC clients send none that matter; they end the request.
             if not stream.block_ends_stream:
@@ -372,6 +408,8 @@ class Http2Connection(asyncio.Protocol):
                 self._peer_initial_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > f.MAX_WINDOW:
+                        raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "a stream window went above 2^31-1")
             elif ident == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.MIN_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE:
                     raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
@@ -396,7 +434,9 @@ class Http2Connection(asyncio.Protocol):
             return
         stream = self.streams.get(stream_id)
         if stream is None:
-            return
+            if stream_id > self.last_stream_id:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
+            return  # a stream already answered: its window no longer matters
         if increment == 0:
             self._reset(stream, ErrorCode.PROTOCOL_ERROR)
             return
@@ -435,7 +475,7 @@ class Http2Connection(asyncio.Protocol):
         if sent:
             del pending[:sent]
         if not pending and stream.trailers is not None:
-            chunks.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream.id, stream.trailers))
+            chunks.append(f.headers_frames(stream.id, stream.trailers, True, self._peer_max_frame))
             stream.trailers = None
             stream.local_closed = True
         if chunks:
@@ -447,7 +487,12 @@ class Http2Connection(asyncio.Protocol):
             self._blocked[stream.id] = stream
         else:
             self._blocked.pop(stream.id, None)
-        if stream.writable is not None and len(pending) <= HIGH_WATER:
+        if len(pending) <= HIGH_WATER and not self._write_paused:
+            self._wake_writer(stream)
+
+    @staticmethod
+    def _wake_writer(stream: Stream) -> None:
+        if stream.writable is not None:
             if not stream.writable.done():
                 stream.writable.set_result(None)
             stream.writable = None
@@ -471,7 +516,13 @@ class Http2Connection(asyncio.Protocol):
         self.streams.pop(stream.id, None)
         self._cancel(stream)
 
+    def _drop_body(self, stream: Stream) -> None:
+        self._buffered -= len(stream.body)
+        stream.body = bytearray()
+
     def _cancel(self, stream: Stream) -> None:
+        if not stream.remote_closed:
+            self._drop_body(stream)
         stream.local_closed = True
         self._blocked.pop(stream.id, None)
         if stream.task is not None and not stream.task.done():

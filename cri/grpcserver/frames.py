@@ -67,6 +67,18 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return FRAME_HEADER.pack((len(payload) << 8) | kind, flags, stream_id) + payload
 
 
+def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
+    """A header block as HEADERS plus as many CONTINUATION frames as the peer's max frame size needs."""
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= max_frame:
+        return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+    pieces = [block[i : i + max_frame] for i in range(0, len(block), max_frame)]
+    out = [frame(HEADERS, flags, stream_id, pieces[0])]
+    out += [frame(CONTINUATION, 0, stream_id, piece) for piece in pieces[1:-1]]
+    out.append(frame(CONTINUATION, END_HEADERS, stream_id, pieces[-1]))
+    return b"".join(out)
+
+
 def settings_frame(values: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(SETTING.pack(k, v) for k, v in values.items()))
 

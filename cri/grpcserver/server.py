@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from cri.grpcserver.calls import Dispatcher, Route
 from cri.grpcserver.connection import Http2Connection, Limits
 
+FLUSH_SECONDS = 1.0
+
 
 class GrpcServer:
     def __init__(self, routes: Mapping[str, Route], max_message_bytes: int) -> None:
@@ -44,5 +46,12 @@ class GrpcServer:
                 await asyncio.gather(*late, return_exceptions=True)
         for conn in list(self._connections):
             conn.close()
+        # close() lets the last answers out; a client that reads nothing would hold it (and, from
+        # Python 3.12 on, wait_closed) forever.
+        deadline = asyncio.get_running_loop().time() + FLUSH_SECONDS
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort()
         if self._listener is not None:
             await self._listener.wait_closed()

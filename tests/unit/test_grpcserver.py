@@ -114,6 +114,19 @@ def grpc_message(msg: Any, compressed: int = 0) -> bytes:
     return struct.pack(">BI", compressed, len(body)) + body
 
 
+def request_headers(path: str, extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """The headers of a gRPC request, as grpc-go sends them."""
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *(extra or []),
+    ]
+
+
 def _fields(headers: Any) -> dict[str, str]:
     return {str(name): str(value) for name, value in headers}
 
@@ -154,16 +167,7 @@ class Client:
 
     def call(self, path: str, body: bytes, extra: list[tuple[str, str]] | None = None, end: bool = True) -> int:
         sid: int = self.conn.get_next_available_stream_id()
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "localhost"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-            *(extra or []),
-        ]
-        self.conn.send_headers(sid, headers)
+        self.conn.send_headers(sid, request_headers(path, extra))
         while True:
             room = min(self.conn.max_outbound_frame_size, self.conn.local_flow_control_window(sid))
             piece, body = body[:room], body[room:]

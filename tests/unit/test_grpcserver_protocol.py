@@ -1,0 +1,525 @@
+"""criopy's HTTP/2 gRPC transport at the edges of RFC 9113, RFC 7541 and gRPC's PROTOCOL-HTTP2.md.
+
+Frame-exact cases use `Raw`, a few-line HTTP/2 client over the unix socket with its own HPACK
+encoder, so that a misbehaving peer can be played; the rest reuse test_grpcserver's h2 client.
+The first group pins what a review found broken (now fixed); the rest, behaviour found correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+
+from api.runtime.v1 import api_pb2 as pb
+from cri.grpcserver import GrpcServer, Route, RpcError
+from cri.grpcserver.calls import parse_timeout
+from cri.grpcserver.connection import Http2Connection
+from tests.unit.test_grpcserver import (
+    MAX_MESSAGE,
+    Client,
+    Served,
+    _eventually,
+    client,
+    grpc_message,
+    request_headers,
+    served,
+)
+
+__all__ = ["client", "served"]  # fixtures, re-exported for pytest
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
+INITIAL_WINDOW_SIZE = 0x4
+PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x1, 0x3, 0x5, 0x7, 0xB
+
+
+def raw_frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", sid) + payload
+
+
+@dataclass
+class Frame:
+    kind: int
+    flags: int
+    sid: int
+    payload: bytes
+
+
+class Raw:
+    """An HTTP/2 client that sends exactly the frames it is told to and records every frame received."""
+
+    def __init__(self, path: str, settings: dict[int, int] | None = None, conn_window: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+        self.frames: list[Frame] = []
+        self.eof = False
+        self._buf = b""
+        payload = b"".join(struct.pack(">HI", k, v) for k, v in (settings or {}).items())
+        out = PREFACE + raw_frame(SETTINGS, 0, 0, payload)
+        if conn_window:
+            out += raw_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", conn_window))
+        self.sock.sendall(out)
+        self.until(lambda: any(fr.kind == SETTINGS and fr.flags & ACK for fr in self.frames))
+
+    def send(self, kind: int, flags: int, sid: int, payload: bytes = b"") -> None:
+        self.sock.sendall(raw_frame(kind, flags, sid, payload))
+
+    def block(self, path: str, extra: list[tuple[str, str]] | None = None) -> bytes:
+        encoded: bytes = self.enc.encode(request_headers(path, extra))
+        return encoded
+
+    def request(self, sid: int, path: str, body: bytes | None, extra: list[tuple[str, str]] | None = None) -> None:
+        """HEADERS, then the body as one DATA with END_STREAM (None: HEADERS only, stream left open)."""
+        self.send(HEADERS, END_HEADERS, sid, self.block(path, extra))
+        if body is not None:
+            self.send(DATA, END_STREAM, sid, body)
+
+    def pump(self) -> None:
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except ConnectionResetError:
+            chunk = b""
+        except TimeoutError:
+            raise AssertionError(
+                f"no answer; frames so far: {[(x.kind, x.flags, x.sid) for x in self.frames]}"
+            ) from None
+        if not chunk:
+            self.eof = True
+            return
+        self._buf += chunk
+        while len(self._buf) >= 9:
+            length = int.from_bytes(self._buf[:3], "big")
+            if len(self._buf) < 9 + length:
+                break
+            kind, flags = self._buf[3], self._buf[4]
+            sid = int.from_bytes(self._buf[5:9], "big") & 0x7FFFFFFF
+            self.frames.append(Frame(kind, flags, sid, self._buf[9 : 9 + length]))
+            self._buf = self._buf[9 + length :]
+
+    def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            if self.eof:
+                raise AssertionError(f"connection closed; frames: {[(x.kind, x.flags, x.sid) for x in self.frames]}")
+            self.pump()
+
+    def quiet(self, seconds: float = 0.3) -> None:
+        """Reads whatever arrives within `seconds`."""
+        self.sock.settimeout(seconds)
+        with contextlib.suppress(AssertionError):
+            while not self.eof:
+                self.pump()
+        self.sock.settimeout(5)
+
+    def goaway(self) -> int | None:
+        for fr in self.frames:
+            if fr.kind == GOAWAY:
+                code: int = struct.unpack(">I", fr.payload[4:8])[0]
+                return code
+        return None
+
+    def rst(self, sid: int) -> int | None:
+        for fr in self.frames:
+            if fr.kind == RST_STREAM and fr.sid == sid:
+                code: int = struct.unpack(">I", fr.payload)[0]
+                return code
+        return None
+
+    def ended(self, sid: int) -> bool:
+        return any(fr.sid == sid and (fr.kind == RST_STREAM or fr.flags & END_STREAM) for fr in self.frames)
+
+    def status(self, sid: int) -> dict[str, str]:
+        """The decoded fields of the stream's last HEADERS frame (trailers, or trailers-only)."""
+        self.until(lambda: self.ended(sid))
+        fields: dict[str, str] = {}
+        for fr in self.frames:
+            if fr.kind == HEADERS and fr.sid == sid:
+                fields = {str(k): str(v) for k, v in self.dec.decode(fr.payload)}
+        return fields
+
+    def data(self, sid: int) -> int:
+        return sum(len(fr.payload) for fr in self.frames if fr.kind == DATA and fr.sid == sid)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _connections(served: Served | Review) -> list[Http2Connection]:
+    return list(served.server._connections)
+
+
+# ---- a server with routes the shared fixture lacks -------------------------------------------------
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Review:
+    path: str
+    server: GrpcServer
+    loop: asyncio.AbstractEventLoop
+    produced: list[int] = field(default_factory=list)
+    generator_closed: list[bool] = field(default_factory=list)
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+
+@pytest.fixture
+def review(tmp_path: Path) -> Iterator[Review]:
+    loop = asyncio.new_event_loop()
+    state = Review(str(tmp_path / "r.sock"), GrpcServer({}, 64 * 1024), loop)
+
+    async def flood(request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
+        try:
+            for i in range(10_000):
+                state.produced.append(i)
+                yield pb.VersionResponse(runtime_name="y" * CHUNK)
+        finally:
+            state.generator_closed.append(True)
+
+    async def long_error(request: pb.VersionRequest) -> pb.VersionResponse:
+        # e.g. Internal(f"starting container {id}: {exc}") with an OCI runtime's whole stderr in exc
+        raise RpcError(grpc.StatusCode.INTERNAL, "runc: " + "e" * 20_000)
+
+    routes = {
+        "/r.S/Flood": Route(parse=pb.VersionRequest.FromString, stream=flood),
+        "/r.S/LongError": Route(parse=pb.VersionRequest.FromString, unary=long_error),
+    }
+    state.server = GrpcServer(routes, 64 * 1024)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    state.run(state.server.start(state.path))
+    try:
+        yield state
+    finally:
+        state.run(state.server.stop(0.5))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+REQ = grpc_message(pb.VersionRequest())
+
+
+# ---- bugs ------------------------------------------------------------------------------------------
+
+
+def test_long_status_message_is_cut_and_split_within_the_clients_max_frame_size(review: Review) -> None:
+    """A 20 kB error message: a single frame above the client's 16,384-byte SETTINGS_MAX_FRAME_SIZE would be
+    a connection error for grpc-go (every call on the kubelet's connection fails). It is cut to 4 kB and
+    header blocks are split into CONTINUATION frames."""
+    raw = Raw(review.path)
+    try:
+        raw.request(1, "/r.S/LongError", REQ)
+        raw.until(lambda: raw.ended(1))
+        too_big = [len(fr.payload) for fr in raw.frames if len(fr.payload) > 16_384]
+        assert too_big == [], f"frames above the peer's max frame size: {too_big}"
+    finally:
+        raw.close()
+
+
+def test_unknown_long_path_is_answered_within_the_frame_size(client: Client) -> None:
+    """The same with nothing but a long :path (the UNIMPLEMENTED message names it)."""
+    sid = client.call("/t.S/" + "N" * 20_000, REQ)
+    status, _ = client.answer(sid)  # raises h2.exceptions.FrameTooLargeError as reviewed
+    assert status["grpc-status"] == "12"
+
+
+def test_ping_flood_from_a_client_that_never_reads_is_not_buffered(served: Served) -> None:
+    """pause_writing stops reading: without it the protocol would keep reading (and answering PINGs) whatever the
+    transport's write buffer holds. A local client that sends PINGs and never reads makes the daemon
+    buffer every PING ACK (CVE-2019-9512 'ping flood'); the same holds for SETTINGS (9515)."""
+    raw = Raw(served.path)
+    try:
+        ping = raw_frame(PING, 0, 0, b"12345678") * 2048
+        raw.sock.settimeout(1)
+        sent = 0
+        with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+            while sent < 24 * 1024 * 1024:
+                raw.sock.sendall(ping)
+                sent += len(ping)
+        time.sleep(0.5)
+
+        async def buffered() -> int:
+            return max((c._transport.get_write_buffer_size() for c in _connections(served) if c._transport), default=0)
+
+        held = served.run(buffered())
+        assert held < 4 * 1024 * 1024, f"{sent} bytes of PINGs sent: {held} bytes of PING ACKs held by the server"
+    finally:
+        raw.close()
+
+
+def test_unfinished_request_bodies_are_bounded_per_connection(served: Served) -> None:
+    """Flow control gives the window back as DATA arrives, so without a cap 1024 open streams x
+    max_request_bytes (16 MiB in criopy) could be held per connection. Here 300 streams x 60 kB of
+    unfinished requests: the connection is closed (ENHANCE_YOUR_CALM) once 4 requests' worth is held."""
+    raw = Raw(served.path)
+    try:
+        body = b"\x00" * 15_000
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a fixed server may end it
+            for i in range(300):
+                sid = 2 * i + 1
+                raw.request(sid, "/t.S/Version", None)
+                for _ in range(4):
+                    raw.send(DATA, 0, sid, body)
+                if i % 50 == 0:
+                    raw.quiet(0.05)  # take the WINDOW_UPDATEs off the socket
+
+        with contextlib.suppress(ConnectionResetError):
+            raw.quiet()
+
+        async def held() -> int:
+            return sum(len(s.body) for c in _connections(served) for s in c.streams.values())
+
+        assert raw.goaway() == ENHANCE_YOUR_CALM
+        assert served.run(held()) <= 4 * (MAX_MESSAGE + 5)  # the connection's bound: 4 requests' worth
+    finally:
+        raw.close()
+
+
+def test_initial_window_size_overflowing_a_stream_window_is_a_flow_control_error(served: Served) -> None:
+    """RFC 9113 6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE that takes any stream window above 2^31-1 is a
+    connection error FLOW_CONTROL_ERROR."""
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Wait", REQ)  # stays open: the handler waits
+        raw.send(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2**31 - 1 - 65_535))  # stream window now 2^31-1
+        raw.send(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 1_000_000))
+        raw.quiet()
+        assert raw.goaway() == FLOW_CONTROL_ERROR
+    finally:
+        raw.close()
+
+
+def test_headers_on_a_stream_id_below_the_last_is_answered(served: Served) -> None:
+    """RFC 9113 5.1.1: a new stream id must be above every id the client opened before; a lower one is a
+    closed stream. The block is decoded (HPACK stays in step) and the stream reset STREAM_CLOSED, so the
+    client does not wait forever."""
+    raw = Raw(served.path)
+    try:
+        raw.request(5, "/t.S/Version", REQ)
+        raw.status(5)
+        raw.request(3, "/t.S/Version", REQ)
+        raw.quiet()
+        assert raw.goaway() == PROTOCOL_ERROR or raw.ended(3)
+    finally:
+        raw.close()
+
+
+def test_rst_stream_and_window_update_on_an_idle_stream_are_protocol_errors(served: Served) -> None:
+    """RFC 9113 5.1 (idle): RST_STREAM or WINDOW_UPDATE on an idle stream is a connection error PROTOCOL_ERROR."""
+    codes = []
+    for frame in (raw_frame(RST_STREAM, 0, 7, struct.pack(">I", 8)), raw_frame(WINDOW_UPDATE, 0, 9, b"\0\0\0\1")):
+        raw = Raw(served.path)
+        try:
+            raw.sock.sendall(frame)
+            raw.quiet()
+            codes.append(raw.goaway())
+        finally:
+            raw.close()
+    assert codes == [PROTOCOL_ERROR, PROTOCOL_ERROR]
+
+
+# ---- behaviour found correct -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"1H", 3600.0),
+        (b"2M", 120.0),
+        (b"3S", 3.0),
+        (b"4m", 4e-3),
+        (b"5u", 5e-6),
+        (b"6n", 6e-9),
+        (b"99999999S", 99999999),
+    ],
+)
+def test_grpc_timeout_units(value: bytes, seconds: float) -> None:
+    assert parse_timeout(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", [b"", b"S", b"100", b"100x", b"123456789S", b"-1S", b"1.5S", b" 1S", b"\xd9\xa1S"])
+def test_grpc_timeout_malformed(value: bytes) -> None:
+    with pytest.raises(RpcError) as bad:
+        parse_timeout(value)
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_malformed_grpc_timeout_is_answered_invalid_argument(client: Client) -> None:
+    status, _ = client.answer(client.call("/t.S/Version", REQ, [("grpc-timeout", "soon")]))
+    assert status["grpc-status"] == "3" and "grpc-timeout" in status["grpc-message"]
+
+
+def test_zero_length_request_is_invalid_argument(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.send(HEADERS, END_HEADERS | END_STREAM, 1, raw.block("/t.S/Version"))
+        assert raw.status(1)["grpc-status"] == "3"
+    finally:
+        raw.close()
+
+
+def test_padded_data_counts_against_the_window_and_padding_is_not_body(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Version", None)
+        pad = 200
+        raw.send(DATA, PADDED | END_STREAM, 1, bytes([pad]) + REQ + b"\x00" * pad)
+        assert raw.status(1)["grpc-status"] == "0"
+        conn = _connections(served)[0]
+        assert conn._recv_unacked == len(REQ) + pad + 1
+    finally:
+        raw.close()
+
+
+def test_request_trailers_end_the_request_and_others_reset_it(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Version", None)
+        raw.send(DATA, 0, 1, REQ)
+        raw.send(HEADERS, END_HEADERS | END_STREAM, 1, raw.enc.encode([("x-trailer", "1")]))
+        assert raw.status(1)["grpc-status"] == "0"
+        raw.request(3, "/t.S/Version", None)
+        raw.send(HEADERS, END_HEADERS, 3, raw.enc.encode([("x-trailer", "1")]))
+        raw.until(lambda: raw.ended(3))
+        assert raw.rst(3) == PROTOCOL_ERROR
+    finally:
+        raw.close()
+
+
+def test_data_after_end_stream_is_stream_closed(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Wait", REQ)
+        _eventually(lambda: len(served.handlers.started) == 1)
+        raw.send(DATA, 0, 1, b"late")
+        raw.until(lambda: raw.ended(1))
+        assert raw.rst(1) == STREAM_CLOSED
+        _eventually(lambda: len(served.handlers.cancelled) == 1)
+    finally:
+        raw.close()
+
+
+def test_window_update_overflow(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Wait", REQ)
+        raw.send(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2**31 - 1))
+        raw.until(lambda: raw.ended(1))
+        assert raw.rst(1) == FLOW_CONTROL_ERROR
+        raw.send(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1))
+        raw.quiet()
+        assert raw.goaway() == FLOW_CONTROL_ERROR
+    finally:
+        raw.close()
+
+
+def test_smaller_initial_window_mid_answer_makes_the_window_negative_then_resumes(served: Served) -> None:
+    raw = Raw(served.path, {INITIAL_WINDOW_SIZE: 1000}, conn_window=10_000_000)
+    try:
+        raw.request(1, "/t.S/Version", grpc_message(pb.VersionRequest(version="big")))
+        raw.until(lambda: raw.data(1) == 1000)
+        raw.send(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0))  # stream window: -1000
+        raw.send(WINDOW_UPDATE, 0, 1, struct.pack(">I", 999))  # still -1: nothing may be sent
+        raw.quiet()
+        assert raw.data(1) == 1000 and not raw.ended(1)
+        raw.send(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 1_000_000))
+        assert raw.status(1)["grpc-status"] == "0"
+        assert raw.data(1) > 200_000
+        assert all(len(fr.payload) <= 16_384 for fr in raw.frames)
+    finally:
+        raw.close()
+
+
+def test_hpack_stays_in_step_across_reset_and_refused_streams(served: Served) -> None:
+    """Blocks of a reset stream and of a refused one (after GOAWAY) still update the dynamic table."""
+    raw = Raw(served.path)
+    try:
+        raw.request(1, "/t.S/Wait", None)
+        raw.send(RST_STREAM, 0, 1, struct.pack(">I", 8))
+        # trailers for the reset stream, adding entries the next request refers to by index
+        raw.send(HEADERS, END_HEADERS | END_STREAM, 1, raw.enc.encode([("x-after-reset", "a" * 30)]))
+        raw.request(3, "/t.S/Version", REQ, [("x-after-reset", "a" * 30)])
+        assert raw.status(3)["grpc-status"] == "0"
+        # table size update to 0 and back at the start of a block (RFC 7541 6.3)
+        raw.enc.header_table_size = 0
+        raw.enc.header_table_size = 4096
+        raw.request(5, "/t.S/Version", REQ, [("x-again", "b")])
+        assert raw.status(5)["grpc-status"] == "0"
+    finally:
+        raw.close()
+
+
+def test_huge_continuation_sequence_is_enhance_your_calm(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        raw.send(HEADERS, 0, 1, raw.block("/t.S/Version"))
+        for _ in range(16):  # the first block + 16 x 16 kB: just past the 4 x 64 kB the server accepts
+            raw.send(CONTINUATION, 0, 1, b"\x00" * 16_384)
+        raw.quiet()
+        assert raw.goaway() == ENHANCE_YOUR_CALM
+    finally:
+        raw.close()
+
+
+def test_streams_beyond_max_concurrent_are_refused(served: Served) -> None:
+    raw = Raw(served.path)
+    try:
+        for i in range(1025):
+            raw.request(2 * i + 1, "/t.S/Version", None)
+        raw.until(lambda: raw.rst(2049) is not None)
+        assert raw.rst(2049) == REFUSED_STREAM
+        assert [fr.sid for fr in raw.frames if fr.kind == RST_STREAM] == [2049]
+    finally:
+        raw.close()
+
+
+def test_server_stream_backpressure_then_client_cancel(review: Review) -> None:
+    """Window 0: the generator stops at HIGH_WATER; RST_STREAM cancels the call and closes the generator."""
+    raw = Raw(review.path, {INITIAL_WINDOW_SIZE: 0})
+    try:
+        raw.request(1, "/r.S/Flood", REQ)
+        _eventually(lambda: len(review.produced) > 0)
+        time.sleep(0.3)
+        assert len(review.produced) <= 256 * 1024 // CHUNK + 2
+        raw.send(RST_STREAM, 0, 1, struct.pack(">I", 8))
+        _eventually(lambda: review.generator_closed == [True])
+        _eventually(lambda: not review.server._dispatch.calls)
+        assert not _connections(review)[0].streams
+    finally:
+        raw.close()
+
+
+def test_connection_lost_while_waiting_for_window_leaks_nothing(review: Review) -> None:
+    raw = Raw(review.path, {INITIAL_WINDOW_SIZE: 0})
+    raw.request(1, "/r.S/Flood", REQ)
+    _eventually(lambda: len(review.produced) > 0)
+    raw.close()
+    _eventually(lambda: not review.server._dispatch.calls and not review.server._connections)
+    _eventually(lambda: review.generator_closed == [True])
+
+
+def test_stop_twice(served: Served) -> None:
+    c = Client(served.path)
+    try:
+        served.run(served.server.stop(0.1))
+        served.run(served.server.stop(0.1))
+    finally:
+        c.close()
