@@ -74,6 +74,11 @@ def _percent_encode(text: str, limit: int = MAX_MESSAGE_HEADER) -> bytes:
     return bytes(out)
 
 
+def framed_message(payload: bytes) -> bytes:
+    """One uncompressed gRPC message: the 5-byte prefix, then the bytes."""
+    return MESSAGE_PREFIX.pack(0, len(payload)) + payload
+
+
 def status_block(code: grpc.StatusCode, details: str) -> bytes:
     number: int = code.value[0]
     block = f.literal(b"grpc-status", str(number).encode())
@@ -129,8 +134,7 @@ class Dispatcher:
         last = self._last_answer.get(path)
         if last is not None and last[0] is response:
             return last[1]
-        payload = response.SerializeToString()
-        framed = MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        framed = framed_message(response.SerializeToString())
         self._last_answer[path] = (response, framed)
         return framed
 
@@ -173,6 +177,11 @@ class Dispatcher:
 _STOPPED = (grpc.StatusCode.UNAVAILABLE, "criopy is shutting down")
 
 
+def _end(conn: Http2Connection, stream: Stream, code: grpc.StatusCode, details: str, *, started: bool) -> None:
+    """The call's status: in trailers after the answer's headers, or alone (trailers-only) before them."""
+    conn.finish(stream, status_block(code, details) if started else trailers_only(code, details))
+
+
 def _failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RpcError):
         return exc.code, exc.details
@@ -197,11 +206,10 @@ async def _unary(
         message = framed(response)
     except asyncio.CancelledError:
         # By the client (its stream is already closed: nothing is sent) or by the server's stop.
-        conn.finish(stream, trailers_only(*_STOPPED))
+        _end(conn, stream, *_STOPPED, started=False)
         raise
     except Exception as exc:
-        code, details = _failure(exc)
-        conn.finish(stream, trailers_only(code, details))
+        _end(conn, stream, *_failure(exc), started=False)
         return
     conn.respond(stream, RESPONSE_HEADERS, message, _OK_TRAILERS)
 
@@ -214,17 +222,16 @@ async def _stream(
     try:
         async with asyncio.timeout(deadline):
             async for item in route.stream(request):
-                payload = item.SerializeToString()
+                message = framed_message(item.SerializeToString())
                 if not started:
                     conn.send_headers(stream, RESPONSE_HEADERS)
                     started = True
-                conn.send_data(stream, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+                conn.send_data(stream, message)
                 await conn.writable(stream)
     except asyncio.CancelledError:
-        conn.finish(stream, status_block(*_STOPPED) if started else trailers_only(*_STOPPED))
+        _end(conn, stream, *_STOPPED, started=started)
         raise
     except Exception as exc:
-        code, details = _failure(exc)
-        conn.finish(stream, status_block(code, details) if started else trailers_only(code, details))
+        _end(conn, stream, *_failure(exc), started=started)
         return
-    conn.finish(stream, _OK_TRAILERS if started else trailers_only(grpc.StatusCode.OK, ""))
+    _end(conn, stream, grpc.StatusCode.OK, "", started=started)

@@ -527,8 +527,7 @@ class Http2Connection(asyncio.Protocol):
         self._blocked.pop(stream.id, None)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
-        if stream.writable is not None and not stream.writable.done():
-            stream.writable.set_result(None)
+        self._wake_writer(stream)
 
     _handlers: ClassVar[dict[int, Callable[[Http2Connection, int, int, bytes], None]]] = {
         f.DATA: _on_data,

@@ -158,6 +158,12 @@ class Raw:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _connections(served: Served | Review) -> list[Http2Connection]:
     return list(served.server._connections)
@@ -224,14 +230,11 @@ def test_long_status_message_is_cut_and_split_within_the_clients_max_frame_size(
     """A 20 kB error message: a single frame above the client's 16,384-byte SETTINGS_MAX_FRAME_SIZE would be
     a connection error for grpc-go (every call on the kubelet's connection fails). It is cut to 4 kB and
     header blocks are split into CONTINUATION frames."""
-    raw = Raw(review.path)
-    try:
+    with Raw(review.path) as raw:
         raw.request(1, "/r.S/LongError", REQ)
         raw.until(lambda: raw.ended(1))
         too_big = [len(fr.payload) for fr in raw.frames if len(fr.payload) > 16_384]
         assert too_big == [], f"frames above the peer's max frame size: {too_big}"
-    finally:
-        raw.close()
 
 
 def test_unknown_long_path_is_answered_within_the_frame_size(client: Client) -> None:
@@ -245,8 +248,7 @@ def test_ping_flood_from_a_client_that_never_reads_is_not_buffered(served: Serve
     """pause_writing stops reading: without it the protocol would keep reading (and answering PINGs) whatever the
     transport's write buffer holds. A local client that sends PINGs and never reads makes the daemon
     buffer every PING ACK (CVE-2019-9512 'ping flood'); the same holds for SETTINGS (9515)."""
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         ping = raw_frame(PING, 0, 0, b"12345678") * 2048
         raw.sock.settimeout(1)
         sent = 0
@@ -261,16 +263,13 @@ def test_ping_flood_from_a_client_that_never_reads_is_not_buffered(served: Serve
 
         held = served.run(buffered())
         assert held < 4 * 1024 * 1024, f"{sent} bytes of PINGs sent: {held} bytes of PING ACKs held by the server"
-    finally:
-        raw.close()
 
 
 def test_unfinished_request_bodies_are_bounded_per_connection(served: Served) -> None:
     """Flow control gives the window back as DATA arrives, so without a cap 1024 open streams x
     max_request_bytes (16 MiB in criopy) could be held per connection. Here 300 streams x 60 kB of
     unfinished requests: the connection is closed (ENHANCE_YOUR_CALM) once 4 requests' worth is held."""
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         body = b"\x00" * 15_000
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a fixed server may end it
             for i in range(300):
@@ -289,50 +288,39 @@ def test_unfinished_request_bodies_are_bounded_per_connection(served: Served) ->
 
         assert raw.goaway() == ENHANCE_YOUR_CALM
         assert served.run(held()) <= 4 * (MAX_MESSAGE + 5)  # the connection's bound: 4 requests' worth
-    finally:
-        raw.close()
 
 
 def test_initial_window_size_overflowing_a_stream_window_is_a_flow_control_error(served: Served) -> None:
     """RFC 9113 6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE that takes any stream window above 2^31-1 is a
     connection error FLOW_CONTROL_ERROR."""
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Wait", REQ)  # stays open: the handler waits
         raw.send(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2**31 - 1 - 65_535))  # stream window now 2^31-1
         raw.send(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 1_000_000))
         raw.quiet()
         assert raw.goaway() == FLOW_CONTROL_ERROR
-    finally:
-        raw.close()
 
 
 def test_headers_on_a_stream_id_below_the_last_is_answered(served: Served) -> None:
     """RFC 9113 5.1.1: a new stream id must be above every id the client opened before; a lower one is a
     closed stream. The block is decoded (HPACK stays in step) and the stream reset STREAM_CLOSED, so the
     client does not wait forever."""
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(5, "/t.S/Version", REQ)
         raw.status(5)
         raw.request(3, "/t.S/Version", REQ)
         raw.quiet()
         assert raw.goaway() == PROTOCOL_ERROR or raw.ended(3)
-    finally:
-        raw.close()
 
 
 def test_rst_stream_and_window_update_on_an_idle_stream_are_protocol_errors(served: Served) -> None:
     """RFC 9113 5.1 (idle): RST_STREAM or WINDOW_UPDATE on an idle stream is a connection error PROTOCOL_ERROR."""
     codes = []
     for frame in (raw_frame(RST_STREAM, 0, 7, struct.pack(">I", 8)), raw_frame(WINDOW_UPDATE, 0, 9, b"\0\0\0\1")):
-        raw = Raw(served.path)
-        try:
+        with Raw(served.path) as raw:
             raw.sock.sendall(frame)
             raw.quiet()
             codes.append(raw.goaway())
-        finally:
-            raw.close()
     assert codes == [PROTOCOL_ERROR, PROTOCOL_ERROR]
 
 
@@ -368,30 +356,23 @@ def test_malformed_grpc_timeout_is_answered_invalid_argument(client: Client) -> 
 
 
 def test_zero_length_request_is_invalid_argument(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.send(HEADERS, END_HEADERS | END_STREAM, 1, raw.block("/t.S/Version"))
         assert raw.status(1)["grpc-status"] == "3"
-    finally:
-        raw.close()
 
 
 def test_padded_data_counts_against_the_window_and_padding_is_not_body(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Version", None)
         pad = 200
         raw.send(DATA, PADDED | END_STREAM, 1, bytes([pad]) + REQ + b"\x00" * pad)
         assert raw.status(1)["grpc-status"] == "0"
         conn = _connections(served)[0]
         assert conn._recv_unacked == len(REQ) + pad + 1
-    finally:
-        raw.close()
 
 
 def test_request_trailers_end_the_request_and_others_reset_it(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Version", None)
         raw.send(DATA, 0, 1, REQ)
         raw.send(HEADERS, END_HEADERS | END_STREAM, 1, raw.enc.encode([("x-trailer", "1")]))
@@ -400,26 +381,20 @@ def test_request_trailers_end_the_request_and_others_reset_it(served: Served) ->
         raw.send(HEADERS, END_HEADERS, 3, raw.enc.encode([("x-trailer", "1")]))
         raw.until(lambda: raw.ended(3))
         assert raw.rst(3) == PROTOCOL_ERROR
-    finally:
-        raw.close()
 
 
 def test_data_after_end_stream_is_stream_closed(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Wait", REQ)
         _eventually(lambda: len(served.handlers.started) == 1)
         raw.send(DATA, 0, 1, b"late")
         raw.until(lambda: raw.ended(1))
         assert raw.rst(1) == STREAM_CLOSED
         _eventually(lambda: len(served.handlers.cancelled) == 1)
-    finally:
-        raw.close()
 
 
 def test_window_update_overflow(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Wait", REQ)
         raw.send(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2**31 - 1))
         raw.until(lambda: raw.ended(1))
@@ -427,13 +402,10 @@ def test_window_update_overflow(served: Served) -> None:
         raw.send(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1))
         raw.quiet()
         assert raw.goaway() == FLOW_CONTROL_ERROR
-    finally:
-        raw.close()
 
 
 def test_smaller_initial_window_mid_answer_makes_the_window_negative_then_resumes(served: Served) -> None:
-    raw = Raw(served.path, {INITIAL_WINDOW_SIZE: 1000}, conn_window=10_000_000)
-    try:
+    with Raw(served.path, {INITIAL_WINDOW_SIZE: 1000}, conn_window=10_000_000) as raw:
         raw.request(1, "/t.S/Version", grpc_message(pb.VersionRequest(version="big")))
         raw.until(lambda: raw.data(1) == 1000)
         raw.send(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0))  # stream window: -1000
@@ -444,14 +416,11 @@ def test_smaller_initial_window_mid_answer_makes_the_window_negative_then_resume
         assert raw.status(1)["grpc-status"] == "0"
         assert raw.data(1) > 200_000
         assert all(len(fr.payload) <= 16_384 for fr in raw.frames)
-    finally:
-        raw.close()
 
 
 def test_hpack_stays_in_step_across_reset_and_refused_streams(served: Served) -> None:
     """Blocks of a reset stream and of a refused one (after GOAWAY) still update the dynamic table."""
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.request(1, "/t.S/Wait", None)
         raw.send(RST_STREAM, 0, 1, struct.pack(">I", 8))
         # trailers for the reset stream, adding entries the next request refers to by index
@@ -463,38 +432,29 @@ def test_hpack_stays_in_step_across_reset_and_refused_streams(served: Served) ->
         raw.enc.header_table_size = 4096
         raw.request(5, "/t.S/Version", REQ, [("x-again", "b")])
         assert raw.status(5)["grpc-status"] == "0"
-    finally:
-        raw.close()
 
 
 def test_huge_continuation_sequence_is_enhance_your_calm(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         raw.send(HEADERS, 0, 1, raw.block("/t.S/Version"))
         for _ in range(16):  # the first block + 16 x 16 kB: just past the 4 x 64 kB the server accepts
             raw.send(CONTINUATION, 0, 1, b"\x00" * 16_384)
         raw.quiet()
         assert raw.goaway() == ENHANCE_YOUR_CALM
-    finally:
-        raw.close()
 
 
 def test_streams_beyond_max_concurrent_are_refused(served: Served) -> None:
-    raw = Raw(served.path)
-    try:
+    with Raw(served.path) as raw:
         for i in range(1025):
             raw.request(2 * i + 1, "/t.S/Version", None)
         raw.until(lambda: raw.rst(2049) is not None)
         assert raw.rst(2049) == REFUSED_STREAM
         assert [fr.sid for fr in raw.frames if fr.kind == RST_STREAM] == [2049]
-    finally:
-        raw.close()
 
 
 def test_server_stream_backpressure_then_client_cancel(review: Review) -> None:
     """Window 0: the generator stops at HIGH_WATER; RST_STREAM cancels the call and closes the generator."""
-    raw = Raw(review.path, {INITIAL_WINDOW_SIZE: 0})
-    try:
+    with Raw(review.path, {INITIAL_WINDOW_SIZE: 0}) as raw:
         raw.request(1, "/r.S/Flood", REQ)
         _eventually(lambda: len(review.produced) > 0)
         time.sleep(0.3)
@@ -503,8 +463,6 @@ def test_server_stream_backpressure_then_client_cancel(review: Review) -> None:
         _eventually(lambda: review.generator_closed == [True])
         _eventually(lambda: not review.server._dispatch.calls)
         assert not _connections(review)[0].streams
-    finally:
-        raw.close()
 
 
 def test_connection_lost_while_waiting_for_window_leaks_nothing(review: Review) -> None:
