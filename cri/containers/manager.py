@@ -36,7 +36,7 @@ from cri.images.index import ImageRecord
 from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event
-from cri.oci import bundle, conmon, conmon_ctl
+from cri.oci import bundle, conmon, conmon_ctl, init_signal
 from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
 from cri.state import Store
 from cri.storage import rootfs
@@ -404,18 +404,29 @@ class ContainerManager:
     async def _stop_locked(self, container: Container, timeout: int) -> None:
         if container.state is not ContainerState.RUNNING:
             return
-        runtime = self.runtime_of(container)
         try:
             if timeout > 0:
-                await conmon.kill(runtime, container.id, container.stop_signal.removeprefix("SIG"))
+                await self._signal(container, container.stop_signal, all_processes=False)
                 if await self._wait_exit(container, timeout):
                     return
                 event(log, logging.INFO, "container ignored its stop signal, killing", id=container.id)
-            await conmon.kill(runtime, container.id, "KILL", all_processes=True)
+            # In a PID namespace of its own, the kernel kills every process in it once its init dies.
+            await self._signal(container, "SIGKILL", all_processes=not self._owns_pid_namespace(container))
         except OciRuntimeError as exc:
             raise Internal(f"stopping container {container.id}: {exc}") from exc
         if not await self._wait_exit(container, KILL_WAIT):
             raise Internal(f"container {container.id} still runs {KILL_WAIT:g}s after SIGKILL")
+
+    async def _signal(self, container: Container, name: str, *, all_processes: bool) -> None:
+        """Signal the init directly when that is sure to reach it, else through the runtime (and for --all)."""
+        signum = init_signal.number(name)
+        if signum is None:
+            target = name.removeprefix("SIG")  # the runtime's error will name it
+        elif not all_processes and init_signal.send(container.pid, container.conmon_pid, signum):
+            return
+        else:
+            target = str(signum)
+        await conmon.kill(self.runtime_of(container), container.id, target, all_processes=all_processes)
 
     async def remove(self, id_or_prefix: str) -> None:
         """Kill if needed, delete the runtime state, rootfs, bundle and row, free the name. Idempotent."""

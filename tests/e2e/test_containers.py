@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -117,6 +118,47 @@ def test_stop_honours_the_timeout_and_escalates_to_sigkill(env: Env) -> None:
     env.stop(stubborn, timeout=2)  # again: fine
     for cid in (stubborn, polite):
         env.remove(cid)
+        env.remove(cid)
+    assert env.leftovers() == NOTHING
+
+
+def test_stop_signal_by_name_realtime_and_kill_of_the_whole_pid_namespace(env: Env) -> None:
+    pod = env.pod()
+    waiter = "trap 'echo got {name}; exit {code}' {trap}; echo ready; while true; do sleep 0.1; done"
+    usr1 = env.run(
+        pod,
+        env.container_config(
+            "usr1", ["sh", "-c", waiter.format(name="USR1", code=5, trap="USR1")], stop_signal=pb.SIGUSR1
+        ),
+    )
+    # The CRI enum's realtime names (SIGRTMINPLUS1) are not runc's: they reach the process as 35.
+    rt = env.run(
+        pod,
+        env.container_config(
+            "rt",
+            ["sh", "-c", waiter.format(name="RTMIN+1", code=6, trap=signal.SIGRTMIN + 1)],
+            stop_signal=pb.SIGRTMINPLUS1,
+        ),
+    )
+    for cid, name in ((usr1, "usr1"), (rt, "rt")):
+        env.wait_for(cid, lambda _s, name=name: "ready\n" in env.output(pod, name), timeout=10)
+    env.stop(usr1, timeout=30)
+    env.stop(rt, timeout=30)
+    assert (env.status(usr1).status.exit_code, env.output(pod, "usr1").splitlines()[-1]) == (5, "got USR1")
+    assert (env.status(rt).status.exit_code, env.output(pod, "rt").splitlines()[-1]) == (6, "got RTMIN+1")
+
+    # Stop with timeout 0 kills the init of a container with its own PID namespace; the kernel then
+    # kills the rest of it, background children included.
+    family = env.run(pod, env.container_config("family", ["sh", "-c", "sleep 4001 & sleep 4002 & echo ready; wait"]))
+    env.wait_for(family, lambda _s: "ready\n" in env.output(pod, "family"), timeout=10)
+    procs = _cgroup_file(env, family, "pids", "cgroup.procs")
+    pids = [int(p) for p in procs.read_text().split()]
+    assert len(pids) == 3, pids
+    env.stop(family, timeout=0)
+    assert (env.status(family).status.exit_code, env.status(family).status.reason) == (137, "Error")
+    assert procs.read_text().split() == []
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+    for cid in (usr1, rt, family):
         env.remove(cid)
     assert env.leftovers() == NOTHING
 
