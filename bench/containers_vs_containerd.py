@@ -86,7 +86,6 @@ RPC_TIMEOUT = 120.0
 SETTLE = 0.1
 SCALE_CLIENTS = 4  # parallel clients that start and remove the pods of the scale section
 CATATONIT = Path("/usr/bin/catatonit")
-LOOPBACK: dict[str, object] = {"type": "loopback"}
 SUBNET_OCTETS = iter(random.sample(range(1, 255), 254))
 
 
@@ -226,7 +225,9 @@ class Runtime(ABC):
 
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        self.net.write([LOOPBACK])
+        # No loopback plugin: each runtime brings `lo` up itself (criopy when it makes the netns, containerd
+        # through its built-in cni-loopback network), as the peers' example conflists assume.
+        self.net.write([])
         self._start_daemon()
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         self.rs = api_pb2_grpc.RuntimeServiceStub(self.channel)
