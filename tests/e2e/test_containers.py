@@ -140,8 +140,8 @@ def test_stop_signal_by_name_realtime_and_kill_of_the_whole_pid_namespace(env: E
             stop_signal=pb.SIGRTMINPLUS1,
         ),
     )
-    for cid, name in ((usr1, "usr1"), (rt, "rt")):
-        env.wait_for(cid, lambda _s, name=name: "ready\n" in env.output(pod, name), timeout=10)
+    env.wait_for(usr1, lambda _s: "ready\n" in env.output(pod, "usr1"), timeout=10)
+    env.wait_for(rt, lambda _s: "ready\n" in env.output(pod, "rt"), timeout=10)
     env.stop(usr1, timeout=30)
     env.stop(rt, timeout=30)
     assert (env.status(usr1).status.exit_code, env.output(pod, "usr1").splitlines()[-1]) == (5, "got USR1")
