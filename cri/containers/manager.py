@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import idprefix, metrics
+from cri import concurrently, idprefix, metrics
 from cri.containers import cgroupstats, exits, ocispec, users, validate
 from cri.containers import container as rows
 from cri.containers.container import Container, ContainerState
@@ -210,19 +210,31 @@ class ContainerManager:
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
 
         undo.push_async_callback(self._undo, container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
-        await asyncio.to_thread(os.makedirs, container.bundle, 0o700)
-        lowers = self._images.lower_dirs(image)
         undo.push_async_callback(
             self._undo, container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage)
         )
         driver: Driver = "vfs" if settings.storage.driver == "vfs" else "overlay"
-        root = await asyncio.to_thread(rootfs.create, Path(container.storage), lowers, driver)
-
-        user = await asyncio.to_thread(_resolve_user, root, container.config, image)
+        pid_namespace = self._pid_namespace(container.config, sandbox)
+        # One trip to a worker thread for all the file work: each trip costs a loop turn or two.
+        user = await asyncio.to_thread(self._write_bundle, container, sandbox, image, driver, pid_namespace)
         container.uid, container.gid = user.uid, user.gid
         container.additional_gids, container.username = user.additional_gids, user.username
-        spec = await asyncio.to_thread(
-            ocispec.build,
+
+        launch = self._launch(container, name)
+        undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
+        created = await conmon.create(runtime, monitor, launch)
+        container.pid, container.conmon_pid = created.pid, created.conmon_pid
+        container.state = ContainerState.CREATED
+        await asyncio.to_thread(self._write, rows.update, container)
+
+    def _write_bundle(
+        self, container: Container, sandbox: Sandbox, image: ImageRecord, driver: Driver, pid_namespace: str | None
+    ) -> users.ProcessUser:
+        """Blocking: the bundle dir, the rootfs mount, the user from its /etc/passwd, config.json, the log dir."""
+        os.makedirs(container.bundle, 0o700)
+        root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver)
+        user = _resolve_user(root, container.config, image)
+        spec = ocispec.build(
             ocispec.SpecInputs(
                 container_id=container.id,
                 config=container.config,
@@ -231,22 +243,16 @@ class ContainerManager:
                 image_name=container.image_name,
                 rootfs=str(root),
                 user=user,
-                runtime=settings.runtime,
+                runtime=self._live.current.runtime,
                 host=self.host,
-                pid_namespace=self._pid_namespace(container.config, sandbox),
+                pid_namespace=pid_namespace,
                 cgroups_path=container.cgroups_path,
-            ),
+            )
         )
-        await asyncio.to_thread(bundle.write, container.bundle, spec)
+        bundle.write(container.bundle, spec)
         if container.log_path:
-            await asyncio.to_thread(os.makedirs, os.path.dirname(container.log_path), 0o755, True)
-
-        launch = self._launch(container, name)
-        undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
-        created = await conmon.create(runtime, monitor, launch)
-        container.pid, container.conmon_pid = created.pid, created.conmon_pid
-        container.state = ContainerState.CREATED
-        await asyncio.to_thread(self._write, rows.update, container)
+            os.makedirs(os.path.dirname(container.log_path), 0o755, True)
+        return user
 
     def _launch(self, container: Container, name: str) -> ConmonLaunch:
         config = container.config
@@ -446,7 +452,7 @@ class ContainerManager:
             if container.state is ContainerState.EXITED and self._owns_pid_namespace(container):
                 # Its PID namespace died with its init, so nothing uses the rootfs any more:
                 # unmount it while the runtime deletes its state.
-                await _all(
+                await concurrently.all_of(
                     self._delete_runtime(runtime, container),
                     asyncio.to_thread(rootfs.remove, Path(container.storage)),
                 )
@@ -549,13 +555,6 @@ def _mark_running(container: Container) -> None:
     # A very short process may have exited (and been recorded) while `start` ran: keep that.
     if container.state is ContainerState.CREATED:
         container.state = ContainerState.RUNNING
-
-
-async def _all(*steps: Awaitable[Any]) -> None:
-    """Run the steps concurrently, and only once every one has ended raise the first failure."""
-    for outcome in await asyncio.gather(*steps, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 def _log_path(sandbox: Sandbox, config: pb.ContainerConfig) -> str:

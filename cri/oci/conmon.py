@@ -282,11 +282,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
     left behind (runtime state, socket symlink, stale pid files) and OciRuntimeError
     carries the runtime's or conmon's message.
     """
-    for directory in (launch.exit_dir, launch.persist_dir, launch.socket_dir):
-        await asyncio.to_thread(os.makedirs, directory, 0o700, True)
-    for stale in (launch.exit_file, launch.container_pidfile, launch.monitor_pidfile):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(stale)
+    await asyncio.to_thread(_prepare, launch)
     argv = conmon_argv(conmon, runtime, launch)
     what = f"creating container {launch.id} with conmon"
     started = time.monotonic()
@@ -316,6 +312,15 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
         duration_ms=round((time.monotonic() - started) * 1000, 1),
     )
     return Created(pid=pid, conmon_pid=read_pid(launch.monitor_pidfile))
+
+
+def _prepare(launch: ConmonLaunch) -> None:
+    """Blocking: the directories conmon writes into, and no stale file it could be mistaken by."""
+    for directory in (launch.exit_dir, launch.persist_dir, launch.socket_dir):
+        os.makedirs(directory, 0o700, True)
+    for stale in (launch.exit_file, launch.container_pidfile, launch.monitor_pidfile):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
 
 
 async def _launch(argv: list[str], what: str, cwd: str) -> bytes:
