@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cni.result import CniError
-from cri import idprefix, metrics
+from cri import concurrently, idprefix, metrics
 from cri.creations import Creations
 from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.live_config import LiveConfig
@@ -152,20 +152,20 @@ class SandboxManager:
         await asyncio.to_thread(self._write, rows.insert, sandbox)
         undo.push_async_callback(self._undo, sandbox.id, "state row", self._write_delete, sandbox.id)
 
-        directory = Path(sandbox.dir)
-        await asyncio.to_thread(directory.mkdir, 0o711, True, False)
-        undo.push_async_callback(self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, directory)
-        hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
-        await asyncio.to_thread(self._write_files, sandbox, hostname)
-
+        # The undos first: the two steps below run at once, and either may fail after the other made things.
+        undo.push_async_callback(
+            self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True
+        )
         if sandbox.shm:
-            await asyncio.to_thread(shm.mount, sandbox.shm, config.pod.shm_size)
             undo.push_async_callback(self._undo, sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
-
-        sysctls = _sysctls(config.runtime.default_sysctls, spec)
-        await namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls)
         undo.push_async_callback(
             self._undo, sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, list(sandbox.pins.values())
+        )
+        hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
+        sysctls = _sysctls(config.runtime.default_sysctls, spec)
+        await concurrently.all_of(
+            asyncio.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
+            namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls),
         )
 
         if not spec.host_network:
@@ -181,7 +181,7 @@ class SandboxManager:
                 attachment.network,
                 config.network,
             )
-            await asyncio.to_thread(files.write_hosts, directory / "hosts", hostname, list(sandbox.ips))
+            await asyncio.to_thread(files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips))
 
         if spec.pid_mode is NamespaceMode.POD:
             # The pod shares one PID namespace: catatonit holds it as PID 1 (no pause image).
@@ -191,11 +191,15 @@ class SandboxManager:
         sandbox.state = SandboxState.READY
         await asyncio.to_thread(self._write, rows.update, sandbox)
 
-    def _write_files(self, sandbox: Sandbox, hostname: str) -> None:
+    def _write_files(self, sandbox: Sandbox, hostname: str, shm_size: int) -> None:
+        """Blocking: the sandbox dir, its hostname, resolv.conf and hosts files, and the pod's /dev/shm."""
         directory = Path(sandbox.dir)
+        directory.mkdir(0o711, parents=True)
         files.write_hostname(directory / "hostname", hostname)
         files.write_resolv_conf(directory / "resolv.conf", sandbox.spec.dns)
         files.write_hosts(directory / "hosts", hostname, [])
+        if sandbox.shm:
+            shm.mount(sandbox.shm, shm_size)
 
     async def _undo(self, sandbox_id: str, step: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Best effort: one failed undo must not stop the others, nor hide the error that caused them."""
@@ -232,24 +236,28 @@ class SandboxManager:
         if sandbox.spec.pid_mode is NamespaceMode.POD:
             await infra.stop(sandbox, config)  # gone already (or after a reboot) is fine
             sandbox.infra_pid = 0
-        if sandbox.network:
-            pin = sandbox.pins.get("net", "")
-            # CNI DEL must still run when the netns is gone; the plugins then free what the host holds.
-            pinned = bool(pin) and await asyncio.to_thread(namespaces.is_pinned, pin)
-            netns = pin if pinned else ""
-            try:
-                await self._network.detach(sandbox.id, netns, sandbox.network, config.network)
-            except CniError as exc:
-                raise Internal(f"stopping pod sandbox {sandbox.id}: CNI DEL failed: {exc}") from exc
-            sandbox.network = ""
-        if sandbox.shm:
-            await asyncio.to_thread(shm.unmount, sandbox.shm)
-        await asyncio.to_thread(namespaces.release_all, list(sandbox.pins.values()))
+        # Only CNI DEL needs the netns: the pod's /dev/shm and its other namespaces go meanwhile.
+        others = [path for kind, path in sandbox.pins.items() if kind != "net"]
+        await concurrently.all_of(self._detach(sandbox), asyncio.to_thread(_release, sandbox.shm, others))
+        if "net" in sandbox.pins:
+            await asyncio.to_thread(namespaces.release, sandbox.pins["net"])
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
         sandbox.state = SandboxState.NOTREADY
         await asyncio.to_thread(self._write, rows.update, sandbox)
         self._publish()
+
+    async def _detach(self, sandbox: Sandbox) -> None:
+        if not sandbox.network:
+            return
+        pin = sandbox.pins.get("net", "")
+        # CNI DEL must still run when the netns is gone; the plugins then free what the host holds.
+        pinned = bool(pin) and await asyncio.to_thread(namespaces.is_pinned, pin)
+        try:
+            await self._network.detach(sandbox.id, pin if pinned else "", sandbox.network, self._live.current.network)
+        except CniError as exc:
+            raise Internal(f"stopping pod sandbox {sandbox.id}: CNI DEL failed: {exc}") from exc
+        sandbox.network = ""
 
     async def remove(self, id_or_prefix: str) -> None:
         """Idempotent: stops first if needed; an unknown sandbox is fine."""
@@ -304,6 +312,12 @@ class SandboxManager:
         await self._undo(sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, sandbox.pins.values())
         await self._undo(sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True)
         await self._write_delete(sandbox.id)
+
+
+def _release(shm_path: str, pins: list[str]) -> None:
+    if shm_path:
+        shm.unmount(shm_path)
+    namespaces.release_all(pins)
 
 
 def _pins_alive(sandbox: Sandbox) -> bool:
