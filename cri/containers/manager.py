@@ -69,6 +69,10 @@ class ContainerManager:
         self._exited: dict[str, asyncio.Event] = {}
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # After an exit, a task records it and deletes the runtime's state (containerd deletes its task at
+        # exit too): RemoveContainer then only waits for what is left of it.
+        self._after_exit: dict[str, asyncio.Task[Any]] = {}
+        self._runtime_deleted: set[str] = set()
         self.stats = StatsCollector(self.all)
         sandboxes.stop_hooks.append(self.stop_pod_containers)
         sandboxes.remove_hooks.append(self.remove_pod_containers)
@@ -355,7 +359,7 @@ class ContainerManager:
         container.message = message
         self._exited.setdefault(container.id, asyncio.Event()).set()
         metrics.record_container_exit(container.reason)
-        self._spawn(asyncio.to_thread(self._write, rows.update, container))
+        self._after_exit[container.id] = self._spawn(self._record_and_release(container))
         self._publish(container, EventType.STOPPED)
         event(
             log,
@@ -374,16 +378,27 @@ class ContainerManager:
         sample = cgroupstats.sample(container.cgroups_path)
         return bool(sample and sample.oom_kills)
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                await work
-            except Exception as exc:
-                event(log, logging.ERROR, "background container write failed", error=str(exc))
+    async def _record_and_release(self, container: Container) -> None:
+        """After an exit: write it down, then, if nothing of the container can still run, delete its runtime state."""
+        try:
+            await asyncio.to_thread(self._write, rows.update, container)
+        except Exception as exc:
+            event(log, logging.ERROR, "recording a container exit failed", id=container.id, error=str(exc))
+            return  # the exit file stays for a restarted daemon to find
+        if not self._owns_pid_namespace(container):
+            return  # processes exec'd into a shared PID namespace may still use it: RemoveContainer kills them
+        try:
+            await self._delete_runtime(self.runtime_of(container), container)
+        except (OciRuntimeError, OSError) as exc:
+            event(log, logging.WARNING, "runtime delete after exit failed", id=container.id, error=str(exc))
+            return  # RemoveContainer tries again
+        self._runtime_deleted.add(container.id)
 
-        task = asyncio.create_task(run())
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _wait_exit(self, container: Container, timeout: float) -> bool:
         if container.state is ContainerState.EXITED:
@@ -453,7 +468,7 @@ class ContainerManager:
                 # Its PID namespace died with its init, so nothing uses the rootfs any more:
                 # unmount it while the runtime deletes its state.
                 await concurrently.all_of(
-                    self._delete_runtime(runtime, container),
+                    self._delete_runtime_after_exit(runtime, container),
                     asyncio.to_thread(rootfs.remove, Path(container.storage)),
                 )
             else:
@@ -467,9 +482,18 @@ class ContainerManager:
         await self._delete_row(container.id)
         self._containers.pop(container.id, None)
         self._exited.pop(container.id, None)
+        self._after_exit.pop(container.id, None)
+        self._runtime_deleted.discard(container.id)
         self._creations.release(container.id)
         self._publish(container, EventType.DELETED)
         event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
+
+    async def _delete_runtime_after_exit(self, runtime: Runtime, container: Container) -> None:
+        after_exit = self._after_exit.get(container.id)
+        if after_exit is not None:
+            await asyncio.wait([after_exit])  # not cancelled with the caller: it holds no lock and ends by itself
+        if container.id not in self._runtime_deleted:
+            await self._delete_runtime(runtime, container)
 
     def _owns_pid_namespace(self, container: Container) -> bool:
         mode = container.config.linux.security_context.namespace_options.pid

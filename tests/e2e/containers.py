@@ -142,6 +142,16 @@ class Env:
                 return current
             time.sleep(0.02)
 
+    def wait_released(self, cid: str, timeout: float = 10) -> bool:
+        """Whether the daemon let go of an exited container's runc state and conmon (it does so in the background)."""
+        state = self.daemon.runroot / "runc" / cid
+        deadline = time.monotonic() + timeout
+        while state.exists() or conmon_pids(cid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stop(self, cid: str, timeout: int = 0, rpc_timeout: float = 60) -> None:
         self.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=timeout), timeout=rpc_timeout)
 

@@ -464,7 +464,7 @@ def test_bind_mounts_read_only_created_and_propagation(env: Env, tmp_path: Path)
             ],
         )
     ]
-    run_all(env, pod, configs)
+    statuses = run_all(env, pod, configs)
     out = env.output(pod, "binds")
     assert "from the host" in out
     assert "touch: /ro/new: Read-only file system" in out and "ro=1" in out
@@ -472,6 +472,7 @@ def test_bind_mounts_read_only_created_and_propagation(env: Env, tmp_path: Path)
     assert not (ro_dir / "new").exists()
     assert missing.is_dir() and (missing / "hello").read_text() == "hello\n"
 
+    assert env.wait_released(statuses["binds"].id)  # what the exited container holds stays put from here
     before = env.leftovers()
     with bind_to_itself(tmp_path / "private", "private") as private:
         mount = pb.Mount(container_path="/prop", host_path=str(private), propagation=pb.PROPAGATION_BIDIRECTIONAL)
