@@ -189,7 +189,7 @@ class SandboxManager:
             undo.push_async_callback(self._undo, sandbox.id, "infra", infra.stop, sandbox, config)
 
         sandbox.state = SandboxState.READY
-        await asyncio.to_thread(self._write, rows.update, sandbox)
+        await self._record(sandbox)
 
     def _write_files(self, sandbox: Sandbox, hostname: str, shm_size: int) -> None:
         """Blocking: the sandbox dir, its hostname, resolv.conf and hosts files, and the pod's /dev/shm."""
@@ -208,13 +208,17 @@ class SandboxManager:
         except Exception as exc:
             event(log, logging.ERROR, "undo step failed", pod_id=sandbox_id, step=step, error=str(exc))
 
-    def _write(self, op: Callable[[Any, Sandbox], None], sandbox: Sandbox) -> None:
-        with self._store.transaction() as conn:
+    def _write(self, op: Callable[[Any, Sandbox], None], sandbox: Sandbox, durable: bool = True) -> None:
+        with self._store.transaction(durable=durable) as conn:
             op(conn, sandbox)
+
+    async def _record(self, sandbox: Sandbox) -> None:
+        """A state change: not waited onto the disk, as recovery derives it again after a reboot."""
+        await asyncio.to_thread(self._write, rows.update, sandbox, False)
 
     async def _write_delete(self, sandbox_id: str) -> None:
         def delete() -> None:
-            with self._store.transaction() as conn:
+            with self._store.transaction(durable=False) as conn:
                 rows.delete(conn, sandbox_id)
 
         await asyncio.to_thread(delete)
@@ -244,7 +248,7 @@ class SandboxManager:
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
         sandbox.state = SandboxState.NOTREADY
-        await asyncio.to_thread(self._write, rows.update, sandbox)
+        await self._record(sandbox)
         self._publish()
 
     async def _detach(self, sandbox: Sandbox) -> None:

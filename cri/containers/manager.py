@@ -229,7 +229,7 @@ class ContainerManager:
         created = await conmon.create(runtime, monitor, launch)
         container.pid, container.conmon_pid = created.pid, created.conmon_pid
         container.state = ContainerState.CREATED
-        await asyncio.to_thread(self._write, rows.update, container)
+        await self._record(container)
 
     def _write_bundle(
         self, container: Container, sandbox: Sandbox, image: ImageRecord, driver: Driver, pid_namespace: str | None
@@ -306,12 +306,16 @@ class ContainerManager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._socket_dir, container.id))
 
-    def _write(self, op: Callable[..., None], *args: Any) -> None:
-        with self._store.transaction() as conn:
+    def _write(self, op: Callable[..., None], *args: Any, durable: bool = True) -> None:
+        with self._store.transaction(durable=durable) as conn:
             op(conn, *args)
 
+    async def _record(self, container: Container) -> None:
+        """A state change: not waited onto the disk, as recovery derives it again after a reboot."""
+        await asyncio.to_thread(self._write, rows.update, container, durable=False)
+
     async def _delete_row(self, container_id: str) -> None:
-        await asyncio.to_thread(self._write, rows.delete, container_id)
+        await asyncio.to_thread(self._write, rows.delete, container_id, durable=False)
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -328,7 +332,7 @@ class ContainerManager:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
             container.started_at = started_at
             _mark_running(container)
-            await asyncio.to_thread(self._write, rows.update, container)
+            await self._record(container)
         self._publish(container, EventType.STARTED)
         event(log, logging.INFO, "container started", id=container.id, pod_id=container.sandbox_id)
         self._check_exit(container.id)
@@ -381,7 +385,7 @@ class ContainerManager:
     async def _record_and_release(self, container: Container) -> None:
         """After an exit: write it down, then, if nothing of the container can still run, delete its runtime state."""
         try:
-            await asyncio.to_thread(self._write, rows.update, container)
+            await self._record(container)
         except Exception as exc:
             event(log, logging.ERROR, "recording a container exit failed", id=container.id, error=str(exc))
             return  # the exit file stays for a restarted daemon to find
@@ -526,7 +530,7 @@ class ContainerManager:
             except OciRuntimeError as exc:
                 raise Internal(f"updating container {container.id}: {exc}") from exc
             container.resources = resources
-            await asyncio.to_thread(self._write, rows.update, container)
+            await self._record(container)
         event(log, logging.INFO, "container resources updated", id=container.id)
 
     async def reopen_log(self, id_or_prefix: str) -> None:

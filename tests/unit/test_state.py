@@ -96,3 +96,43 @@ def test_a_writer_killed_mid_transaction_leaves_a_consistent_database(tmp_path):
         assert store.get("after") == "crash"
     finally:
         store.close()
+
+
+LAZY_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from cri.state import Store
+    store = Store.open(sys.argv[1])
+    with store.transaction(durable=False) as conn:
+        conn.execute("INSERT INTO kv VALUES ('lazy', 'kept')")
+    synchronous = store._conn.execute("PRAGMA synchronous").fetchone()[0]
+    print(f"synchronous={synchronous}", flush=True)
+    os.kill(os.getpid(), 9)  # the daemon dies without closing, checkpointing or syncing anything
+    """
+)
+
+
+def test_a_commit_not_waited_onto_the_disk_survives_a_killed_daemon(tmp_path):
+    argv = [sys.executable, "-c", LAZY_WRITER, str(tmp_path)]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == -9, done.stderr
+    assert done.stdout.strip() == "synchronous=2"  # FULL again for the commits after it
+    store = Store.open(str(tmp_path))
+    try:
+        assert store.get("lazy") == "kept"
+        assert store.integrity_ok()
+    finally:
+        store.close()
+
+
+def test_a_failed_lazy_transaction_leaves_nothing_and_the_next_commit_durable(tmp_path):
+    store = Store.open(str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError), store.transaction(durable=False) as conn:
+            conn.execute("INSERT INTO kv VALUES ('a', '1')")
+            raise RuntimeError("step two failed")
+        assert store.get("a") is None
+        with store.transaction() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        store.close()
