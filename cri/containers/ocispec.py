@@ -381,8 +381,10 @@ def _resources(res: pb.LinuxContainerResources, inputs: SpecInputs) -> dict[str,
 
 def _seccomp(inputs: SpecInputs, caps: list[str]) -> dict[str, Any] | None:
     sc = inputs.config.linux.security_context
+    if sc.privileged:
+        return None  # privileged is unconfined whatever profile is named (the kubelet's and containerd's rule)
     kind, path = _seccomp_choice(sc, inputs.runtime.seccomp_profile)
-    if kind == "unconfined" or (sc.privileged and kind == "default"):
+    if kind == "unconfined":
         return None
     try:
         return seccomp.load(path, caps)

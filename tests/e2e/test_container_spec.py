@@ -344,6 +344,36 @@ def test_seccomp_runtime_default_unconfined_and_localhost_profiles(env: Env, tmp
     assert f"{SC}.seccomp.localhost_ref" in err.details() and missing in err.details()
 
 
+def test_privileged_container_runs_without_its_localhost_seccomp_profile(env: Env, tmp_path: Path) -> None:
+    """Privileged means unconfined, whatever profile is named (the kubelet's and containerd's semantics)."""
+    pod = privileged_pod(env)
+    profile = tmp_path / "no-sethostname.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 122}],
+            }
+        )
+    )
+    localhost = pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost, localhost_ref=str(profile))
+    script = sh("grep Seccomp: /proc/self/status; hostname renamed && echo hostname=$(hostname)")
+    configs = [
+        env.container_config("privileged", script, linux=security(privileged=True, seccomp=localhost)),
+        env.container_config("confined", script, linux=security(seccomp=localhost)),
+    ]
+    statuses = run_all(env, pod, configs)
+
+    privileged = env.output(pod, "privileged")
+    assert statuses["privileged"].exit_code == 0, privileged
+    assert re.search(r"^Seccomp:\s+0$", privileged, re.MULTILINE)
+    assert "hostname=renamed" in privileged
+    # The same profile confines an unprivileged container: EDQUOT is the profile's answer (not EPERM's).
+    confined = env.output(pod, "confined")
+    assert re.search(r"^Seccomp:\s+2$", confined, re.MULTILINE)
+    assert "sethostname: Disk quota exceeded" in confined
+
+
 def test_env_working_dir_command_and_args(env: Env, app_image: str) -> None:
     pod = env.pod()
     kv = pb.KeyValue
