@@ -19,6 +19,7 @@ from cri.images import reference
 from cri.state import Store
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?([a-f0-9]{1,64})$")
+_FULL_ID = re.compile(r"^(sha256:)?[a-f0-9]{64}$")
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ class ImageIndex:
         ReferenceError when `text` is neither a reference nor an ID; AmbiguousImage for a shared prefix.
         """
         by_id = self._by_id(text)
-        if by_id is not None:
-            return by_id
+        if by_id is not None or _FULL_ID.match(text):
+            return by_id  # a whole ID names no repository (64 hex characters are refused as one)
         ref = reference.parse(text)
         if ref.digest is not None:
             return self._lookup(ref.with_digest(ref.digest).string())

@@ -171,6 +171,9 @@ def test_list_filter_stream_retag_and_remove_semantics(make_daemon, registry) ->
     remove(daemon, app_b)
     assert not status(daemon, one.image_id).HasField("image")
     remove(daemon, one.image_id)  # already gone: fine
+    # Gone, or never here, is fine whatever form names it: a bare ID, a digest reference, a tag.
+    for absent in ("0" * 64, f"{registry.host}/e2e/app@sha256:{'0' * 64}", f"{registry.host}/e2e/never:there"):
+        remove(daemon, absent)
     remove(daemon, two.image_id)
     assert images.ListImages(pb.ListImagesRequest()).images == []
     assert stored(daemon) == {"blobs": [], "layers": [], "temp": []}  # every layer and blob freed
