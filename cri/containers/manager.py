@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 KILL_WAIT = 30.0  # seconds a SIGKILLed container may take to be reported gone
 CONMON_EXIT_WAIT = 5.0  # conmon drains the log after the exit file; let it finish before its dir goes
+REOPEN_LOG_WAIT = 5.0  # seconds conmon may take to put the new log file in place
 
 
 class ContainerManager:
@@ -538,9 +539,14 @@ class ContainerManager:
         if container.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {container.id} is not running")
         try:
-            await conmon_ctl.send(container.bundle, conmon_ctl.REOPEN_LOGS)
+            reopened = await conmon_ctl.reopen_log(container.bundle, container.log_path, REOPEN_LOG_WAIT)
         except OSError as exc:
             raise Internal(f"reopening the log of container {container.id}: conmon's ctl fifo: {exc.strerror}") from exc
+        if not reopened:
+            raise Internal(
+                f"reopening the log of container {container.id}: conmon made no new {container.log_path} "
+                f"within {REOPEN_LOG_WAIT:g}s"
+            )
         event(log, logging.INFO, "container log reopened", id=container.id, path=container.log_path)
 
     # ---- recovery -----------------------------------------------------------------------------

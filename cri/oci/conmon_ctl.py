@@ -35,6 +35,35 @@ async def send(bundle: str, kind: int, height: int = 0, width: int = 0) -> None:
     await asyncio.to_thread(_write, os.path.join(bundle, "ctl"), f"{kind} {height} {width}\n".encode())
 
 
+async def reopen_log(bundle: str, log_path: str, timeout: float) -> bool:
+    """Ask conmon to reopen the log; True once the new file is in place (False: not within `timeout`).
+
+    The kubelet rotates by renaming the log, then expects the new file to exist when the call returns.
+    conmon opens `<log>.tmp` and renames it over the log path, so a new inode at the path is its answer,
+    whether or not the old file had been moved away.
+    """
+    before = _inode(log_path)
+    await send(bundle, REOPEN_LOGS)
+    if not log_path:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        now = _inode(log_path)
+        if now is not None and now != before:
+            return True
+        await asyncio.sleep(POLL_INTERVAL)
+    return False
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 async def _drained(bundle: str) -> None:
     fifos = [os.path.join(bundle, "ctl"), os.path.join(bundle, "winsz")]
     loop = asyncio.get_running_loop()
