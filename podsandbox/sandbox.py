@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from cri.state import records
 from podsandbox.spec import SandboxSpec
 
 
@@ -37,40 +37,20 @@ class Sandbox:
     def name(self) -> str:
         return self.spec.metadata.reservation
 
-    def data_json(self) -> str:
-        return json.dumps(
-            {
-                "spec": self.spec.to_json(),
-                "dir": self.dir,
-                "pins": self.pins,
-                "shm": self.shm,
-                "cgroup_parent": self.cgroup_parent,
-                "network": self.network,
-                "ips": list(self.ips),
-                "cni_result": self.cni_result,
-                "infra_pid": self.infra_pid,
-            }
-        )
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> Sandbox:
-        sandbox_id, state, created_at, config, data_text = row
-        data = json.loads(data_text)
-        return cls(
-            id=sandbox_id,
-            spec=SandboxSpec.from_json(data["spec"]),
-            created_at=int(created_at),
-            state=SandboxState(state),
-            dir=data["dir"],
-            pins=dict(data["pins"]),
-            shm=data["shm"],
-            cgroup_parent=data["cgroup_parent"],
-            network=data["network"],
-            ips=tuple(data["ips"]),
-            cni_result=data["cni_result"],
-            infra_pid=int(data["infra_pid"]),
-            config_blob=bytes(config),
-        )
+# The fields kept as columns of the sandboxes table; every other one is in its JSON `data`.
+_ROW = records.Row(Sandbox, columns=("id", "state", "created_at", "config_blob"))
+
+
+def from_row(row: sqlite3.Row | tuple[Any, ...]) -> Sandbox:
+    sandbox_id, state, created_at, config, data_text = row
+    return _ROW.load(
+        data_text,
+        id=sandbox_id,
+        state=SandboxState(state),
+        created_at=int(created_at),
+        config_blob=bytes(config),
+    )
 
 
 SELECT_COLUMNS = "id, state, created_at, config, data"
@@ -95,14 +75,14 @@ def insert(conn: sqlite3.Connection, sandbox: Sandbox) -> None:
             sandbox.spec.runtime_handler,
             sandbox.created_at,
             sandbox.config_blob,
-            sandbox.data_json(),
+            _ROW.dump(sandbox),
         ),
     )
 
 
 def update(conn: sqlite3.Connection, sandbox: Sandbox) -> None:
     conn.execute(
-        "UPDATE sandboxes SET state = ?, data = ? WHERE id = ?", (sandbox.state.value, sandbox.data_json(), sandbox.id)
+        "UPDATE sandboxes SET state = ?, data = ? WHERE id = ?", (sandbox.state.value, _ROW.dump(sandbox), sandbox.id)
     )
 
 
@@ -112,4 +92,4 @@ def delete(conn: sqlite3.Connection, sandbox_id: str) -> None:
 
 
 def load_all(conn: sqlite3.Connection) -> list[Sandbox]:
-    return [Sandbox.from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM sandboxes")]
+    return [from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM sandboxes")]

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from cri.errors import InvalidArgument
 
@@ -82,32 +81,6 @@ class SandboxSpec:
     @property
     def host_pid(self) -> bool:
         return self.pid_mode is NamespaceMode.NODE
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("network_mode", "pid_mode", "ipc_mode"):
-            data[key] = getattr(self, key).value
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SandboxSpec:
-        dns = data.get("dns")
-        return cls(
-            metadata=Metadata(**data["metadata"]),
-            hostname=data["hostname"],
-            log_directory=data["log_directory"],
-            dns=DnsConfig(*(tuple(dns[k]) for k in ("servers", "searches", "options"))) if dns else None,
-            port_mappings=tuple(PortMapping(**p) for p in data["port_mappings"]),
-            labels=dict(data["labels"]),
-            annotations=dict(data["annotations"]),
-            cgroup_parent=data["cgroup_parent"],
-            network_mode=NamespaceMode(data["network_mode"]),
-            pid_mode=NamespaceMode(data["pid_mode"]),
-            ipc_mode=NamespaceMode(data["ipc_mode"]),
-            sysctls=dict(data["sysctls"]),
-            runtime_handler=data["runtime_handler"],
-            privileged=bool(data.get("privileged", False)),  # rows written before the field existed
-        )
 
 
 # Sysctls that live in a namespace the pod owns, by namespace (runc's list).

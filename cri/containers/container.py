@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
+from cri.state import records
 
 
 class ContainerState(Enum):
@@ -48,7 +48,9 @@ class Container:
     resources: pb.LinuxContainerResources = field(default_factory=pb.LinuxContainerResources)
     # The ListContainers entry, built once per state: the kubelet relists every second, and building
     # hundreds of messages per call costs ten times more than reusing them.
-    list_cache: tuple[ContainerState, pb.Container] | None = field(default=None, repr=False, compare=False)
+    list_cache: tuple[ContainerState, pb.Container] | None = field(
+        default=None, repr=False, compare=False, metadata=records.TRANSIENT
+    )
 
     @property
     def name(self) -> str:
@@ -58,68 +60,22 @@ class Container:
     def attempt(self) -> int:
         return int(self.config.metadata.attempt)
 
-    def data_json(self) -> str:
-        return json.dumps(
-            {
-                "image_ref": self.image_ref,
-                "image_name": self.image_name,
-                "runtime": self.runtime,
-                "bundle": self.bundle,
-                "storage": self.storage,
-                "log_path": self.log_path,
-                "cgroups_path": self.cgroups_path,
-                "stop_signal": self.stop_signal,
-                "uid": self.uid,
-                "gid": self.gid,
-                "additional_gids": list(self.additional_gids),
-                "username": self.username,
-                "pid": self.pid,
-                "conmon_pid": self.conmon_pid,
-                "started_at": self.started_at,
-                "finished_at": self.finished_at,
-                "exit_code": self.exit_code,
-                "reason": self.reason,
-                "message": self.message,
-                "resources": self.resources.SerializeToString().hex(),
-            }
-        )
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> Container:
-        container_id, sandbox_id, state, image_id, created_at, config_blob, data_text = row
-        data = json.loads(data_text)
-        config = pb.ContainerConfig()
-        config.ParseFromString(bytes(config_blob))
-        resources = pb.LinuxContainerResources()
-        resources.ParseFromString(bytes.fromhex(data.get("resources", "")))
-        return cls(
-            id=container_id,
-            sandbox_id=sandbox_id,
-            config=config,
-            image_id=image_id,
-            image_ref=data["image_ref"],
-            image_name=data["image_name"],
-            created_at=int(created_at),
-            state=ContainerState(state),
-            runtime=data["runtime"],
-            bundle=data["bundle"],
-            storage=data["storage"],
-            log_path=data["log_path"],
-            cgroups_path=data["cgroups_path"],
-            stop_signal=data["stop_signal"],
-            uid=int(data["uid"]),
-            gid=int(data["gid"]),
-            additional_gids=tuple(data["additional_gids"]),
-            username=data["username"],
-            pid=int(data["pid"]),
-            conmon_pid=int(data["conmon_pid"]),
-            started_at=int(data["started_at"]),
-            finished_at=int(data["finished_at"]),
-            exit_code=int(data["exit_code"]),
-            reason=data["reason"],
-            message=data["message"],
-            resources=resources,
-        )
+# The fields kept as columns of the containers table; every other one is in its JSON `data`.
+_ROW = records.Row(Container, columns=("id", "sandbox_id", "state", "image_id", "created_at", "config"))
+
+
+def from_row(row: sqlite3.Row | tuple[Any, ...]) -> Container:
+    container_id, sandbox_id, state, image_id, created_at, config_blob, data_text = row
+    return _ROW.load(
+        data_text,
+        id=container_id,
+        sandbox_id=sandbox_id,
+        state=ContainerState(state),
+        image_id=image_id,
+        created_at=int(created_at),
+        config=pb.ContainerConfig.FromString(bytes(config_blob)),
+    )
 
 
 def reservation(pod_reservation: str, metadata: pb.ContainerMetadata) -> str:
@@ -147,7 +103,7 @@ def insert(conn: sqlite3.Connection, container: Container, reservation: str) -> 
             container.image_id,
             container.created_at,
             container.config.SerializeToString(),
-            container.data_json(),
+            _ROW.dump(container),
         ),
     )
 
@@ -155,7 +111,7 @@ def insert(conn: sqlite3.Connection, container: Container, reservation: str) -> 
 def update(conn: sqlite3.Connection, container: Container) -> None:
     conn.execute(
         "UPDATE containers SET state = ?, data = ? WHERE id = ?",
-        (container.state.value, container.data_json(), container.id),
+        (container.state.value, _ROW.dump(container), container.id),
     )
 
 
@@ -165,4 +121,4 @@ def delete(conn: sqlite3.Connection, container_id: str) -> None:
 
 
 def load_all(conn: sqlite3.Connection) -> list[Container]:
-    return [Container.from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM containers")]
+    return [from_row(row) for row in conn.execute(f"SELECT {SELECT_COLUMNS} FROM containers")]

@@ -9,14 +9,13 @@ caller once no other image holds them.
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from cri.images import reference
-from cri.state import Store
+from cri.state import Store, records
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?([a-f0-9]{1,64})$")
 _FULL_ID = re.compile(r"^(sha256:)?[a-f0-9]{64}$")
@@ -62,25 +61,22 @@ class ImageRecord:
             return int(name), ""
         return None, name
 
-    def data_json(self) -> str:
-        data = asdict(self)
-        for key in ("id", "size", "created_at", "repo_tags", "repo_digests"):
-            data.pop(key)
-        return json.dumps(data)
 
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...], names: list[tuple[str, str]]) -> ImageRecord:
-        image_id, size, created_at, data_text = row
-        data = json.loads(data_text)
-        data["layers"] = [LayerRef(**layer) for layer in data["layers"]]
-        return cls(
-            id=image_id,
-            size=int(size),
-            created_at=int(created_at),
-            repo_tags=sorted(n for n, kind in names if kind == "tag"),
-            repo_digests=sorted(n for n, kind in names if kind == "digest"),
-            **data,
-        )
+# The fields kept as columns of the images table (tags and digests are rows of image_names); every
+# other one is in its JSON `data`.
+_ROW = records.Row(ImageRecord, columns=("id", "size", "created_at", "repo_tags", "repo_digests"))
+
+
+def from_row(row: tuple[Any, ...], names: list[tuple[str, str]]) -> ImageRecord:
+    image_id, size, created_at, data_text = row
+    return _ROW.load(
+        data_text,
+        id=image_id,
+        size=int(size),
+        created_at=int(created_at),
+        repo_tags=sorted(n for n, kind in names if kind == "tag"),
+        repo_digests=sorted(n for n, kind in names if kind == "digest"),
+    )
 
 
 class AmbiguousImage(Exception):
@@ -101,7 +97,7 @@ class ImageIndex:
             for name, image_id, kind in conn.execute("SELECT name, image_id, kind FROM image_names"):
                 names.setdefault(image_id, []).append((name, kind))
             for row in conn.execute("SELECT id, size, created_at, data FROM images"):
-                record = ImageRecord.from_row(tuple(row), names.get(row[0], []))
+                record = from_row(tuple(row), names.get(row[0], []))
                 self._images[record.id] = record
                 for name in record.names:
                     self._names[name] = record.id
@@ -216,5 +212,5 @@ def _write(conn: sqlite3.Connection, record: ImageRecord) -> None:
     conn.execute(
         "INSERT INTO images(id, size, created_at, data) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(id) DO UPDATE SET size = excluded.size, data = excluded.data",
-        (record.id, record.size, record.created_at, record.data_json()),
+        (record.id, record.size, record.created_at, _ROW.dump(record)),
     )
