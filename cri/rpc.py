@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from api.runtime.v1 import api_pb2
 from cri import metrics
 from cri.errors import Unimplemented, status_of
-from cri.grpcserver import Route, RpcError
+from cri.grpcserver import Route, RpcError, deadline_exceeded
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -130,33 +130,44 @@ def _failed(method: Method, request: Message, started: float, exc: Exception) ->
     return RpcError(code, message)
 
 
+Expired = Callable[[], bool]
+
+
 @contextmanager
-def _instrumented(method: Method, request: Message) -> Iterator[None]:
+def _instrumented(method: Method, request: Message, expired: Expired) -> Iterator[None]:
     """Times the call, logs and counts it, and turns a failure into its mapped status."""
     started = time.monotonic()
     try:
         yield
     except asyncio.CancelledError:
-        _finish(
-            method, request, started, grpc.StatusCode.CANCELLED, "cancelled: client gone, deadline passed or stopping"
-        )
+        # Cancelled by the transport: the client's deadline (answered DEADLINE_EXCEEDED, so said
+        # here too), or the client gone or the server stopping.
+        if expired():
+            _finish(method, request, started, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        else:
+            _finish(method, request, started, grpc.StatusCode.CANCELLED, "cancelled: client gone or stopping")
         raise
     except Exception as exc:
         raise _failed(method, request, started, exc) from exc
     _finish(method, request, started, grpc.StatusCode.OK, None)
 
 
-async def call_unary(method: Method, impl: UnaryImpl | None, request: Message) -> Message:
-    """Runs one unary call, instrumented; a failure raises RpcError with its status."""
-    with _instrumented(method, request):
+async def call_unary(
+    method: Method, impl: UnaryImpl | None, request: Message, expired: Expired = deadline_exceeded
+) -> Message:
+    """Runs one unary call, instrumented; a failure raises RpcError with its status. `expired` tells,
+    when the call is cancelled, whether its deadline passed (the builtin transport's by default)."""
+    with _instrumented(method, request, expired):
         if impl is None:
             raise _unimplemented(method)
         return await impl(request)
 
 
-async def call_stream(method: Method, impl: StreamImpl | None, request: Message) -> AsyncIterator[Message]:
+async def call_stream(
+    method: Method, impl: StreamImpl | None, request: Message, expired: Expired = deadline_exceeded
+) -> AsyncIterator[Message]:
     """Runs one server-streaming call, instrumented as `call_unary` is."""
-    with _instrumented(method, request):
+    with _instrumented(method, request, expired):
         if impl is None:
             raise _unimplemented(method)
         async for item in impl(request):
@@ -192,12 +203,17 @@ def routes(servicers: Mapping[str, object | None]) -> dict[str, Route]:
     return table
 
 
+def _past_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _aio_unary(
     method: Method, impl: UnaryImpl | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await call_unary(method, impl, request)
+            return await call_unary(method, impl, request, partial(_past_deadline, context))
         except RpcError as exc:
             await context.abort(exc.code, exc.details)
 
@@ -209,7 +225,7 @@ def _aio_stream(
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            async for item in call_stream(method, impl, request):
+            async for item in call_stream(method, impl, request, partial(_past_deadline, context)):
                 yield item
         except RpcError as exc:
             await context.abort(exc.code, exc.details)

@@ -8,6 +8,7 @@ with a status by raising `RpcError`; anything else they raise is answered INTERN
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -49,6 +50,17 @@ class RpcError(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+# The running call's deadline (its asyncio.timeout), for `deadline_exceeded`.
+_DEADLINE: contextvars.ContextVar[asyncio.Timeout | None] = contextvars.ContextVar("grpc_deadline", default=None)
+
+
+def deadline_exceeded() -> bool:
+    """In a handler being cancelled: whether by the client's deadline (else: client gone, or the server stops).
+    The instrumentation logs and counts DEADLINE_EXCEEDED then, as the client is answered."""
+    timeout = _DEADLINE.get()
+    return timeout is not None and timeout.expired()
 
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -201,7 +213,8 @@ async def _unary(
     deadline: float | None,
 ) -> None:
     try:
-        async with asyncio.timeout(deadline):
+        async with asyncio.timeout(deadline) as timeout:
+            _DEADLINE.set(timeout)
             response = await handler(request)
         message = framed(response)
     except asyncio.CancelledError:
@@ -220,7 +233,8 @@ async def _stream(
     assert route.stream is not None
     started = False
     try:
-        async with asyncio.timeout(deadline):
+        async with asyncio.timeout(deadline) as timeout:
+            _DEADLINE.set(timeout)
             async for item in route.stream(request):
                 message = framed_message(item.SerializeToString())
                 if not started:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
+from cri import metrics
 from cri.errors import InvalidArgument, NotFound
 from cri.rpc import methods, object_id
 from cri.server import CriServer
@@ -51,6 +53,10 @@ class FakeRuntime:
 
     async def ExecSync(self, request):
         raise RuntimeError("boom")
+
+    async def ListPodSandbox(self, request):
+        await asyncio.Event().wait()  # outlives any deadline
+        return pb.ListPodSandboxResponse()
 
     async def GetContainerEvents(self, request):
         await asyncio.Event().wait()  # a feed with nothing to say, held open by its client
@@ -127,3 +133,34 @@ def test_stop_ends_an_open_event_feed_without_waiting_the_grace(tmp_path):
             return ended.value.code()
 
     assert asyncio.run(exercise()) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("transport", ["builtin", "grpcio"])
+def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(transport, tmp_path, caplog):
+    """The client hears DEADLINE_EXCEEDED; the call's log line and its metric said CANCELLED."""
+
+    def counted() -> float:
+        value = metrics.OPERATIONS.labels(operation="ListPodSandbox", code="DEADLINE_EXCEEDED")._value.get()
+        return float(value)
+
+    async def exercise() -> grpc.StatusCode:
+        path = str(tmp_path / "s.sock")
+        server = CriServer(path, {"RuntimeService": FakeRuntime()}, transport)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+                stub = api_pb2_grpc.RuntimeServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=0.2)
+                await asyncio.sleep(0.2)  # the server's side of the deadline
+                return late.value.code()
+        finally:
+            await server.stop(1.0)
+
+    caplog.set_level(logging.DEBUG, logger="cri.rpc")
+    before = counted()
+    assert asyncio.run(exercise()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    calls = [r for r in caplog.records if r.getMessage() == "rpc" and "ListPodSandbox" in r.fields["method"]]
+    logged = [r.fields["code"] for r in calls]
+    assert logged == ["DEADLINE_EXCEEDED"]
+    assert counted() == before + 1
