@@ -16,10 +16,9 @@ def _u64(value: int | None) -> pb.UInt64Value | None:
 
 
 def _cpu(figures: Figures) -> pb.CpuUsage:
-    s = figures.sample
     return pb.CpuUsage(
-        timestamp=s.timestamp_ns,
-        usage_core_nano_seconds=_u64(s.cpu_usage_ns),
+        timestamp=figures.cpu_timestamp_ns,
+        usage_core_nano_seconds=_u64(figures.sample.cpu_usage_ns),
         usage_nano_cores=_u64(figures.nano_cores),
     )
 
@@ -78,7 +77,8 @@ def pod_stats(
     samples = [f.sample for f in figures]
     linux = pb.LinuxPodSandboxStats(
         cpu=pb.CpuUsage(
-            timestamp=now,
+            # When the summed counters were read, so that usage growth over timestamp growth is the pod's CPU use.
+            timestamp=max((f.cpu_timestamp_ns for f in figures), default=now),
             usage_core_nano_seconds=_u64(_sum(s.cpu_usage_ns for s in samples)),
             usage_nano_cores=_u64(_sum(f.nano_cores for f in figures)),
         ),
