@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -315,23 +316,73 @@ def _events_arrive(env: Env) -> None:
     assert received[1].containers_statuses[0].state == pb.CONTAINER_RUNNING
 
 
-def test_a_failing_create_leaves_nothing_and_an_abandoned_create_is_handed_to_the_retry(env: Env) -> None:
-    pod = env.pod()
-    with pytest.raises(grpc.RpcError) as err:
-        env.create(pod, env.container_config("bogus", ["/no/such/binary"]))
-    assert "/no/such/binary" in (err.value.details() or "")
-    assert env.leftovers() == NOTHING
+SLOW_RUNC = """\
+#!/bin/sh
+# runc taking its time over `create`, as a loaded node does, and noting each one it was asked for.
+for arg; do
+    if [ "$arg" = create ]; then echo "$*" >> {calls}; sleep {seconds}; break; fi
+done
+exec {runc} "$@"
+"""
 
-    config = env.container_config("retried", ["sleep", "30"])
-    with pytest.raises(grpc.RpcError) as err:
-        env.create(pod, config, timeout=0.01)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    retry = env.create(pod, config)
-    listed = env.rt.ListContainers(pb.ListContainersRequest()).containers
-    assert [c.id for c in listed] == [retry]
-    with pytest.raises(grpc.RpcError) as err:
-        env.create(pod, config)
-    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+CREATED = re.compile(r'level=info msg="container created" id=([0-9a-f]{64})')  # the manager's, once per container
+
+
+def test_a_failing_create_leaves_nothing_and_an_abandoned_create_is_handed_to_the_retry(
+    make_daemon, registry, busybox: str, tmp_path: Path
+) -> None:
+    # `runc create` takes 3 s, so a 1 s deadline always expires while the creation runs in the daemon.
+    calls = tmp_path / "creates"
+    slow = tmp_path / "slowrunc"
+    slow.write_text(SLOW_RUNC.format(calls=calls, seconds=3, runc=shutil.which("runc")))
+    slow.chmod(0o755)
+    extra = f"runtime:\n  default_runtime: slow\n  runtimes:\n    slow:\n      path: {slow}\n"
+
+    def runtime_creates() -> list[str]:
+        """The IDs of the containers `runc create` ran for, in order (the ID is its last argument)."""
+        return [line.split()[-1] for line in calls.read_text().splitlines()] if calls.exists() else []
+
+    with running_env(make_daemon, registry, [busybox], extra) as env:
+        pod = env.pod()
+        with pytest.raises(grpc.RpcError) as err:
+            env.create(pod, env.container_config("bogus", ["/no/such/binary"]))
+        assert "/no/such/binary" in (err.value.details() or "")
+        assert env.leftovers() == NOTHING
+
+        config = env.container_config("retried", ["sleep", "30"])
+        before = len(runtime_creates())
+        with pytest.raises(grpc.RpcError) as err:
+            env.create(pod, config, timeout=1)  # the kubelet's deadline expires first
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        retry = env.create(pod, config)  # joins the creation still in flight
+        log = env.daemon.log()
+        assert "container retry joins the creation in flight" in log
+        assert CREATED.findall(log) == [retry]  # one creation, and the retry got what it made
+        assert runtime_creates()[before:] == [retry]  # the abandoned call's runc create was the retry's
+        listed = env.rt.ListContainers(pb.ListContainersRequest()).containers
+        assert [c.id for c in listed] == [retry]
+
+        # A retry that comes after the abandoned creation finished gets it too.
+        late = env.container_config("late", ["sleep", "30"])
+        finished = env.daemon.log().count("container finished after its caller left")
+        with pytest.raises(grpc.RpcError) as err:
+            env.create(pod, late, timeout=1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 20
+        while env.daemon.log().count("container finished after its caller left") == finished:
+            assert time.monotonic() < deadline, "the abandoned creation did not finish"
+            time.sleep(0.05)
+        late_id = env.create(pod, late)
+        log = env.daemon.log()
+        assert "container handed to a retry" in log
+        assert CREATED.findall(log) == [retry, late_id]
+        assert runtime_creates()[before:] == [retry, late_id]
+        assert sorted(c.id for c in env.rt.ListContainers(pb.ListContainersRequest()).containers) == sorted(
+            [retry, late_id]
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            env.create(pod, config)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_list_filters_image_in_use_and_pod_removal_takes_its_containers(env: Env) -> None:

@@ -195,14 +195,41 @@ def test_sigint_exits_0(daemon):
     assert daemon.proc.wait(20) == 0
 
 
-def test_sighup_reloads_reloadable_keys(make_daemon):
-    d = make_daemon("log:\n  level: info\n")
-    d.config_file.write_text(
-        "log:\n  level: debug\n"
-        "runtime:\n  runtimes:\n    runc-debug:\n      path: runc\n      runtime_args: [--debug]\n"
-    )
+VERSION_RPC_LOGGED = "msg=rpc method=/runtime.v1.RuntimeService/Version"  # a successful call: logged at debug only
+
+
+def _version_logged_since(d, offset: int, marker: str) -> bool:
+    """Whether a Version call made now is logged: `marker`, refused and logged at info, closes the window."""
+    d.runtime().Version(pb.VersionRequest(), timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        d.runtime().ContainerStatus(pb.ContainerStatusRequest(container_id=marker), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    d.wait_for_log(marker)
+    return VERSION_RPC_LOGGED in d.log()[offset:]
+
+
+def _reload(d, text: str) -> None:
+    reloads = d.log().count("config reloaded")
+    d.config_file.write_text(text)
     d.signal(signal.SIGHUP)
-    d.wait_for_log("config reloaded")
+    wait_until(lambda: d.log().count("config reloaded") > reloads, what="config reloaded")
+
+
+def test_sighup_reloads_reloadable_keys(make_daemon, monkeypatch):
+    d = make_daemon("log:\n  level: info\n", start=False)
+    # The harness starts every daemon with --log-level debug, and a flag beats the file, at a reload too.
+    argv = d.argv()
+    flag = argv.index("--log-level")
+    monkeypatch.setattr(d, "argv", lambda: argv[:flag] + argv[flag + 2 :])
+    d.start()
+    assert not _version_logged_since(d, 0, "before-reload")
+
+    offset = len(d.log())
+    _reload(
+        d,
+        "log:\n  level: debug\n"
+        "runtime:\n  runtimes:\n    runc-debug:\n      path: runc\n      runtime_args: [--debug]\n",
+    )
     names = wait_until(
         lambda: {h.name for h in d.runtime().Status(pb.StatusRequest(), timeout=5).runtime_handlers} >= {"runc-debug"},
         what="runc-debug handler",
@@ -210,6 +237,11 @@ def test_sighup_reloads_reloadable_keys(make_daemon):
     assert names
     info = json.loads(d.runtime().Status(pb.StatusRequest(verbose=True), timeout=5).info["config"])
     assert info["log"]["level"] == "debug"
+    assert _version_logged_since(d, offset, "at-debug")
+
+    _reload(d, "log:\n  level: info\n")
+    offset = len(d.log())
+    assert not _version_logged_since(d, offset, "back-at-info")
 
 
 def test_sighup_with_a_bad_file_keeps_the_old_config(make_daemon):

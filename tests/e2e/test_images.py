@@ -303,15 +303,19 @@ def test_daemon_answers_while_a_big_image_is_pulled(make_daemon, registry) -> No
     ib.push(registry.url, "e2e/big", image, tag="v1")
     daemon = make_daemon(registries_yaml([insecure(registry.host)]))
     latencies: list[float] = []
+    missed: list[Exception] = []  # what ended the probe early: a thread's exception would only be a warning
     done = threading.Event()
 
     def probe() -> None:
         runtime = daemon.runtime()
-        while not done.is_set():
-            started = time.monotonic()
-            runtime.Version(pb.VersionRequest(), timeout=2)  # a stalled loop would miss this deadline
-            latencies.append(time.monotonic() - started)
-            time.sleep(0.01)
+        try:
+            while not done.is_set():
+                started = time.monotonic()
+                runtime.Version(pb.VersionRequest(), timeout=2)  # a stalled loop would miss this deadline
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.01)
+        except Exception as exc:
+            missed.append(exc)
 
     prober = threading.Thread(target=probe)
     prober.start()
@@ -320,6 +324,7 @@ def test_daemon_answers_while_a_big_image_is_pulled(make_daemon, registry) -> No
     finally:
         done.set()
         prober.join()
+    assert not missed, f"Version failed during the pull after {len(latencies)} answers: {missed[0]!r}"
     latencies.sort()
     print(
         f"Version during a {image.size >> 20} MiB pull: n={len(latencies)} "
