@@ -118,6 +118,18 @@ class ResultCache:
         fsync_dir(path.parent)
         return path
 
+    def remove_partial_writes(self) -> list[str]:
+        """Delete the temp files of writes a crash cut short (the entries they replace are intact)."""
+        results = self.cache_dir / "results"
+        if not results.is_dir():
+            return []
+        removed = []
+        for temp in results.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+                removed.append(str(temp))
+        return removed
+
     def read(self, network_name: str, container_id: str, ifname: str) -> CacheEntry | None:
         """The cached entry; None when there is none or it is unreadable (logged: DEL must still go on)."""
         path = self.path(network_name, container_id, ifname)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 from cni.conf import NetworkConfigList, PluginConf, find_plugin
 from cni.result import CniError, Result, ResultError, parse_error, parse_result
-from cri import metrics
+from cri import linux, metrics
 from cri.log import event
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ async def _communicate(
         stderr=asyncio.subprocess.PIPE,
         env=env,
         start_new_session=True,
+        # A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the
+        # restarted daemon's DEL would hold its address for good.
+        preexec_fn=functools.partial(linux.die_with_parent, os.getpid()),
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     writer = proc.stdin

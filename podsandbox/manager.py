@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cni.result import CniError
-from cri import concurrently, idprefix, metrics
+from cri import concurrently, faults, idprefix, metrics
 from cri.creations import Creations
 from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from cri.live_config import LiveConfig
@@ -152,6 +152,7 @@ class SandboxManager:
         await asyncio.to_thread(self._write, rows.insert, sandbox)
         undo.push_async_callback(self._undo, sandbox.id, "state row", self._write_delete, sandbox.id)
 
+        faults.point("sandbox.run.recorded")
         # The undos first: the two steps below run at once, and either may fail after the other made things.
         undo.push_async_callback(
             self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True
@@ -168,6 +169,7 @@ class SandboxManager:
             namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls),
         )
 
+        faults.point("sandbox.run.namespaces")
         if not spec.host_network:
             attachment = await self._network.attach(sandbox.id, sandbox.pins["net"], spec, config.network)
             sandbox.network, sandbox.ips, sandbox.cni_result = attachment.network, attachment.ips, attachment.result
@@ -182,12 +184,14 @@ class SandboxManager:
                 config.network,
             )
             await asyncio.to_thread(files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips))
+            faults.point("sandbox.run.cni-added")
 
         if spec.pid_mode is NamespaceMode.POD:
             # The pod shares one PID namespace: catatonit holds it as PID 1 (no pause image).
             sandbox.infra_pid = await infra.start(sandbox, config)
             undo.push_async_callback(self._undo, sandbox.id, "infra", infra.stop, sandbox, config)
 
+            faults.point("sandbox.run.infra")
         sandbox.state = SandboxState.READY
         await self._record(sandbox)
 
@@ -237,6 +241,7 @@ class SandboxManager:
         for hook in self.stop_hooks:
             await hook(sandbox.id)
         config = self._live.current
+        faults.point("sandbox.stop.containers")
         if sandbox.spec.pid_mode is NamespaceMode.POD:
             await infra.stop(sandbox, config)  # gone already (or after a reboot) is fine
             sandbox.infra_pid = 0
@@ -244,6 +249,7 @@ class SandboxManager:
         others = [path for kind, path in sandbox.pins.items() if kind != "net"]
         await concurrently.all_of(self._detach(sandbox), asyncio.to_thread(_release, sandbox.shm, others))
         if "net" in sandbox.pins:
+        faults.point("sandbox.stop.network")
             await asyncio.to_thread(namespaces.release, sandbox.pins["net"])
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
@@ -273,9 +279,12 @@ class SandboxManager:
                 return  # removed while we waited for the lock
             await self._stop_locked(sandbox)
             for hook in self.remove_hooks:
+            faults.point("sandbox.remove.stopped")
                 await hook(sandbox.id)
             await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
+            faults.point("sandbox.remove.containers")
             await self._write_delete(sandbox.id)
+            faults.point("sandbox.remove.files")
             self._sandboxes.pop(sandbox.id, None)
             self._creations.release(sandbox.id)
         self._locks.pop(sandbox.id, None)
@@ -310,6 +319,7 @@ class SandboxManager:
         for network in self._network.cached_networks(sandbox.id):
             await self._undo(sandbox.id, "cni", self._network.detach, sandbox.id, "", network, config.network)
         if sandbox.spec.pid_mode is NamespaceMode.POD:
+        await asyncio.to_thread(self._network.remove_partial_writes)
             await self._undo(sandbox.id, "infra", infra.stop, sandbox, config)
         if sandbox.shm:
             await self._undo(sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)

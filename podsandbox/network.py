@@ -7,16 +7,19 @@ a pod's IP and veth be freed.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cni.cache import ResultCache
+from cni.cache import CacheEntry, ResultCache
 from cni.conf import NetworkConfigError, NetworkConfigList, parse
 from cni.network import CniNetwork
 from cni.readiness import evaluate
+from cri import faults
 from cri.config import NetworkConfig
 from cri.log import event
 from podsandbox.spec import SandboxSpec
@@ -115,12 +118,24 @@ class PodNetwork:
     async def attach(self, sandbox_id: str, netns: str, spec: SandboxSpec, config: NetworkConfig) -> Attachment:
         network = self.current(config)
         cni = CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout)
-        result = await cni.add(sandbox_id, netns, IFNAME, cni_args(sandbox_id, spec), capabilities(spec))
+        args, caps = cni_args(sandbox_id, spec), capabilities(spec)
+        # The intent before the plugins run: a crash during ADD leaves an entry without a result, and
+        # recovery answers it with DEL (which CNI requires to succeed on what was never added), so an
+        # address a plugin allocated just before the crash is freed.
+        await asyncio.to_thread(self._record_intent, network, sandbox_id, args, caps)
+        faults.point("sandbox.run.cni-intent")
+        result = await cni.add(sandbox_id, netns, IFNAME, args, caps)
         ips = tuple(str(ip.address.ip) for ip in result.sandbox_ips(IFNAME))
         # IPv4 first: the kubelet takes the first IP as the pod's primary one.
         ordered = tuple(sorted(ips, key=lambda ip: ":" in ip))
         event(log, logging.INFO, "pod network attached", pod_id=sandbox_id, network=network.name, ips=",".join(ordered))
         return Attachment(network.name, ordered, result.raw)
+
+    def _record_intent(
+        self, network: NetworkConfigList, sandbox_id: str, args: dict[str, str], caps: dict[str, Any]
+    ) -> None:
+        entry = CacheEntry(network.name, sandbox_id, IFNAME, json.dumps(network.raw).encode(), args, caps)
+        ResultCache(self.cache_dir).write(entry)
 
     def _network_for_delete(
         self, network_name: str, sandbox_id: str, config: NetworkConfig
@@ -133,6 +148,10 @@ class PodNetwork:
                 event(log, logging.WARNING, "cached cni config unusable", pod_id=sandbox_id, error=str(exc))
         # Found by name even when its plugins are missing (evaluate reports it as not ready).
         return evaluate(config.cni_config_dir, config.cni_plugin_dirs, network_name).network
+
+    def remove_partial_writes(self) -> None:
+        for path in ResultCache(self.cache_dir).remove_partial_writes():
+            event(log, logging.INFO, "orphan removed", kind="cni cache temp file", path=path)
 
     def cached_networks(self, sandbox_id: str) -> list[str]:
         """Networks that hold a cached ADD result for this sandbox (what a crash may have left attached)."""

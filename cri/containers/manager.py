@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import concurrently, idprefix, metrics
+from cri import concurrently, faults, idprefix, metrics
 from cri.containers import cgroupstats, exits, ocispec, users, validate
 from cri.containers import container as rows
 from cri.containers.container import Container, ContainerState
@@ -214,6 +214,7 @@ class ContainerManager:
         await asyncio.to_thread(self._write, rows.insert, container, name)
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
 
+        faults.point("container.create.recorded")
         undo.push_async_callback(self._undo, container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
         undo.push_async_callback(
             self._undo, container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage)
@@ -225,11 +226,13 @@ class ContainerManager:
         container.uid, container.gid = user.uid, user.gid
         container.additional_gids, container.username = user.additional_gids, user.username
 
+        faults.point("container.create.bundle")
         launch = self._launch(container, name)
         undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
         created = await conmon.create(runtime, monitor, launch)
         container.pid, container.conmon_pid = created.pid, created.conmon_pid
         container.state = ContainerState.CREATED
+        faults.point("container.create.runtime")
         await self._record(container)
 
     def _write_bundle(
@@ -332,6 +335,7 @@ class ContainerManager:
             except OciRuntimeError as exc:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
             container.started_at = started_at
+            faults.point("container.start.started")
             _mark_running(container)
             await self._record(container)
         self._publish(container, EventType.STARTED)
@@ -439,6 +443,7 @@ class ContainerManager:
             # In a PID namespace of its own, the kernel kills every process in it once its init dies.
             await self._signal(container, "SIGKILL", all_processes=not self._owns_pid_namespace(container))
         except OciRuntimeError as exc:
+            faults.point("container.stop.signalled")
             raise Internal(f"stopping container {container.id}: {exc}") from exc
         if not await self._wait_exit(container, KILL_WAIT):
             raise Internal(f"container {container.id} still runs {KILL_WAIT:g}s after SIGKILL")
@@ -482,9 +487,11 @@ class ContainerManager:
                 await self._delete_runtime(runtime, container)
                 await asyncio.to_thread(rootfs.remove, Path(container.storage))
             await asyncio.to_thread(bundle.remove, container.bundle)
+            faults.point("container.remove.runtime")
         except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         await self._delete_row(container.id)
+        faults.point("container.remove.files")
         self._containers.pop(container.id, None)
         self._exited.pop(container.id, None)
         self._after_exit.pop(container.id, None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cri import metrics
+from cri import faults, metrics
 from cri.config import Config
 from cri.images import reference
 from cri.images.auth import Credentials
@@ -173,7 +173,9 @@ class ImageManager:
             self._hold(layer.chain_id for layer in layers)
             try:
                 await self._fetch_layers(resolved, layer_descs)
+                faults.point("image.pull.fetched")
                 await self._unpack(layers)
+                faults.point("image.pull.unpacked")
                 await self.content.put_bytes(resolved.manifest_digest, resolved.body)
                 if manifest.digest != resolved.manifest_digest:
                     await self.content.put_bytes(manifest.digest, manifest.body)
@@ -307,6 +309,7 @@ class ImageManager:
             else:
                 assert name is not None
                 await asyncio.to_thread(self.index.remove_name, record, name)
+            faults.point("image.remove.unindexed")
             freed = await asyncio.to_thread(self._free_unreferenced)
         event(
             log,
