@@ -2,8 +2,10 @@
 
 `GET|POST /{exec,attach,portforward}/<token>` with `Upgrade: SPDY/3.1`
 (protocol versions in `X-Stream-Protocol-Version`) or `Upgrade: websocket`
-(in `Sec-WebSocket-Protocol`). A token is good for one connection, before it
-expires. A connection with no traffic for `idle_timeout` seconds is closed.
+(in `Sec-WebSocket-Protocol`). Port-forward also takes a WebSocket that tunnels
+SPDY (`SPDY/3.1+portforward.k8s.io`, cri.streaming.tunnel), kubectl's default.
+A token is good for one connection, before it expires. A connection with no
+traffic for `idle_timeout` seconds is closed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cri.containers.manager import ContainerManager
 from cri.errors import CriError
 from cri.log import event
 from cri.streaming import remotecommand as rc
-from cri.streaming import sessions
+from cri.streaming import sessions, tunnel
 from cri.streaming.http import BadRequest, RequestHead, read_head, response, switching
 from cri.streaming.requests import AttachRequest, ExecRequest, PortForwardRequest, Request, TokenCache
 from cri.streaming.spdy import SpdySession
@@ -31,7 +33,7 @@ from cri.streaming.websocket import WebSocket
 log = logging.getLogger(__name__)
 
 PORTFORWARD_SPDY = ("portforward.k8s.io",)
-PORTFORWARD_WEBSOCKET = (rc.V4, rc.BASE64_V4)
+PORTFORWARD_WEBSOCKET = (rc.V4, rc.BASE64_V4, *tunnel.tunnelled(PORTFORWARD_SPDY))
 # How long a TTY exec waits for the client's terminal size before it starts without one. client-go sends it as
 # soon as the streams are up, so this bounds only clients that never do.
 FIRST_SIZE_WAIT = 0.5
@@ -213,13 +215,29 @@ class StreamingServer:
         upgraded = await self._upgrade(head, reader, writer, PORTFORWARD_SPDY, PORTFORWARD_WEBSOCKET)
         if upgraded is None:
             return
-        transport, _ = upgraded
+        transport, protocol = upgraded
+        if isinstance(transport, WebSocket) and tunnel.is_tunnel(protocol):
+            await self._portforward_tunnelled(transport, request.netns)
+            return
         async with self._serving(transport) as served:
             if isinstance(transport, SpdySession):
                 await sessions.serve_portforward_spdy(transport, request.netns)
             else:
                 ports = list(request.ports) or _query_ports(head)
                 await sessions.serve_portforward_websocket(transport, served, request.netns, ports)
+
+    async def _portforward_tunnelled(self, socket_: WebSocket, netns_path: str) -> None:
+        """SPDY inside the WebSocket: the socket's read loop feeds a SPDY session, served as a plain SPDY one is."""
+        session = tunnel.spdy_session(socket_)
+        carrying = asyncio.ensure_future(socket_.serve())
+        try:
+            async with self._serving(session):
+                await sessions.serve_portforward_spdy(session, netns_path)
+        finally:
+            # The session's close ended the connection and with it, normally, the read loop; cancelling makes sure
+            # that no task outlives the request.
+            carrying.cancel()
+            await asyncio.gather(carrying, return_exceptions=True)
 
     async def _idle_watch(self, transport: Transport) -> None:
         limit = float(self._config.idle_timeout)

@@ -33,6 +33,7 @@ import struct
 import time
 import zlib
 from collections import deque
+from typing import Protocol
 
 from cri.log import event
 
@@ -105,6 +106,34 @@ HEADER_DICTIONARY = b"".join(len(w).to_bytes(4, "big") + w.encode() for w in _DI
 
 class SpdyError(Exception):
     """A protocol violation by the peer."""
+
+
+# What a session reads frames from and writes them to: an asyncio stream pair, or (cri.streaming.tunnel) the
+# byte stream that the binary messages of a WebSocket carry.
+class FrameSource(Protocol):
+    async def readexactly(self, n: int, /) -> bytes:
+        """n bytes; asyncio.IncompleteReadError once the stream ends before them."""
+
+
+class WriteBuffer(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
+class FrameSink(Protocol):
+    def write(self, data: bytes, /) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    @property
+    def transport(self) -> WriteBuffer: ...
 
 
 def _control_frame(frame_type: int, flags: int, payload: bytes) -> bytes:
@@ -268,7 +297,7 @@ class SpdyStream:
 class SpdySession:
     """A SPDY/3.1 server session over a connected stream pair."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: FrameSource, writer: FrameSink) -> None:
         self._reader = reader
         self._writer = writer
         # One compression context per direction for the whole connection, as spdystream's Framer keeps them.

@@ -213,9 +213,9 @@ def test_kubectl_port_forward_two_concurrent_connections(kube: Kube, websockets:
     finally:
         proc.terminate()
         proc.wait(10)
-    # Asked for WebSocket, kubectl first tries to tunnel SPDY through it, which only an API server does (it then
-    # speaks plain SPDY to the kubelet): the streaming server refuses, and kubectl falls back to SPDY.
-    expected = ["websocket", "SPDY/3.1"] if websockets == "true" else ["SPDY/3.1"]
+    # Asked for WebSocket (its default), kubectl tunnels SPDY through it (subprotocol SPDY/3.1+portforward.k8s.io);
+    # the streaming server serves that, so there is no refused upgrade and no fallback to plain SPDY.
+    expected = ["websocket"] if websockets == "true" else ["SPDY/3.1"]
     assert kube.upgrades() == expected, kube.api.requests
 
 
