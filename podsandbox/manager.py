@@ -151,8 +151,8 @@ class SandboxManager:
         spec, config = sandbox.spec, self._live.current
         await asyncio.to_thread(self._write, rows.insert, sandbox)
         undo.push_async_callback(self._undo, sandbox.id, "state row", self._write_delete, sandbox.id)
-
         faults.point("sandbox.run.recorded")
+
         # The undos first: the two steps below run at once, and either may fail after the other made things.
         undo.push_async_callback(
             self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True
@@ -168,8 +168,8 @@ class SandboxManager:
             asyncio.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
             namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls),
         )
-
         faults.point("sandbox.run.namespaces")
+
         if not spec.host_network:
             attachment = await self._network.attach(sandbox.id, sandbox.pins["net"], spec, config.network)
             sandbox.network, sandbox.ips, sandbox.cni_result = attachment.network, attachment.ips, attachment.result
@@ -183,15 +183,15 @@ class SandboxManager:
                 attachment.network,
                 config.network,
             )
-            await asyncio.to_thread(files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips))
             faults.point("sandbox.run.cni-added")
+            await asyncio.to_thread(files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips))
 
         if spec.pid_mode is NamespaceMode.POD:
             # The pod shares one PID namespace: catatonit holds it as PID 1 (no pause image).
             sandbox.infra_pid = await infra.start(sandbox, config)
             undo.push_async_callback(self._undo, sandbox.id, "infra", infra.stop, sandbox, config)
-
             faults.point("sandbox.run.infra")
+
         sandbox.state = SandboxState.READY
         await self._record(sandbox)
 
@@ -240,16 +240,16 @@ class SandboxManager:
     async def _stop_locked(self, sandbox: Sandbox) -> None:
         for hook in self.stop_hooks:
             await hook(sandbox.id)
-        config = self._live.current
         faults.point("sandbox.stop.containers")
+        config = self._live.current
         if sandbox.spec.pid_mode is NamespaceMode.POD:
             await infra.stop(sandbox, config)  # gone already (or after a reboot) is fine
             sandbox.infra_pid = 0
         # Only CNI DEL needs the netns: the pod's /dev/shm and its other namespaces go meanwhile.
         others = [path for kind, path in sandbox.pins.items() if kind != "net"]
         await concurrently.all_of(self._detach(sandbox), asyncio.to_thread(_release, sandbox.shm, others))
-        if "net" in sandbox.pins:
         faults.point("sandbox.stop.network")
+        if "net" in sandbox.pins:
             await asyncio.to_thread(namespaces.release, sandbox.pins["net"])
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
@@ -278,13 +278,13 @@ class SandboxManager:
             if sandbox.id not in self._sandboxes:
                 return  # removed while we waited for the lock
             await self._stop_locked(sandbox)
-            for hook in self.remove_hooks:
             faults.point("sandbox.remove.stopped")
+            for hook in self.remove_hooks:
                 await hook(sandbox.id)
-            await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
             faults.point("sandbox.remove.containers")
-            await self._write_delete(sandbox.id)
+            await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
             faults.point("sandbox.remove.files")
+            await self._write_delete(sandbox.id)
             self._sandboxes.pop(sandbox.id, None)
             self._creations.release(sandbox.id)
         self._locks.pop(sandbox.id, None)
@@ -300,6 +300,7 @@ class SandboxManager:
             with self._store.transaction() as conn:
                 return rows.load_all(conn)
 
+        await asyncio.to_thread(self._network.remove_partial_writes)
         for sandbox in await asyncio.to_thread(load):
             if sandbox.state is SandboxState.CREATING:
                 await self._discard_half_made(sandbox)
@@ -319,7 +320,6 @@ class SandboxManager:
         for network in self._network.cached_networks(sandbox.id):
             await self._undo(sandbox.id, "cni", self._network.detach, sandbox.id, "", network, config.network)
         if sandbox.spec.pid_mode is NamespaceMode.POD:
-        await asyncio.to_thread(self._network.remove_partial_writes)
             await self._undo(sandbox.id, "infra", infra.stop, sandbox, config)
         if sandbox.shm:
             await self._undo(sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)

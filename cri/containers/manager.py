@@ -213,8 +213,8 @@ class ContainerManager:
         monitor = conmon.conmon_binary(settings)
         await asyncio.to_thread(self._write, rows.insert, container, name)
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
-
         faults.point("container.create.recorded")
+
         undo.push_async_callback(self._undo, container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
         undo.push_async_callback(
             self._undo, container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage)
@@ -225,14 +225,14 @@ class ContainerManager:
         user = await asyncio.to_thread(self._write_bundle, container, sandbox, image, driver, pid_namespace)
         container.uid, container.gid = user.uid, user.gid
         container.additional_gids, container.username = user.additional_gids, user.username
-
         faults.point("container.create.bundle")
+
         launch = self._launch(container, name)
         undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
         created = await conmon.create(runtime, monitor, launch)
         container.pid, container.conmon_pid = created.pid, created.conmon_pid
-        container.state = ContainerState.CREATED
         faults.point("container.create.runtime")
+        container.state = ContainerState.CREATED
         await self._record(container)
 
     def _write_bundle(
@@ -334,8 +334,8 @@ class ContainerManager:
                 await conmon.start(self.runtime_of(container), container.id)
             except OciRuntimeError as exc:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
-            container.started_at = started_at
             faults.point("container.start.started")
+            container.started_at = started_at
             _mark_running(container)
             await self._record(container)
         self._publish(container, EventType.STARTED)
@@ -442,8 +442,8 @@ class ContainerManager:
                 event(log, logging.INFO, "container ignored its stop signal, killing", id=container.id)
             # In a PID namespace of its own, the kernel kills every process in it once its init dies.
             await self._signal(container, "SIGKILL", all_processes=not self._owns_pid_namespace(container))
-        except OciRuntimeError as exc:
             faults.point("container.stop.signalled")
+        except OciRuntimeError as exc:
             raise Internal(f"stopping container {container.id}: {exc}") from exc
         if not await self._wait_exit(container, KILL_WAIT):
             raise Internal(f"container {container.id} still runs {KILL_WAIT:g}s after SIGKILL")
@@ -486,12 +486,12 @@ class ContainerManager:
                 # use the rootfs until the runtime kills it.
                 await self._delete_runtime(runtime, container)
                 await asyncio.to_thread(rootfs.remove, Path(container.storage))
-            await asyncio.to_thread(bundle.remove, container.bundle)
             faults.point("container.remove.runtime")
+            await asyncio.to_thread(bundle.remove, container.bundle)
         except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
-        await self._delete_row(container.id)
         faults.point("container.remove.files")
+        await self._delete_row(container.id)
         self._containers.pop(container.id, None)
         self._exited.pop(container.id, None)
         self._after_exit.pop(container.id, None)
