@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from cni.readiness import NetworkWatcher
 from cri import __version__, metrics, reaper
@@ -18,10 +20,12 @@ from cri.image_service import ImageService
 from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event, set_level
+from cri.oci.conmon import OciRuntimeError, Runtime, runtime_for
 from cri.oci.handlers import RuntimeHandlers
 from cri.runtime_service import RuntimeService
 from cri.server import CriServer
 from cri.state import Store
+from cri.state.orphans import Layout, OrphanCollector
 from cri.streaming.server import StreamingServer
 from podsandbox.manager import SandboxManager
 
@@ -63,6 +67,15 @@ async def serve(live: LiveConfig) -> None:
         containers = ContainerManager(live, store, sandboxes, images)
         await containers.load()
         stack.push_async_callback(containers.close)
+        orphans = OrphanCollector(
+            Layout(Path(config.root), Path(config.runroot)),
+            store,
+            lambda: _runtimes(live),
+            sandboxes.release_orphan_network,
+        )
+        await orphans.sweep()
+        orphans.start()
+        stack.push_async_callback(orphans.close)
         execs = Execs(containers, config.runroot)
         streaming = StreamingServer(config.streaming, execs, containers)
         await streaming.start()
@@ -108,6 +121,15 @@ async def serve(live: LiveConfig) -> None:
         await _wait_for_stop(live)
         event(log, logging.INFO, "criopy stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
     event(log, logging.INFO, "criopy stopped")
+
+
+def _runtimes(live: LiveConfig) -> list[Runtime]:
+    """The configured handlers that resolve (a missing binary has no state to sweep)."""
+    config, out = live.current, []
+    for name in config.runtime.runtimes:
+        with contextlib.suppress(OciRuntimeError):
+            out.append(runtime_for(config, name))
+    return out
 
 
 async def _wait_for_stop(live: LiveConfig) -> None:

@@ -87,9 +87,9 @@ def build_spec(sandbox: Sandbox, config: Config) -> dict[str, object]:
     )
 
 
-def _runtime(sandbox: Sandbox, config: Config) -> Runtime:
+def _runtime(sandbox: Sandbox, config: Config, recorded: Runtime | None) -> Runtime:
     try:
-        return conmon.runtime_for(config, sandbox.spec.runtime_handler)
+        return conmon.recorded_runtime(config, recorded, sandbox.spec.runtime_handler)
     except OciRuntimeError as exc:
         raise InfraError(f"pod {sandbox.id} infra: {exc}") from exc
 
@@ -109,10 +109,12 @@ def _prepare(sandbox: Sandbox, config: Config, paths: InfraPaths) -> None:
 async def start(sandbox: Sandbox, config: Config) -> int:
     """Start the infra process of `sandbox`; its pid as the host sees it.
 
-    On any failure (or cancellation) whatever was made is removed first (runtime
-    state, conmon, the bundle directory), then InfraError is raised.
+    The runtime it is made with is set in `sandbox.infra_runtime`, for the caller to record: stopping
+    it later goes through that one, whatever a reload did to the handler since. On any failure (or
+    cancellation) whatever was made is removed first (runtime state, conmon, the bundle directory),
+    then InfraError is raised.
     """
-    runtime = _runtime(sandbox, config)
+    runtime = sandbox.infra_runtime = _runtime(sandbox, config, None)
     try:
         monitor = conmon.conmon_binary(config)
     except OciRuntimeError as exc:
@@ -146,7 +148,7 @@ async def start(sandbox: Sandbox, config: Config) -> int:
 
 async def stop(sandbox: Sandbox, config: Config) -> None:
     """Kill the infra process, wait until it is gone, delete its runtime state and bundle. Idempotent."""
-    runtime = _runtime(sandbox, config)
+    runtime = _runtime(sandbox, config, sandbox.infra_runtime)
     paths = InfraPaths.of(sandbox)
     try:
         await _kill_and_wait(runtime, sandbox, paths)

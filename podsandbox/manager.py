@@ -314,6 +314,15 @@ class SandboxManager:
         self._publish()
         event(log, logging.INFO, "pod sandboxes recovered", count=len(self._sandboxes))
 
+    async def release_orphan_network(self, sandbox_id: str) -> int:
+        """CNI DEL for each attachment cached for an ID no record explains (the orphan sweep's); how many."""
+        networks = self._network.cached_networks(sandbox_id)
+        for network in networks:
+            await self._undo(
+                sandbox_id, "cni", self._network.detach, sandbox_id, "", network, self._live.current.network
+            )
+        return len(networks)
+
     async def _discard_half_made(self, sandbox: Sandbox) -> None:
         event(log, logging.WARNING, "undoing a pod sandbox creation interrupted by a crash", pod_id=sandbox.id)
         config = self._live.current

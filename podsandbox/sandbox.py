@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from cri.oci.conmon import Runtime
 from cri.state import records
 from podsandbox.spec import SandboxSpec
 
@@ -31,6 +32,9 @@ class Sandbox:
     ips: tuple[str, ...] = ()
     cni_result: dict[str, Any] | None = None
     infra_pid: int = 0
+    # The handler the infra process was created with (binary, --root, args), used to stop and remove it:
+    # a reload may change or remove the handler. None without an infra process, or in older rows.
+    infra_runtime: Runtime | None = None
     config_blob: bytes = field(default=b"", repr=False)  # the CRI PodSandboxConfig as received
 
     @property

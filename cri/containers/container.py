@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
+from cri.oci.conmon import Runtime
 from cri.state import records
 
 
@@ -46,6 +47,9 @@ class Container:
     reason: str = ""
     message: str = ""
     resources: pb.LinuxContainerResources = field(default_factory=pb.LinuxContainerResources)
+    # The handler as resolved at creation (binary, --root, args), used for every later runtime call: a
+    # reload may change or remove the handler. None in rows written before it was kept.
+    oci_runtime: Runtime | None = None
     # The ListContainers entry, built once per state: the kubelet relists every second, and building
     # hundreds of messages per call costs ten times more than reusing them.
     list_cache: tuple[ContainerState, pb.Container] | None = field(

@@ -113,7 +113,7 @@ class ContainerManager:
         return os.path.join(self._socket_dir, container.id, "attach"), container.bundle
 
     def runtime_of(self, container: Container) -> Runtime:
-        return conmon.runtime_for(self._live.current, container.runtime)
+        return conmon.recorded_runtime(self._live.current, container.oci_runtime, container.runtime)
 
     def _existing(self, id_or_prefix: str) -> Container | None:
         """For the idempotent calls: None when the container is gone, but an empty ID is still an error."""
@@ -209,7 +209,8 @@ class ContainerManager:
         self, container: Container, name: str, sandbox: Sandbox, image: ImageRecord, undo: AsyncExitStack
     ) -> None:
         settings = self._live.current
-        runtime = self.runtime_of(container)
+        # Resolved once, and recorded with the row before anything is made with it.
+        runtime = container.oci_runtime = conmon.runtime_for(settings, container.runtime)
         monitor = conmon.conmon_binary(settings)
         await asyncio.to_thread(self._write, rows.insert, container, name)
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)

@@ -107,6 +107,16 @@ def runtime_for(config: Config, handler: str = "") -> Runtime:
     )
 
 
+def recorded_runtime(config: Config, recorded: Runtime | None, handler: str) -> Runtime:
+    """The runtime an existing container or infra process was created with, as its record keeps it.
+
+    A SIGHUP may since have removed the handler or changed its binary or root: the process can still be
+    stopped and removed only through the runtime (and --root) that made it. Records written before the
+    runtime was kept fall back to the handler's current configuration.
+    """
+    return recorded if recorded is not None else runtime_for(config, handler)
+
+
 # ---- messages ------------------------------------------------------------------------------
 
 _LOGFMT_MSG = re.compile(r'\bmsg=("(?:[^"\\]|\\.)*"|\S+)')

@@ -18,6 +18,7 @@ import contextlib
 import random
 import secrets
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -259,3 +260,36 @@ def _wait(predicate: Callable[[], bool], timeout: float = 15) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def _forget_every_pod_and_container(daemon: Daemon) -> None:
+    """What a lost or hand-edited database looks like: no row explains what is on the node."""
+    with sqlite3.connect(daemon.root / "state.db") as db:
+        db.execute("DELETE FROM containers")
+        db.execute("DELETE FROM sandboxes")
+        db.execute("DELETE FROM name_reservations")
+
+
+def test_orphans_that_no_record_explains_are_removed_at_start(node: Node) -> None:
+    node.daemon.start()
+    node.pull()
+    pod = node.pod(shared_pid=True)
+    node.container(pod, "running")
+    node.container(pod, "created", start=False)
+    assert node.leftovers()["ips"] != []
+    # Names criopy never makes, in its own dirs: not its to remove.
+    strangers = [node.daemon.runroot / "containers" / "notes.txt", node.daemon.root / "containers" / "keep" / "file"]
+    for path in strangers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not criopy's")
+    assert node.daemon.proc is not None
+    node.daemon.proc.kill()
+    node.daemon.proc.wait(10)
+    _forget_every_pod_and_container(node.daemon)
+
+    restart(node.daemon)
+    assert "orphan removed" in node.daemon.log()
+    node.remove_everything()
+    left = node.leftovers()
+    assert left["files"] == sorted(str(p.relative_to(node.daemon.base)) for p in strangers)
+    assert {**left, "files": []} == NOTHING
