@@ -9,6 +9,7 @@ from typing import Any
 
 from cri.oci.conmon import Runtime
 from cri.state import records
+from podsandbox.resources import PodResources
 from podsandbox.spec import SandboxSpec
 
 
@@ -36,6 +37,7 @@ class Sandbox:
     # a reload may change or remove the handler. None without an infra process, or in older rows.
     infra_runtime: Runtime | None = None
     config_blob: bytes = field(default=b"", repr=False)  # the CRI PodSandboxConfig as received
+    resources: PodResources | None = None  # the last UpdatePodSandboxResources; None: as in the config
 
     @property
     def name(self) -> str:
