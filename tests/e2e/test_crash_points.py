@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri import faults, linux
+from cri.daemon import SHUTDOWN_GRACE_SECONDS
 from tests.daemon_harness import Daemon
 from tests.e2e.containers import cgroup_dirs, conmon_pids, registries_yaml, remove_cgroup_parent
 from tests.e2e.pods import PodNet, pod_config
@@ -225,19 +227,25 @@ SLOW_ANSWER = """\
 [ "$CNI_COMMAND" = ADD ] || exec /usr/lib/cni/bridge
 out=$(/usr/lib/cni/bridge); rc=$?
 touch {marker}
-sleep 30
+sleep {seconds}
 echo "$out"; exit $rc
 """
 
 
-def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -> None:
+def _slow_answering_bridge(node: Node, seconds: float) -> Path:
+    """The pod network's bridge answers ADD `seconds` after allocating; the path it touches then."""
     plugins = node.daemon.base / "plugins"
     plugins.mkdir()
     slow, marker = plugins / "slowbridge", node.daemon.base / "allocated"
-    slow.write_text(SLOW_ANSWER.format(marker=marker))
+    slow.write_text(SLOW_ANSWER.format(marker=marker, seconds=seconds))
     slow.chmod(0o755)
     node.daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
     node.net.write([], bridge_type="slowbridge")
+    return marker
+
+
+def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -> None:
+    marker = _slow_answering_bridge(node, 30)
     node.daemon.start()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(node.pod)
@@ -293,3 +301,31 @@ def test_orphans_that_no_record_explains_are_removed_at_start(node: Node) -> Non
     left = node.leftovers()
     assert left["files"] == sorted(str(p.relative_to(node.daemon.base)) for p in strangers)
     assert {**left, "files": []} == NOTHING
+
+
+@pytest.mark.parametrize("seconds", [2, 30], ids=["finishes-within-grace", "outlasts-grace"])
+def test_sigterm_during_a_creation_finishes_it_or_undoes_it(node: Node, seconds: float) -> None:
+    """A stop in the middle of RunPodSandbox: the pod is made if it can be within the grace period, and
+    is otherwise undone; either way the daemon exits 0 and a restart finds nothing half-made."""
+    marker = _slow_answering_bridge(node, seconds)
+    node.daemon.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(node.pod)
+        assert _wait(marker.exists), node.daemon.log()
+        node.daemon.signal(signal.SIGTERM)
+        assert node.daemon.proc is not None and node.daemon.proc.wait(SHUTDOWN_GRACE_SECONDS + 10) == 0
+        if seconds < SHUTDOWN_GRACE_SECONDS:
+            pod_id, _config = pending.result(5)
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                pending.result(5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    restart(node.daemon)
+    pods = node.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items
+    if seconds < SHUTDOWN_GRACE_SECONDS:
+        assert [(p.id, p.state) for p in pods] == [(pod_id, pb.SANDBOX_READY)]
+    else:
+        assert pods == []
+        assert node.net.allocations() == []  # undone at the stop, not only at the next start
+    node.remove_everything()
+    assert node.leftovers() == NOTHING
