@@ -161,6 +161,19 @@ class Containerd:
         self._netns_before = set(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else set()
         self.write_registry_hosts()
         self.config_file.write_text(self.config_text())
+        self._launch()
+        self.wait_ready(timeout)
+        return self
+
+    def crash_and_restart(self, timeout: float = 60) -> None:
+        """SIGKILL the daemon (shims and containers go on) and start it again on the same state."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._launch()
+        self.wait_ready(timeout)
+
+    def _launch(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--config", str(self.config_file)],
@@ -169,8 +182,6 @@ class Containerd:
                 stderr=log,
                 start_new_session=True,  # a Ctrl-C at the terminal reaches the benchmark, which stops us in order
             )
-        self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float) -> None:
         """Until the CRI plugin answers Version and Status says the runtime is ready."""

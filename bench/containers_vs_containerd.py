@@ -223,6 +223,10 @@ class Runtime(ABC):
     @abstractmethod
     def version(self) -> str: ...
 
+    @abstractmethod
+    def crash_and_restart(self) -> None:
+        """SIGKILL the daemon, its containers left running, and start it again: returns once it answers."""
+
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         # No loopback plugin: each runtime brings `lo` up itself (criopy when it makes the netns, containerd
@@ -313,6 +317,12 @@ class Criopy(Runtime):
         v = self.rs.Version(pb.VersionRequest(), timeout=10)
         return f"{v.runtime_name} {v.runtime_version}"
 
+    def crash_and_restart(self) -> None:
+        assert self.daemon.proc is not None
+        self.daemon.proc.kill()
+        self.daemon.proc.wait(10)
+        self.daemon.start()
+
 
 class ContainerdRuntime(Runtime):
     name = "containerd"
@@ -350,6 +360,9 @@ class ContainerdRuntime(Runtime):
 
     def version(self) -> str:
         return containerd_version(self.daemon.binary)
+
+    def crash_and_restart(self) -> None:
+        self.daemon.crash_and_restart()
 
 
 RUNTIMES: dict[str, Callable[[Env], Runtime]] = {"criopy": Criopy, "containerd": ContainerdRuntime}
@@ -698,6 +711,19 @@ def daemon_memory(rt: Runtime, res: Results, count: int) -> None:
         res.figures[f"daemon's child processes RSS, {count} containers (MiB)"] = memory_mib(helpers)[0]
 
 
+def restart_time(rt: Runtime, res: Results, count: int) -> None:
+    """From SIGKILL to a daemon that lists all `count` containers running again: what a node waits for
+    after the runtime crashed, the containers having run on meanwhile."""
+    started = time.perf_counter()
+    rt.crash_and_restart()
+    while True:
+        listed = rt.rs.ListContainers(pb.ListContainersRequest(), timeout=60).containers
+        if sum(c.state == pb.CONTAINER_RUNNING for c in listed) >= count:
+            break
+        time.sleep(0.01)
+    res.figures[f"restart after SIGKILL, {count} containers running (ms)"] = (time.perf_counter() - started) * 1000
+
+
 def time_bulk(run: Run, rt: Runtime, pods: int, per_pod: int) -> None:
     """Starting and removing all the scale pods with SCALE_CLIENTS clients, the other runtime holding none:
     timed with both holding theirs, whichever went first would have had the machine to itself."""
@@ -734,6 +760,7 @@ def scale(run: Run, pods: int, containers: int, calls: int) -> None:
     time.sleep(2)  # let the monitors and the daemons settle
     run.each("the daemon's memory", lambda rt: daemon_memory(rt, run.res(rt), count), able)
     list_latencies(run, [rt for rt in able if rt in run.live], calls, pods, count)
+    run.each("restart after SIGKILL", lambda rt: restart_time(rt, run.res(rt), count), able)
     label = f"{per_pod}-container"
     run.each("the pods' memory", lambda rt: pod_memory(rt, made[rt.name], label, run.res(rt)), able)
     run.each("starting 1-container pods", start_singles, able)
