@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri.linux import fsync_dir
-from cri.log import event
+from cni.events import event
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,15 @@ class CacheEntry:
             capability_args=capability_args,
             result=result,
         )
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink in `directory` durable (the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ResultCache:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -21,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cni.conf import NetworkConfigList, PluginConf, find_plugin
+from cni.events import event
 from cni.result import CniError, Result, ResultError, parse_error, parse_result
-from cri import linux, metrics
-from cri.log import event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +45,16 @@ class InvocationError(CniError):
 
 
 @dataclass(frozen=True)
+class CallHooks:
+    """What the embedding program adds around each plugin call (the library imports nothing of it)."""
+
+    # Told of every call once it ended: plugin type, command, seconds, whether it failed (for metrics).
+    observe: Callable[[str, str, float, bool], None] | None = None
+    # Run in the forked child before the plugin is exec'd (for example: die with the parent).
+    child_setup: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
 class Invocation:
     """One plugin call: what goes into the CNI_* variables, and where to find the binary."""
 
@@ -59,6 +67,7 @@ class Invocation:
     ifname: str = ""
     args: Mapping[str, str] = field(default_factory=dict)
     network: str = ""  # for the log line only
+    hooks: CallHooks = field(default_factory=CallHooks)
 
 
 def format_args(args: Mapping[str, str]) -> str:
@@ -111,7 +120,7 @@ def plugin_config(
 
 
 async def _communicate(
-    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
+    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float, child_setup: Callable[[], None] | None = None
 ) -> tuple[int | None, bytes, bytes]:
     """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout."""
     proc = await asyncio.create_subprocess_exec(
@@ -121,9 +130,7 @@ async def _communicate(
         stderr=asyncio.subprocess.PIPE,
         env=env,
         start_new_session=True,
-        # A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the
-        # restarted daemon's DEL would hold its address for good.
-        preexec_fn=functools.partial(linux.die_with_parent, os.getpid()),
+        preexec_fn=child_setup,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     writer = proc.stdin
@@ -182,7 +189,9 @@ async def _run(inv: Invocation, stdin: bytes) -> bytes:
     if path is None:
         raise InvocationError(inv.plugin_type, f"not found in {':'.join(inv.plugin_dirs) or '(no plugin dirs)'}")
     try:
-        status, stdout, stderr_bytes = await _communicate([str(path)], plugin_env(inv), stdin, inv.timeout)
+        status, stdout, stderr_bytes = await _communicate(
+            [str(path)], plugin_env(inv), stdin, inv.timeout, inv.hooks.child_setup
+        )
     except OSError as exc:
         raise InvocationError(
             inv.plugin_type, f"{inv.command} cannot be started ({path}): {exc.strerror or exc}"
@@ -196,7 +205,8 @@ async def _run(inv: Invocation, stdin: bytes) -> bytes:
 
 
 def _log(inv: Invocation, started: float, error: Exception | None) -> None:
-    metrics.record_cni_call(inv.plugin_type, inv.command, time.monotonic() - started, error is not None)
+    if inv.hooks.observe is not None:
+        inv.hooks.observe(inv.plugin_type, inv.command, time.monotonic() - started, error is not None)
     event(
         log,
         logging.DEBUG if error is None else logging.WARNING,

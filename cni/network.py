@@ -21,7 +21,9 @@ from typing import Any
 
 from cni.cache import CacheEntry, ResultCache
 from cni.conf import NetworkConfigList, PluginConf
+from cni.events import event
 from cni.invoke import (
+    CallHooks,
     Invocation,
     exec_version,
     exec_with_result,
@@ -30,7 +32,6 @@ from cni.invoke import (
     plugin_config,
 )
 from cni.result import CniError, Result, ResultError, result_from_dict
-from cri.log import event
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,13 @@ class CniNetwork:
         plugin_dirs: Sequence[str],
         cache_dir: str | os.PathLike[str],
         timeout: float = 60.0,
+        hooks: CallHooks | None = None,
     ) -> None:
         self.network = network
         self.plugin_dirs = tuple(plugin_dirs)
         self.cache = ResultCache(cache_dir)
         self.timeout = timeout
+        self.hooks = hooks or CallHooks()
 
     @property
     def name(self) -> str:
@@ -123,6 +126,7 @@ class CniNetwork:
             ifname=att.ifname if att else "",
             args=dict(att.args) if att else {},
             network=self.network.name,
+            hooks=self.hooks,
         )
 
     def _stdin(

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from cni.conf import NetworkConfigError, NetworkConfigList, config_files, find_plugin, load_file
-from cri.log import event
+from cni.events import event
 
 log = logging.getLogger(__name__)
 

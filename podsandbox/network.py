@@ -8,8 +8,10 @@ a pod's IP and veth be freed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Any
 
 from cni.cache import CacheEntry, ResultCache
 from cni.conf import NetworkConfigError, NetworkConfigList, parse
+from cni.invoke import CallHooks
 from cni.network import CniNetwork
 from cni.readiness import evaluate
-from cri import faults
+from cri import faults, linux, metrics
 from cri.config import NetworkConfig
 from cri.log import event
 from podsandbox.spec import SandboxSpec
@@ -108,6 +111,15 @@ class PodNetwork:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
+        self._hooks = CallHooks(
+            observe=metrics.record_cni_call,
+            # A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the
+            # restarted daemon's DEL would hold its address for good.
+            child_setup=functools.partial(linux.die_with_parent, os.getpid()),
+        )
+
+    def _cni(self, network: NetworkConfigList, config: NetworkConfig) -> CniNetwork:
+        return CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout, self._hooks)
 
     def current(self, config: NetworkConfig) -> NetworkConfigList:
         ready = evaluate(config.cni_config_dir, config.cni_plugin_dirs, config.cni_default_network)
@@ -117,7 +129,7 @@ class PodNetwork:
 
     async def attach(self, sandbox_id: str, netns: str, spec: SandboxSpec, config: NetworkConfig) -> Attachment:
         network = self.current(config)
-        cni = CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout)
+        cni = self._cni(network, config)
         args, caps = cni_args(sandbox_id, spec), capabilities(spec)
         # The intent before the plugins run: a crash during ADD leaves an entry without a result, and
         # recovery answers it with DEL (which CNI requires to succeed on what was never added), so an
@@ -173,6 +185,6 @@ class PodNetwork:
                 network=network_name,
             )
             return
-        cni = CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout)
+        cni = self._cni(network, config)
         await cni.delete(sandbox_id, netns, IFNAME)
         event(log, logging.INFO, "pod network detached", pod_id=sandbox_id, network=network_name)
