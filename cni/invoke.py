@@ -50,8 +50,9 @@ class CallHooks:
 
     # Told of every call once it ended: plugin type, command, seconds, whether it failed (for metrics).
     observe: Callable[[str, str, float, bool], None] | None = None
-    # Run in the forked child before the plugin is exec'd (for example: die with the parent).
-    child_setup: Callable[[], None] | None = None
+    # Words before the plugin's path on its command line: a wrapper that execs it (for example one that
+    # makes it die with its parent; a Python pre-exec function would force fork() in a threaded program).
+    argv_prefix: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def plugin_config(
 
 
 async def _communicate(
-    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float, child_setup: Callable[[], None] | None = None
+    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
 ) -> tuple[int | None, bytes, bytes]:
     """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout."""
     proc = await asyncio.create_subprocess_exec(
@@ -130,7 +131,6 @@ async def _communicate(
         stderr=asyncio.subprocess.PIPE,
         env=env,
         start_new_session=True,
-        preexec_fn=child_setup,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     writer = proc.stdin
@@ -189,9 +189,8 @@ async def _run(inv: Invocation, stdin: bytes) -> bytes:
     if path is None:
         raise InvocationError(inv.plugin_type, f"not found in {':'.join(inv.plugin_dirs) or '(no plugin dirs)'}")
     try:
-        status, stdout, stderr_bytes = await _communicate(
-            [str(path)], plugin_env(inv), stdin, inv.timeout, inv.hooks.child_setup
-        )
+        argv = [*inv.hooks.argv_prefix, str(path)]
+        status, stdout, stderr_bytes = await _communicate(argv, plugin_env(inv), stdin, inv.timeout)
     except OSError as exc:
         raise InvocationError(
             inv.plugin_type, f"{inv.command} cannot be started ({path}): {exc.strerror or exc}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
 from dataclasses import dataclass
 
 MNT_DETACH = 2
@@ -171,7 +170,6 @@ def inotify_names(data: bytes) -> list[str]:
     return names
 
 
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 
@@ -179,15 +177,6 @@ _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 def set_child_subreaper() -> None:
     """Orphans of our children's children come to us instead of to init (what conmon does for containers)."""
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a forked child before exec: be SIGKILLed when the parent (`parent_pid`, read before the fork) dies.
-
-    The check after the prctl covers a parent that died in between, which the kernel does not signal.
-    """
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent_pid:
-        os._exit(127)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ a pod's IP and veth be freed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from cni.conf import NetworkConfigError, NetworkConfigList, parse
 from cni.invoke import CallHooks
 from cni.network import CniNetwork
 from cni.readiness import evaluate
-from cri import faults, linux, metrics
+from cri import faults, metrics
 from cri.config import NetworkConfig
 from cri.log import event
 from podsandbox.spec import SandboxSpec
@@ -46,6 +45,17 @@ class Attachment:
     network: str
     ips: tuple[str, ...]  # primary first
     result: dict[str, Any]
+
+
+def _die_with_daemon() -> tuple[str, ...]:
+    """A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the restarted
+    daemon's DEL would hold its address for good. util-linux's setpriv (Essential in Debian) sets
+    PR_SET_PDEATHSIG and execs the plugin, which keeps it (the plugin is not set-uid)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        event(log, logging.WARNING, "setpriv not found: CNI plugins may outlive a killed daemon")
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 def parse_quantity(text: str, where: str) -> int:
@@ -111,12 +121,7 @@ class PodNetwork:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self._hooks = CallHooks(
-            observe=metrics.record_cni_call,
-            # A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the
-            # restarted daemon's DEL would hold its address for good.
-            child_setup=functools.partial(linux.die_with_parent, os.getpid()),
-        )
+        self._hooks = CallHooks(observe=metrics.record_cni_call, argv_prefix=_die_with_daemon())
 
     def _cni(self, network: NetworkConfigList, config: NetworkConfig) -> CniNetwork:
         return CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout, self._hooks)

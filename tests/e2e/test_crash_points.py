@@ -226,7 +226,7 @@ SLOW_ANSWER = """\
 #!/bin/sh
 [ "$CNI_COMMAND" = ADD ] || exec /usr/lib/cni/bridge
 out=$(/usr/lib/cni/bridge); rc=$?
-touch {marker}
+echo $$ > {marker}
 sleep {seconds}
 echo "$out"; exit $rc
 """
@@ -254,11 +254,20 @@ def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -
         assert node.daemon.proc is not None
         node.daemon.proc.kill()
         node.daemon.proc.wait(10)
+        plugin = int(marker.read_text())
+        assert _wait(lambda: _gone(plugin)), "the plugin outlived the daemon"
         with pytest.raises(grpc.RpcError):
             pending.result(30)
     node.daemon.start()
     node.remove_everything()
     assert node.leftovers() == NOTHING
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 15) -> bool:
