@@ -35,11 +35,11 @@ def _image(container: Container) -> pb.ImageSpec:
 
 def item(container: Container) -> pb.Container:
     """The list entry; only the state of a container changes, so it is cached per state."""
-    cached = container.list_cache
+    cached = container.live.list_entry
     if cached is not None and cached[0] is container.state:
         return cached[1]
     message = _item(container)
-    container.list_cache = (container.state, message)
+    container.live.list_entry = (container.state, message)
     return message
 
 

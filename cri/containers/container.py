@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +18,21 @@ class ContainerState(Enum):
     CREATED = "created"
     RUNNING = "running"
     EXITED = "exited"
+
+
+@dataclass(eq=False)
+class Lifecycle:
+    """What the daemon holds of a live container besides its record; none of it is stored."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serializes start, stop, update, remove
+    exited: asyncio.Event = field(default_factory=asyncio.Event)  # set once the exit is recorded
+    # The task that records an exit and then deletes the runtime's state (containerd deletes its task at
+    # exit too): RemoveContainer waits for it, and deletes again only when it could not.
+    after_exit: asyncio.Task[None] | None = None
+    runtime_deleted: bool = False
+    # The ListContainers entry, built once per state: the kubelet relists every second, and building
+    # hundreds of messages per call costs ten times more than reusing them.
+    list_entry: tuple[ContainerState, pb.Container] | None = None
 
 
 @dataclass
@@ -50,11 +66,8 @@ class Container:
     # The handler as resolved at creation (binary, --root, args), used for every later runtime call: a
     # reload may change or remove the handler. None in rows written before it was kept.
     oci_runtime: Runtime | None = None
-    # The ListContainers entry, built once per state: the kubelet relists every second, and building
-    # hundreds of messages per call costs ten times more than reusing them.
-    list_cache: tuple[ContainerState, pb.Container] | None = field(
-        default=None, repr=False, compare=False, metadata=records.TRANSIENT
-    )
+    # The one entry per container: its lock, exit event, after-exit task and list entry live here.
+    live: Lifecycle = field(default_factory=Lifecycle, repr=False, compare=False, metadata=records.TRANSIENT)
 
     @property
     def name(self) -> str:

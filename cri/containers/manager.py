@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -66,14 +66,8 @@ class ContainerManager:
         self.events = EventBus()
         self._containers: dict[str, Container] = {}
         self._creations: Creations[Container] = Creations("container", lambda c: c.id, self._containers.get)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._exited: dict[str, asyncio.Event] = {}
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
         self._tasks: set[asyncio.Task[Any]] = set()
-        # After an exit, a task records it and deletes the runtime's state (containerd deletes its task at
-        # exit too): RemoveContainer then only waits for what is left of it.
-        self._after_exit: dict[str, asyncio.Task[Any]] = {}
-        self._runtime_deleted: set[str] = set()
         self.stats = StatsCollector(self.all)
         sandboxes.stop_hooks.append(self.stop_pod_containers)
         sandboxes.remove_hooks.append(self.remove_pod_containers)
@@ -127,9 +121,6 @@ class ContainerManager:
 
     def uses_image(self, image_id: str) -> bool:
         return any(c.image_id == image_id for c in self._containers.values())
-
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
 
     def _publish(self, container: Container, kind: EventType) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, time.time_ns()))
@@ -191,7 +182,6 @@ class ContainerManager:
                 raise
             raise mapped from exc
         self._containers[container_id] = container
-        self._exited[container_id] = asyncio.Event()
         self._publish(container, EventType.CREATED)
         event(
             log,
@@ -326,7 +316,7 @@ class ContainerManager:
 
     async def start(self, id_or_prefix: str) -> Container:
         container = self.get(id_or_prefix)
-        async with self._lock(container.id):
+        async with container.live.lock:
             if container.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {container.id} is {container.state.value}, not created")
             # Taken before the call: a process that exits at once must not look finished before it started.
@@ -367,9 +357,9 @@ class ContainerManager:
         else:
             container.reason = "Completed" if code == 0 else "Error"
         container.message = message
-        self._exited.setdefault(container.id, asyncio.Event()).set()
+        container.live.exited.set()
         metrics.record_container_exit(container.reason)
-        self._after_exit[container.id] = self._spawn(self._record_and_release(container))
+        container.live.after_exit = self._spawn(self._record_and_release(container))
         self._publish(container, EventType.STOPPED)
         event(
             log,
@@ -402,10 +392,10 @@ class ContainerManager:
         except (OciRuntimeError, OSError) as exc:
             event(log, logging.WARNING, "runtime delete after exit failed", id=container.id, error=str(exc))
             return  # RemoveContainer tries again
-        self._runtime_deleted.add(container.id)
+        container.live.runtime_deleted = True
 
-    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(work)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -413,10 +403,9 @@ class ContainerManager:
     async def _wait_exit(self, container: Container, timeout: float) -> bool:
         if container.state is ContainerState.EXITED:
             return True
-        exited = self._exited.setdefault(container.id, asyncio.Event())
         try:
             async with asyncio.timeout(timeout):
-                await exited.wait()
+                await container.live.exited.wait()
         except TimeoutError:
             # The exit file may have appeared while the watch was busy: look once more before giving up.
             self._check_exit(container.id)
@@ -429,7 +418,7 @@ class ContainerManager:
         container = self._existing(id_or_prefix)
         if container is None:
             return
-        async with self._lock(container.id):
+        async with container.live.lock:
             await self._stop_locked(container, max(timeout, 0))
 
     async def _stop_locked(self, container: Container, timeout: int) -> None:
@@ -465,12 +454,11 @@ class ContainerManager:
         container = self._existing(id_or_prefix)
         if container is None:
             return
-        async with self._lock(container.id):
+        async with container.live.lock:
             if container.id not in self._containers:
                 return
             await self._stop_locked(container, 0)
             await self._remove_locked(container)
-        self._locks.pop(container.id, None)
 
     async def _remove_locked(self, container: Container) -> None:
         runtime = self.runtime_of(container)
@@ -494,18 +482,15 @@ class ContainerManager:
         faults.point("container.remove.files")
         await self._delete_row(container.id)
         self._containers.pop(container.id, None)
-        self._exited.pop(container.id, None)
-        self._after_exit.pop(container.id, None)
-        self._runtime_deleted.discard(container.id)
         self._creations.release(container.id)
         self._publish(container, EventType.DELETED)
         event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
 
     async def _delete_runtime_after_exit(self, runtime: Runtime, container: Container) -> None:
-        after_exit = self._after_exit.get(container.id)
+        after_exit = container.live.after_exit
         if after_exit is not None:
             await asyncio.wait([after_exit])  # not cancelled with the caller: it holds no lock and ends by itself
-        if container.id not in self._runtime_deleted:
+        if not container.live.runtime_deleted:
             await self._delete_runtime(runtime, container)
 
     def _owns_pid_namespace(self, container: Container) -> bool:
@@ -529,7 +514,7 @@ class ContainerManager:
         validate.resources(resources, "linux")
         if resources.unified and not self.host.cgroup2:
             raise InvalidArgument("linux.unified", "cgroup v2 settings on a host without the unified hierarchy")
-        async with self._lock(container.id):
+        async with container.live.lock:
             if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
                 raise FailedPrecondition(f"container {container.id} is {container.state.value}")
             settings = self._live.current
@@ -569,9 +554,8 @@ class ContainerManager:
                 await self._discard_half_made(container)
                 continue
             self._containers[container.id] = container
-            self._exited[container.id] = asyncio.Event()
             if container.state is ContainerState.EXITED:
-                self._exited[container.id].set()
+                container.live.exited.set()
             sandbox = self._sandboxes.find(container.sandbox_id)
             if sandbox is not None:
                 self._creations.reserve(rows.reservation(sandbox.name, container.config.metadata), container.id)
