@@ -151,6 +151,12 @@ class RuntimeService:
             timestamp=time.time_ns(),
         )
 
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        await self._sandboxes.update_resources(request.pod_sandbox_id, sandbox_convert.pod_resources_of(request))
+        return pb.UpdatePodSandboxResourcesResponse()
+
     async def ListPodSandbox(self, request: pb.ListPodSandboxRequest) -> pb.ListPodSandboxResponse:
         flt = request.filter if request.HasField("filter") else None
         return pb.ListPodSandboxResponse(items=sandbox_convert.filtered(self._sandboxes.list(), flt))

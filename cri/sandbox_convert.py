@@ -8,7 +8,9 @@ from collections.abc import Iterable, Mapping
 from google.protobuf import json_format
 
 from api.runtime.v1 import api_pb2 as pb
+from cri.containers import validate
 from cri.errors import InvalidArgument
+from podsandbox.resources import Limits, PodResources
 from podsandbox.sandbox import Sandbox, SandboxState
 from podsandbox.spec import DnsConfig, Metadata, NamespaceMode, PortMapping, SandboxSpec
 
@@ -120,8 +122,74 @@ def verbose_info(sandbox: Sandbox) -> dict[str, str]:
         "cniNetwork": sandbox.network,
         "cniResult": sandbox.cni_result,
         "config": json_format.MessageToDict(config),
+        **_resources_info(sandbox, config.linux),
     }
     return {"info": json.dumps(info)}
+
+
+# ---- pod-level resources (UpdatePodSandboxResources) ------------------------------------------
+
+
+def pod_resources_of(request: pb.UpdatePodSandboxResourcesRequest) -> PodResources:
+    """The request's resources and overhead, INVALID_ARGUMENT naming the field for values no cgroup takes."""
+    out: dict[str, Limits | None] = {}
+    for name in ("resources", "overhead"):
+        if not request.HasField(name):
+            out[name] = None
+            continue
+        res: pb.LinuxContainerResources = getattr(request, name)
+        validate.resources(res, name)
+        sizes = [page.page_size for page in res.hugepage_limits]
+        for i, size in enumerate(sizes):
+            if size in sizes[:i]:
+                raise InvalidArgument(f"{name}.hugepage_limits[{i}].page_size", f"{size!r} is given twice")
+        out[name] = _limits(res)
+    return PodResources(resources=out["resources"], overhead=out["overhead"])
+
+
+def _limits(res: pb.LinuxContainerResources) -> Limits:
+    return Limits(
+        cpu_period=res.cpu_period,
+        cpu_quota=res.cpu_quota,
+        cpu_shares=res.cpu_shares,
+        memory_limit_in_bytes=res.memory_limit_in_bytes,
+        memory_swap_limit_in_bytes=res.memory_swap_limit_in_bytes,
+        oom_score_adj=res.oom_score_adj,
+        cpuset_cpus=res.cpuset_cpus,
+        cpuset_mems=res.cpuset_mems,
+        hugepage_limits={page.page_size: page.limit for page in res.hugepage_limits},
+        unified=dict(res.unified),
+    )
+
+
+def _message(limits: Limits) -> pb.LinuxContainerResources:
+    return pb.LinuxContainerResources(
+        cpu_period=limits["cpu_period"],
+        cpu_quota=limits["cpu_quota"],
+        cpu_shares=limits["cpu_shares"],
+        memory_limit_in_bytes=limits["memory_limit_in_bytes"],
+        memory_swap_limit_in_bytes=limits["memory_swap_limit_in_bytes"],
+        oom_score_adj=limits["oom_score_adj"],
+        cpuset_cpus=limits["cpuset_cpus"],
+        cpuset_mems=limits["cpuset_mems"],
+        hugepage_limits=[pb.HugepageLimit(page_size=k, limit=v) for k, v in limits["hugepage_limits"].items()],
+        unified=limits["unified"],
+    )
+
+
+def _resources_info(sandbox: Sandbox, linux: pb.LinuxPodSandboxConfig) -> dict[str, object]:
+    """The pod's current resources and overhead (PodSandboxStatus has no field for them): those of the
+    last UpdatePodSandboxResources, else those of the config; in the CRI's JSON form, as `config` is."""
+    current = sandbox.resources
+    if current is None:
+        current = PodResources(
+            resources=_limits(linux.resources) if linux.HasField("resources") else None,
+            overhead=_limits(linux.overhead) if linux.HasField("overhead") else None,
+        )
+    return {
+        name: None if limits is None else json_format.MessageToDict(_message(limits))
+        for name, limits in (("resources", current.resources), ("overhead", current.overhead))
+    }
 
 
 def _selected(sandbox: Sandbox, flt: pb.PodSandboxFilter) -> bool:

@@ -31,6 +31,7 @@ from cri.state import Store
 from podsandbox import files, infra, namespaces, shm
 from podsandbox import sandbox as rows
 from podsandbox.network import NetworkNotReady, PodNetwork, capabilities
+from podsandbox.resources import PodResources, log_fields
 from podsandbox.sandbox import Sandbox, SandboxState
 from podsandbox.spec import NamespaceMode, SandboxSpec, sysctl_namespace, validate
 
@@ -290,6 +291,24 @@ class SandboxManager:
         self._locks.pop(sandbox.id, None)
         self._publish()
         event(log, logging.INFO, "pod sandbox removed", pod_id=sandbox.id, pod=sandbox.name)
+
+    # ---- pod-level resources (UpdatePodSandboxResources) --------------------------------------
+
+    async def update_resources(self, id_or_prefix: str, resources: PodResources) -> None:
+        """Record a resize of the pod (validated by the caller); nothing on the host changes.
+
+        The pod cgroup is the kubelet's, which resizes it itself, or the parent all pods share
+        (see podsandbox.resources): as containerd, criopy writes no limits there.
+        """
+        sandbox = self.get(id_or_prefix)
+        async with self._lock(sandbox.id):
+            if sandbox.id not in self._sandboxes:
+                raise NotFound(f"pod sandbox {id_or_prefix!r} not found")  # removed while we waited
+            # Durable: unlike a state change, recovery cannot derive it again. The copy is written first,
+            # so a failed write leaves the sandbox as it was.
+            await asyncio.to_thread(self._write, rows.update, replace(sandbox, resources=resources))
+            sandbox.resources = resources
+        event(log, logging.INFO, "pod sandbox resources updated", pod_id=sandbox.id, **log_fields(resources))
 
     # ---- recovery -----------------------------------------------------------------------------
 
