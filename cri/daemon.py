@@ -65,6 +65,7 @@ async def serve(live: LiveConfig) -> None:
         await images.start()
         stack.push_async_callback(images.close)
         containers = ContainerManager(live, store, sandboxes, images)
+        sandboxes.serve_members(containers)  # a pod's containers are stopped and removed before it
         await containers.load()
         stack.push_async_callback(containers.close)
         orphans = OrphanCollector(

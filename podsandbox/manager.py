@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cni.result import CniError
 from cri import concurrently, faults, idprefix, metrics
@@ -37,8 +37,21 @@ from podsandbox.spec import NamespaceMode, SandboxSpec, sysctl_namespace, valida
 
 log = logging.getLogger(__name__)
 
-# Called with a sandbox ID when it stops or is removed, so its containers go first (the containers issue).
-SandboxHook = Callable[[str], Awaitable[None]]
+
+class PodMembers(Protocol):
+    """What runs in the pods (the containers): stopped and removed before the pod itself."""
+
+    async def stop_pod_containers(self, sandbox_id: str) -> None: ...
+
+    async def remove_pod_containers(self, sandbox_id: str) -> None: ...
+
+
+class _NoMembers:
+    async def stop_pod_containers(self, sandbox_id: str) -> None:
+        return None
+
+    async def remove_pod_containers(self, sandbox_id: str) -> None:
+        return None
 
 
 def default_cgroup_parent(manager: str) -> str:
@@ -55,9 +68,11 @@ class SandboxManager:
         self._network = PodNetwork(Path(config.root) / "cni")
         self._sandboxes: dict[str, Sandbox] = {}
         self._creations: Creations[Sandbox] = Creations("pod sandbox", lambda s: s.id, self.find)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self.stop_hooks: list[SandboxHook] = []
-        self.remove_hooks: list[SandboxHook] = []
+        self._members: PodMembers = _NoMembers()
+
+    def serve_members(self, members: PodMembers) -> None:
+        """Connected by the daemon once the containers are loaded (they need the sandboxes first)."""
+        self._members = members
 
     # ---- lookup -------------------------------------------------------------------------------
 
@@ -83,9 +98,6 @@ class SandboxManager:
         for sandbox in self._sandboxes.values():
             counts[sandbox.state.value] += 1
         metrics.record_sandbox_states(counts)
-
-    def _lock(self, sandbox_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     # ---- run ----------------------------------------------------------------------------------
 
@@ -235,12 +247,11 @@ class SandboxManager:
         sandbox = self._existing(id_or_prefix)
         if sandbox is None:
             return
-        async with self._lock(sandbox.id):
+        async with sandbox.lock:
             await self._stop_locked(sandbox)
 
     async def _stop_locked(self, sandbox: Sandbox) -> None:
-        for hook in self.stop_hooks:
-            await hook(sandbox.id)
+        await self._members.stop_pod_containers(sandbox.id)
         faults.point("sandbox.stop.containers")
         config = self._live.current
         if sandbox.spec.pid_mode is NamespaceMode.POD:
@@ -275,20 +286,18 @@ class SandboxManager:
         sandbox = self._existing(id_or_prefix)
         if sandbox is None:
             return
-        async with self._lock(sandbox.id):
+        async with sandbox.lock:
             if sandbox.id not in self._sandboxes:
                 return  # removed while we waited for the lock
             await self._stop_locked(sandbox)
             faults.point("sandbox.remove.stopped")
-            for hook in self.remove_hooks:
-                await hook(sandbox.id)
+            await self._members.remove_pod_containers(sandbox.id)
             faults.point("sandbox.remove.containers")
             await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
             faults.point("sandbox.remove.files")
             await self._write_delete(sandbox.id)
             self._sandboxes.pop(sandbox.id, None)
             self._creations.release(sandbox.id)
-        self._locks.pop(sandbox.id, None)
         self._publish()
         event(log, logging.INFO, "pod sandbox removed", pod_id=sandbox.id, pod=sandbox.name)
 
@@ -301,7 +310,7 @@ class SandboxManager:
         (see podsandbox.resources): as containerd, criopy writes no limits there.
         """
         sandbox = self.get(id_or_prefix)
-        async with self._lock(sandbox.id):
+        async with sandbox.lock:
             if sandbox.id not in self._sandboxes:
                 raise NotFound(f"pod sandbox {id_or_prefix!r} not found")  # removed while we waited
             # Durable: unlike a state change, recovery cannot derive it again. The copy is written first,

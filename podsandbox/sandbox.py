@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,6 +39,8 @@ class Sandbox:
     infra_runtime: Runtime | None = None
     config_blob: bytes = field(default=b"", repr=False)  # the CRI PodSandboxConfig as received
     resources: PodResources | None = None  # the last UpdatePodSandboxResources; None: as in the config
+    # Serializes stop, remove and updates of this sandbox; held in memory only.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False, metadata=records.TRANSIENT)
 
     @property
     def name(self) -> str:

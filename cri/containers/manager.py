@@ -69,8 +69,6 @@ class ContainerManager:
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = StatsCollector(self.all)
-        sandboxes.stop_hooks.append(self.stop_pod_containers)
-        sandboxes.remove_hooks.append(self.remove_pod_containers)
 
     # ---- start-up -----------------------------------------------------------------------------
 
