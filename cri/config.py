@@ -202,6 +202,16 @@ class MetricsConfig:
 
 
 @dataclass
+class GrpcConfig:
+    max_connections: int = opt(
+        1024, "Client connections the gRPC server keeps at once; a new one above it is closed at once."
+    )
+    idle_timeout: int = opt(
+        300, "Seconds a connection may have no call open before the gRPC server closes it (GOAWAY); 0: never."
+    )
+
+
+@dataclass
 class Config:
     listen: str = opt("/run/criopy/criopy.sock", "Unix socket the CRI gRPC server listens on.")
     grpc_server: str = opt(
@@ -219,6 +229,7 @@ class Config:
     pod: PodConfig = section(PodConfig, "Pod sandboxes.")
     streaming: StreamingConfig = section(StreamingConfig, "The exec / attach / port-forward streaming server.")
     metrics: MetricsConfig = section(MetricsConfig, "Prometheus metrics.")
+    grpc: GrpcConfig = section(GrpcConfig, "Limits of the gRPC server on the CRI socket (both transports).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -445,6 +456,10 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
         fail("network.cni_plugin_timeout", "must be a positive number of seconds")
     if config.pod.shm_size <= 0:
         fail("pod.shm_size", "must be a positive number of bytes")
+    if config.grpc.max_connections <= 0:
+        fail("grpc.max_connections", "must be a positive number of connections")
+    if config.grpc.idle_timeout < 0:
+        fail("grpc.idle_timeout", "must be 0 (never) or a positive number of seconds")
     if bool(config.streaming.tls_cert) != bool(config.streaming.tls_key):
         fail("streaming.tls_key", "tls_cert and tls_key must be given together")
 

@@ -107,6 +107,8 @@ async def serve(live: LiveConfig) -> None:
             config.listen,
             {"RuntimeService": runtime, "ImageService": ImageService(images)},
             config.grpc_server,
+            max_connections=config.grpc.max_connections,
+            idle_timeout=config.grpc.idle_timeout,
         )
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)

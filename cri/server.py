@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from cri.grpcserver import GrpcServer
+from cri.grpcserver import GrpcServer, Limits
 from cri.log import event
 from cri.rpc import routes, service_handler
 
@@ -53,20 +53,38 @@ def prepare_socket_path(path: str) -> None:
 class CriServer:
     """The CRI services on the unix socket, served by criopy's own gRPC transport or by grpcio's."""
 
-    def __init__(self, socket_path: str, servicers: Mapping[str, object], transport: str = "builtin") -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        servicers: Mapping[str, object],
+        transport: str = "builtin",
+        *,
+        max_connections: int = 1024,
+        idle_timeout: float = 300.0,
+    ) -> None:
         self.socket_path = socket_path
         self.transport = transport
         self._builtin: GrpcServer | None = None
         self._grpcio: grpc.aio.Server | None = None
         if transport == "builtin":
-            self._builtin = GrpcServer(routes(servicers), MAX_MESSAGE_BYTES)
+            limits = Limits(
+                max_receive_bytes=MAX_MESSAGE_BYTES,
+                max_send_bytes=MAX_MESSAGE_BYTES,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+            )
+            self._builtin = GrpcServer(routes(servicers), limits)
         else:
+            options: list[tuple[str, int]] = [
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_allowed_incoming_connections", max_connections),
+            ]
+            if idle_timeout > 0:
+                options.append(("grpc.max_connection_idle_ms", int(idle_timeout * 1000)))
             self._grpcio = grpc.aio.server(
                 handlers=[service_handler(name, servicer) for name, servicer in servicers.items()],
-                options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ],
+                options=options,
             )
 
     async def start(self) -> None:

@@ -76,10 +76,14 @@ MAX_MESSAGE_HEADER = 4096
 
 
 def _percent_encode(text: str, limit: int = MAX_MESSAGE_HEADER) -> bytes:
-    """grpc-message encoding: printable ASCII except '%' as is, every other byte as %XX; cut at `limit`."""
+    """grpc-message encoding: printable ASCII except '%' as is, every other byte as %XX; cut at `limit`
+    between two characters (a cut inside one leaves the client bytes that are not UTF-8)."""
     out = bytearray()
-    for byte in text.encode("utf-8"):
-        piece = bytes([byte]) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+    for char in text:
+        piece = b"".join(
+            bytes([byte]) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte
+            for byte in char.encode("utf-8", "backslashreplace")
+        )
         if len(out) + len(piece) > limit:
             break
         out += piece
@@ -133,8 +137,9 @@ def _http_refusal(status: bytes) -> bytes:
 class Dispatcher:
     """Turns complete request streams into calls of the routes; keeps the running calls."""
 
-    def __init__(self, routes: Mapping[str, Route]) -> None:
+    def __init__(self, routes: Mapping[str, Route], max_send_bytes: int) -> None:
         self._routes = {path.encode(): route for path, route in routes.items()}
+        self._max_send = max_send_bytes
         self.calls: set[asyncio.Task[None]] = set()
         self.subscriptions: set[asyncio.Task[None]] = set()
         self._last_answer: dict[bytes, tuple[Message, bytes]] = {}
@@ -174,11 +179,12 @@ class Dispatcher:
             conn.finish(stream, trailers_only(exc.code, exc.details))
             return
         stream.body = bytearray()
+        check = partial(_sendable, conn, path, self._max_send)
         if route.unary is not None:
             framed = partial(self._framed, raw_path)
-            run = _unary(conn, stream, request, handler=route.unary, framed=framed, deadline=deadline)
+            run = _unary(conn, stream, request, handler=route.unary, framed=framed, check=check, deadline=deadline)
         else:
-            run = _stream(conn, stream, route, request, deadline)
+            run = _stream(conn, stream, route, request, check=check, deadline=deadline)
         task = asyncio.get_running_loop().create_task(run)
         stream.task = task
         running = self.subscriptions if route.subscription else self.calls
@@ -187,6 +193,20 @@ class Dispatcher:
 
 
 _STOPPED = (grpc.StatusCode.UNAVAILABLE, "criopy is shutting down")
+
+
+def _sendable(conn: Http2Connection, path: str, max_send: int, message: bytes) -> None:
+    """Refuses (RESOURCE_EXHAUSTED) an answer over the send limit, as grpcio's max_send_message_length
+    does, and one the client has no room for: answers it has not read already fill the connection's share."""
+    size = len(message) - MESSAGE_PREFIX.size
+    if size > max_send:
+        details = f"{path}: the answer ({size} bytes) is larger than the limit ({max_send} bytes)"
+    elif not conn.room_for(len(message)):
+        details = f"{path}: the client has not read the answers already sent ({conn.held_output()} bytes)"
+    else:
+        return
+    event(log, logging.WARNING, "answer refused", method=path, code="RESOURCE_EXHAUSTED", error=details)
+    raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
 
 
 def _end(conn: Http2Connection, stream: Stream, code: grpc.StatusCode, details: str, *, started: bool) -> None:
@@ -210,6 +230,7 @@ async def _unary(
     *,
     handler: UnaryHandler,
     framed: Callable[[Message], bytes],
+    check: Callable[[bytes], None],
     deadline: float | None,
 ) -> None:
     try:
@@ -217,6 +238,7 @@ async def _unary(
             _DEADLINE.set(timeout)
             response = await handler(request)
         message = framed(response)
+        check(message)
     except asyncio.CancelledError:
         # By the client (its stream is already closed: nothing is sent) or by the server's stop.
         _end(conn, stream, *_STOPPED, started=False)
@@ -228,7 +250,13 @@ async def _unary(
 
 
 async def _stream(
-    conn: Http2Connection, stream: Stream, route: Route, request: Message, deadline: float | None
+    conn: Http2Connection,
+    stream: Stream,
+    route: Route,
+    request: Message,
+    *,
+    check: Callable[[bytes], None],
+    deadline: float | None,
 ) -> None:
     assert route.stream is not None
     started = False
@@ -237,6 +265,7 @@ async def _stream(
             _DEADLINE.set(timeout)
             async for item in route.stream(request):
                 message = framed_message(item.SerializeToString())
+                check(message)
                 if not started:
                     conn.send_headers(stream, RESPONSE_HEADERS)
                     started = True

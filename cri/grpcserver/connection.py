@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,23 +25,87 @@ log = logging.getLogger(__name__)
 
 # Output a streaming call may queue beyond the peer's window before it has to wait.
 HIGH_WATER = 256 * 1024
+# Seconds a closing connection has to write what is queued before it is cut off: a client that reads
+# nothing would otherwise keep it (and its buffers) forever.
+FLUSH_SECONDS = 1.0
+# The payload of the PING that follows the first GOAWAY of a graceful close.
+GOAWAY_PING = b"criopy\x00\x01"
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_request_bytes: int
+    """What one client may make the server hold or do. The defaults are criopy's; tests shrink them."""
+
+    # gRPC's max receive and send message lengths (grpcio's options of the same name).
+    max_receive_bytes: int = 16 * 1024 * 1024
+    max_send_bytes: int = 16 * 1024 * 1024
+    # Server-wide: a connection above this many is closed at once (the ones open are still served).
+    max_connections: int = 1024
+    # Seconds a connection may have no open stream before it is closed (GOAWAY NO_ERROR); 0: never.
+    idle_timeout: float = 300.0
+    # Seconds a new connection has to send the HTTP/2 preface (grpc-go and grpc core allow 120 for a TLS
+    # handshake; a local client sends it at once), so that silent sockets do not hold the connection cap.
+    handshake_timeout: float = 10.0
     max_concurrent_streams: int = 1024
     max_header_list_bytes: int = 64 * 1024
+    # A header block may come in this many CONTINUATION frames at most (nghttp2 allows 8): empty
+    # ones would otherwise keep a connection busy without growing the block (CVE-2024-27316).
+    max_continuations: int = 16
     # What we let the client send before it must wait for our WINDOW_UPDATE: large, so
     # that a request is rarely held up; requests are bounded by max_request_bytes anyway.
     initial_window: int = 4 * 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
+    # Token buckets (a burst, then so many a second) for frames that cost us work and the client
+    # nothing: streams reset (the "rapid reset" attack, CVE-2023-44487; nghttp2's defaults, 1000
+    # then 33/s), and PINGs and SETTINGS that need an answer (CVE-2019-9512, 9515).
+    reset_burst: int = 1000
+    resets_per_second: float = 33.0
+    control_burst: int = 1000
+    control_per_second: float = 100.0
+    # The graceful GOAWAY's second step follows the PING ack, or this many seconds without one.
+    goaway_ack_seconds: float = 1.0
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A request body: the message and its 5-byte gRPC prefix."""
+        return self.max_receive_bytes + 5
 
     @property
     def max_buffered_bytes(self) -> int:
         """Unfinished request bodies one connection may hold before it is closed (ENHANCE_YOUR_CALM).
         Flow control gives each stream its window back as data arrives, so only this bounds them."""
         return 4 * self.max_request_bytes
+
+    @property
+    def max_held_output(self) -> int:
+        """Answers one connection may hold unsent (the client's windows closed, or it does not read).
+        Above it a call is answered RESOURCE_EXHAUSTED rather than queued: each stream's window bounds
+        what it is sent, only this bounds what waits for the windows."""
+        return 4 * (self.max_send_bytes + 5)
+
+
+class Budget:
+    """A token bucket: `burst` tokens at once, refilled at `rate` a second. `take` is False when empty."""
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self._burst = float(burst)
+        self._rate = rate
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def refill(self) -> None:
+        self._tokens = self._burst
 
 
 class Stream:
@@ -95,15 +160,26 @@ class Http2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.last_stream_id = 0
         self._continuing: Stream | None = None  # stream whose header block awaits CONTINUATION
+        self._continuations = 0  # CONTINUATION frames of that block so far
         self._peer_initial_window = f.DEFAULT_WINDOW
         self._peer_max_frame = f.MIN_FRAME_SIZE
         self._send_window = f.DEFAULT_WINDOW
         self._recv_unacked = 0
         self._out: list[bytes] | None = None  # frames batched while one read is handled
         self._blocked: dict[int, Stream] = {}  # streams with output waiting for window
-        self._going_away = False
         self._write_paused = False
         self._buffered = 0  # bytes of request bodies received and not yet handed to a call
+        self._resets = Budget(limits.reset_burst, limits.resets_per_second)
+        self._control = Budget(limits.control_burst, limits.control_per_second)
+        # Calls of this connection still running, those of reset streams included: they count against
+        # max_concurrent_streams until they have returned (grpc-go's answer to CVE-2023-44487).
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._idle_since = time.monotonic()  # when the last stream closed
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._going_away = False  # the first GOAWAY of a graceful close is out
+        self.drained = False  # the second one too: new streams are refused
+        self._goaway_reason = ""
+        self._closing = False
         self.closed = False
 
     # ---- asyncio.Protocol -------------------------------------------------------------
@@ -118,16 +194,21 @@ class Http2Connection(asyncio.Protocol):
             f.SETTINGS_MAX_HEADER_LIST_SIZE: self._limits.max_header_list_bytes,
         }
         transport.write(f.settings_frame(ours) + f.window_update(0, self._limits.connection_window - f.DEFAULT_WINDOW))
+        if self._limits.idle_timeout > 0:
+            self._later("idle", self._limits.idle_timeout, self._idle_check)
+        self._later("handshake", self._limits.handshake_timeout, self._no_preface)
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
         self._out = []
         try:
             self._consume(data)
         except ConnectionFailure as exc:
-            self._out.append(f.goaway(self.last_stream_id, exc.code, str(exc)))
-            self._flush_batch()
-            event(log, logging.WARNING, "http2 connection error", code=exc.code.name, reason=str(exc))
-            self.close()
+            if not self._closing:
+                self._write(f.goaway(self.last_stream_id, exc.code, str(exc)))
+                event(log, logging.WARNING, "http2 connection error", code=exc.code.name, reason=str(exc))
+                self.close()
             return
         self._flush_batch()
 
@@ -150,6 +231,9 @@ class Http2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.streams.clear()
@@ -193,21 +277,87 @@ class Http2Connection(asyncio.Protocol):
             stream.trailers = trailers
             self._pump(stream)
 
-    def go_away(self) -> None:
-        """Graceful shutdown: no new streams; the ones already opened are answered."""
+    def go_away(self, reason: str = "server shutting down") -> None:
+        """Graceful close, in two steps as grpc-go and nghttp2 do it (RFC 9113 6.8): a GOAWAY with the
+        largest stream id and a PING; when the PING is acked (or after goaway_ack_seconds) a second GOAWAY
+        with the last stream id taken. Streams the client opened before it saw the first are still taken
+        and answered, so no request in flight is lost; later ones are refused. The connection closes once
+        the second is out and no stream is open."""
         if self._going_away or self.closed:
             return
         self._going_away = True
-        self._write(f.goaway(self.last_stream_id, ErrorCode.NO_ERROR, "server shutting down"))
+        self._goaway_reason = reason
+        self._write(f.goaway(f.MAX_STREAM_ID, ErrorCode.NO_ERROR, reason) + f.frame(f.PING, 0, 0, GOAWAY_PING))
+        self._later("goaway", self._limits.goaway_ack_seconds, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self.drained or self.closed:
+            return
+        self.drained = True
+        self._cancel_timer("goaway")
+        self._write(f.goaway(self.last_stream_id, ErrorCode.NO_ERROR, self._goaway_reason))
+        if not self.streams:
+            self.close()
 
     def close(self) -> None:
-        if self._transport is not None and not self.closed:
-            self._transport.close()
+        """Close once what is queued is written; a client that reads none of it is cut off after FLUSH_SECONDS."""
+        if self._transport is None or self.closed or self._closing:
+            return
+        self._closing = True
+        self._flush_batch()
+        self._transport.close()
+        self._later("flush", FLUSH_SECONDS, self.abort)
 
     def abort(self) -> None:
         """Close at once, dropping what the client has not read."""
         if self._transport is not None and not self.closed:
             self._transport.abort()
+
+    def room_for(self, size: int) -> bool:
+        """Whether an answer of `size` bytes may be queued within the connection's max_held_output."""
+        return self.held_output() + size <= self._limits.max_held_output
+
+    def held_output(self) -> int:
+        """Bytes of answers queued and not yet read by the client: waiting for its windows, or in the transport."""
+        held = sum(len(stream.pending) for stream in self._blocked.values())
+        if self._transport is not None:
+            held += self._transport.get_write_buffer_size()
+        return held
+
+    # ---- timers -------------------------------------------------------------------------
+
+    def _later(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer(name)
+        self._timers[name] = asyncio.get_running_loop().call_later(delay, self._fire, name, callback)
+
+    def _fire(self, name: str, callback: Callable[[], None]) -> None:
+        self._timers.pop(name, None)
+        callback()
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _no_preface(self) -> None:
+        if not self._preface_seen and not self.closed:
+            event(
+                log, logging.INFO, "http2 connection without a preface, closing", seconds=self._limits.handshake_timeout
+            )
+            self.abort()
+
+    def _idle_check(self) -> None:
+        """Closes the connection (gracefully) once it has had no open stream for idle_timeout seconds; an
+        open call, such as the kubelet's GetContainerEvents feed, keeps it however long it lasts."""
+        if self.closed or self._going_away:
+            return
+        idle = self._limits.idle_timeout
+        left = idle if self.streams else self._idle_since + idle - time.monotonic()
+        if left > 0:
+            self._later("idle", left, self._idle_check)
+            return
+        event(log, logging.INFO, "http2 connection idle, closing", idle_seconds=idle)
+        self.go_away("idle")
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -223,9 +373,10 @@ class Http2Connection(asyncio.Protocol):
                 raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
             del buf[: len(f.PREFACE)]
             self._preface_seen = True
+            self._cancel_timer("handshake")
         pos, end = 0, len(buf)
         try:
-            while end - pos >= f.FRAME_HEADER_SIZE:
+            while end - pos >= f.FRAME_HEADER_SIZE and not self._closing:
                 length_kind, flags, stream_id = f.FRAME_HEADER.unpack_from(buf, pos)
                 length = length_kind >> 8
                 if length > f.MIN_FRAME_SIZE:
@@ -249,16 +400,34 @@ class Http2Connection(asyncio.Protocol):
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0 or len(payload) != 8:
             raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "PING must be 8 bytes on stream 0")
-        if not flags & f.ACK:
-            self._write(f.frame(f.PING, f.ACK, 0, payload))
+        if flags & f.ACK:
+            if payload == GOAWAY_PING and self._going_away:
+                self._final_goaway()
+            return
+        self._take_control()
+        self._write(f.frame(f.PING, f.ACK, 0, payload))
+
+    def _take_control(self) -> None:
+        """A PING or SETTINGS to answer: a flood of them is work for us and none for the client (CVE-2019-9512,
+        9515). A client that is sent data may ping as it likes, as grpc-go's BDP estimation does."""
+        if not self._control.take():
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "too many PING or SETTINGS frames")
+
+    def _take_reset(self) -> None:
+        """A stream reset, by the client or by us for its fault: each may have started a call that must be
+        unwound, and costs the client one frame ("rapid reset", CVE-2023-44487; "MadeYouReset")."""
+        if not self._resets.take():
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "too many streams reset")
 
     def _on_rst_stream(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or len(payload) != 4:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
         if stream_id > self.last_stream_id:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
-        stream = self.streams.pop(stream_id, None)
+        self._take_reset()
+        stream = self.streams.get(stream_id)
         if stream is not None:
+            self._drop(stream)
             self._cancel(stream)
 
     def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -308,14 +477,14 @@ class Http2Connection(asyncio.Protocol):
             # Answered now (RESOURCE_EXHAUSTED), not after the rest of an oversized body has arrived.
             stream.too_large = True
             self._drop_body(stream)
-            self._on_request(self, stream)
+            self._dispatch(stream)
             return
         if self._buffered > self._limits.max_buffered_bytes:
             raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "too many unfinished request bodies")
         if flags & f.END_STREAM:
             stream.remote_closed = True
             self._buffered -= len(stream.body)  # the call owns it now
-            self._on_request(self, stream)
+            self._dispatch(stream)
         elif stream.recv_unacked >= self._limits.initial_window // 2:
             self._write(f.window_update(stream_id, stream.recv_unacked))
             stream.recv_unacked = 0
@@ -347,14 +516,18 @@ class Http2Connection(asyncio.Protocol):
             self._headers_complete(stream)
         else:
             self._continuing = stream
+            self._continuations = 0
 
     def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         stream = self._continuing
         if stream is None or stream.id != stream_id:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
         stream.block += payload
+        self._continuations += 1
         if len(stream.block) > 4 * self._limits.max_header_list_bytes:
             raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if self._continuations > self._limits.max_continuations:
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header block in too many CONTINUATION frames")
         if flags & f.END_HEADERS:
             self._continuing = None
             self._headers_complete(stream)
@@ -380,15 +553,26 @@ class Http2Connection(asyncio.Protocol):
                 return
         else:
             stream.headers = {bytes(name): bytes(value) for name, value in fields}
-            if self._going_away:
-                self._reset(stream, ErrorCode.REFUSED_STREAM)
-                return
-            if len(self.streams) > self._limits.max_concurrent_streams:
+            if self._refuses_streams():
                 self._reset(stream, ErrorCode.REFUSED_STREAM)
                 return
         if stream.block_ends_stream:
             stream.remote_closed = True
-            self._on_request(self, stream)
+            self._dispatch(stream)
+
+    def _refuses_streams(self) -> bool:
+        """After the second GOAWAY, or at max_concurrent_streams: open streams (the new one among them), or
+        calls still running, reset ones included, as grpc-go counts them since CVE-2023-44487."""
+        most = self._limits.max_concurrent_streams
+        return self.drained or len(self.streams) > most or len(self.tasks) >= most
+
+    def _dispatch(self, stream: Stream) -> None:
+        """The request is complete: the call layer takes it, and its task counts against the connection."""
+        self._on_request(self, stream)
+        task = stream.task
+        if task is not None and not task.done():
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
@@ -399,6 +583,7 @@ class Http2Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        self._take_control()
         for offset in range(0, len(payload), 6):
             ident, value = f.SETTING.unpack_from(payload, offset)
             if ident == f.SETTINGS_INITIAL_WINDOW_SIZE:
@@ -449,6 +634,8 @@ class Http2Connection(asyncio.Protocol):
     # ---- writing ------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        if self._closing:
+            return
         if self._out is not None:
             self._out.append(data)
         elif self._transport is not None and not self.closed:
@@ -474,6 +661,7 @@ class Http2Connection(asyncio.Protocol):
             stream.send_window -= room
         if sent:
             del pending[:sent]
+            self._control.refill()  # the client may ping to measure what it is sent (grpc-go's BDP pings)
         if not pending and stream.trailers is not None:
             chunks.append(f.headers_frames(stream.id, stream.trailers, True, self._peer_max_frame))
             stream.trailers = None
@@ -506,15 +694,28 @@ class Http2Connection(asyncio.Protocol):
     def _closed_locally(self, stream: Stream) -> None:
         if self.streams.get(stream.id) is not stream:
             return
-        del self.streams[stream.id]
         if not stream.remote_closed:
             # We answered before the request ended: tell the client to stop sending (RFC 9113 8.1).
             self._write(f.rst_stream(stream.id, ErrorCode.NO_ERROR))
+        self._drop(stream)
 
     def _reset(self, stream: Stream, code: ErrorCode) -> None:
+        """Resets a stream for the client's fault (or refuses it); counted as the client's own resets are."""
         self._write(f.rst_stream(stream.id, code))
-        self.streams.pop(stream.id, None)
+        self._drop(stream)
         self._cancel(stream)
+        self._take_reset()
+
+    def _drop(self, stream: Stream) -> None:
+        """The stream is closed: it no longer counts as open. The last one going starts the idle time, and
+        ends a connection draining after its second GOAWAY."""
+        if self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        if not self.streams:
+            self._idle_since = time.monotonic()
+            if self.drained:
+                self.close()
 
     def _drop_body(self, stream: Stream) -> None:
         self._buffered -= len(stream.body)
@@ -524,6 +725,7 @@ class Http2Connection(asyncio.Protocol):
         if not stream.remote_closed:
             self._drop_body(stream)
         stream.local_closed = True
+        stream.pending = bytearray()
         self._blocked.pop(stream.id, None)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()

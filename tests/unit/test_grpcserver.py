@@ -20,7 +20,7 @@ import h2.settings
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import GrpcServer, Route, RpcError
+from cri.grpcserver import GrpcServer, Limits, Route, RpcError
 
 BIG = 200_000  # well above the 65,535-byte default window and the 16,384-byte frame
 MAX_MESSAGE = 64 * 1024
@@ -88,7 +88,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
         "/t.S/Stream": Route(parse=pb.StreamContainersRequest.FromString, stream=handlers.stream),
         "/t.S/Feed": Route(parse=pb.VersionRequest.FromString, stream=handlers.feed, subscription=True),
     }
-    server = GrpcServer(routes, MAX_MESSAGE)
+    server = GrpcServer(routes, Limits(max_receive_bytes=MAX_MESSAGE))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

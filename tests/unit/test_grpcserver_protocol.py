@@ -23,7 +23,7 @@ import hpack
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import GrpcServer, Route, RpcError
+from cri.grpcserver import GrpcServer, Limits, Route, RpcError
 from cri.grpcserver.calls import parse_timeout
 from cri.grpcserver.connection import Http2Connection
 from tests.unit.test_grpcserver import (
@@ -189,7 +189,7 @@ class Review:
 @pytest.fixture
 def review(tmp_path: Path) -> Iterator[Review]:
     loop = asyncio.new_event_loop()
-    state = Review(str(tmp_path / "r.sock"), GrpcServer({}, 64 * 1024), loop)
+    state = Review(str(tmp_path / "r.sock"), GrpcServer({}, Limits(max_receive_bytes=64 * 1024)), loop)
 
     async def flood(request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
         try:
@@ -207,7 +207,7 @@ def review(tmp_path: Path) -> Iterator[Review]:
         "/r.S/Flood": Route(parse=pb.VersionRequest.FromString, stream=flood),
         "/r.S/LongError": Route(parse=pb.VersionRequest.FromString, unary=long_error),
     }
-    state.server = GrpcServer(routes, 64 * 1024)
+    state.server = GrpcServer(routes, Limits(max_receive_bytes=64 * 1024))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     state.run(state.server.start(state.path))
