@@ -3,8 +3,9 @@
 A blob enters only through a Writer, which streams into `<root>/blobs/ingest/`,
 checks the size and digest on commit, fsyncs, and renames into place. A blob
 whose bytes do not match its digest never lands: the temp file is deleted and
-DigestMismatch raised. `ensure()` downloads a blob once even when several pulls
-ask for it at the same time.
+DigestMismatch raised; a full file system likewise leaves no temp file, and
+raises NoSpace naming the storage root. `ensure()` downloads a blob once even
+when several pulls ask for it at the same time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cri.errors import no_space_in
 from cri.images.reference import validate_digest
 from cri.images.registry import DigestMismatch
 from cri.linux import fsync_dir
@@ -70,7 +72,8 @@ class Writer:
             fd, name = tempfile.mkstemp(prefix=self.digest.replace(":", "-") + ".", dir=self.store.ingest_dir)
             return fd, Path(name)
 
-        fd, temp = await asyncio.to_thread(create)
+        with self._no_space():
+            fd, temp = await asyncio.to_thread(create)
         self._fd, self._temp = fd, temp
         self.store._active.add(temp)
 
@@ -101,7 +104,11 @@ class Writer:
             while view:
                 view = view[os.write(fd, view) :]
 
-        await asyncio.to_thread(write_all)
+        with self._no_space():
+            await asyncio.to_thread(write_all)
+
+    def _no_space(self) -> contextlib.AbstractContextManager[None]:
+        return no_space_in(self.store.root, f"writing blob {self.digest} ({self.size} bytes)")
 
     async def reset(self) -> None:
         """Forget everything written so far (a retried download starts over)."""
@@ -143,7 +150,8 @@ class Writer:
         self._fd = None
         self._done = True
         try:
-            await asyncio.to_thread(finish)
+            with self._no_space():  # an fsync can be where a full file system shows
+                await asyncio.to_thread(finish)
         finally:
             self.store._active.discard(temp)
             temp.unlink(missing_ok=True)  # only still there when finishing failed

@@ -142,6 +142,13 @@ class ImageManager:
         except BaseException as exc:
             metrics.IMAGE_PULLS.labels(outcome="failure").inc()
             event(log, logging.WARNING, "image pull failed", image=ref.string(), error=str(exc) or type(exc).__name__)
+            if isinstance(exc, Exception):
+                # Undone like a removal: the blobs and layers it stored that no image (nor other pull) holds.
+                async with self._lock:
+                    try:
+                        await asyncio.to_thread(self._free_unreferenced)
+                    except OSError as cleanup:  # the pull's own error is the one to answer with
+                        event(log, logging.WARNING, "freeing a failed pull's blobs failed", error=str(cleanup))
             raise
         seconds = time.monotonic() - started
         metrics.IMAGE_PULLS.labels(outcome="success").inc()

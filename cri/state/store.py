@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cri.errors import NoSpace, is_no_space
 from cri.state.migrations import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "state.db"
@@ -56,20 +57,33 @@ class Store:
         change, a removal); a record written before anything is made outside the database, which
         recovery needs to undo it, must be durable.
         """
-        with self._lock:
+        with self._lock, self._full_is_no_space():
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._conn
+                    self._conn.execute("COMMIT")
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    # SQLite has already rolled back after some failures (SQLITE_FULL in a statement or
+                    # at COMMIT): a second ROLLBACK would fail and hide the error that matters.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
                     raise
-                self._conn.execute("COMMIT")
             finally:
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def _full_is_no_space(self) -> Iterator[None]:
+        """SQLITE_FULL, from a statement or the COMMIT, as NoSpace naming the database; other errors pass unchanged."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if is_no_space(exc):
+                raise NoSpace(self.path.parent, f"writing to the state database {self.path}") from exc
+            raise
 
     def schema_version(self) -> int:
         with self._lock:

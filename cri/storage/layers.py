@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cri.errors import NotFound
+from cri.errors import NotFound, no_space_in
 from cri.log import event
 from cri.storage.unpack import UnpackError, WhiteoutMode, unpack_layer
 
@@ -98,6 +98,7 @@ class LayerStore:
     def __init__(self, root: Path, driver: Driver = "overlay", copy_timeout: float = 1800.0) -> None:
         if driver not in ("overlay", "vfs"):
             raise ValueError(f"storage driver must be 'overlay' or 'vfs', not {driver!r}")
+        self.root = root
         self.dir = root / "layers"
         self.driver = driver
         self.copy_timeout = copy_timeout  # vfs: copying a parent layer
@@ -119,7 +120,9 @@ class LayerStore:
 
         Idempotent and crash-safe; concurrent calls for one chain ID unpack it once.
         Raises UnpackError for a bad blob, a diffID that differs from the image
-        config's, or a chain ID that does not follow from parent + diff ID.
+        config's, or a chain ID that does not follow from parent + diff ID, and
+        NoSpace (naming the storage root) when the layer does not fit; either way
+        nothing of the unpack is left.
         """
         _check_chain(chain_id, parent, expected_diff_id)
         with self._locked(chain_id):
@@ -127,7 +130,8 @@ class LayerStore:
             if found is not None:
                 return found
             self._discard(self.dir / _hex_of(chain_id, "chain_id"))  # a half-present layer from tampering
-            return self._unpack(chain_id, parent, blob, media_type, expected_diff_id)
+            with no_space_in(self.root, f"unpacking layer {chain_id}"):
+                return self._unpack(chain_id, parent, blob, media_type, expected_diff_id)
 
     def lower_dirs(self, chain_ids: Sequence[str]) -> list[Path]:
         """The diff dirs of a chain given base layer first, returned topmost first (overlay's lowerdir order).
@@ -317,7 +321,7 @@ def copy_tree(source: Path, dest: Path, timeout: float) -> None:
     """Copy `source` to `dest` (which must not exist) with everything a layer holds. Blocking: run it in a thread.
 
     cp -a keeps hardlinks, owners, modes, times, xattrs and device nodes; reflinks make it cheap where the
-    file system can.
+    file system can. A full destination raises OSError(ENOSPC), any other failure CopyError.
     """
     argv = ["cp", "-a", "--reflink=auto", "--", str(source), str(dest)]
     try:
@@ -326,6 +330,8 @@ def copy_tree(source: Path, dest: Path, timeout: float) -> None:
         raise CopyError(f"timed out after {timeout:g}s") from None
     if done.returncode != 0:
         stderr = done.stderr.decode(errors="replace").strip()
+        if os.strerror(errno.ENOSPC) in stderr:  # cp's message for ENOSPC: a full disk, not a bad layer
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (cp: {stderr})", str(dest))
         raise CopyError(f"cp exited with status {done.returncode}: {stderr}")
 
 

@@ -8,7 +8,9 @@ component is never followed. So nothing in a layer can create or change a
 file outside the destination, whatever symlinks and hardlinks it carries.
 
 Extraction is one streaming pass: the blob is decompressed, the uncompressed
-tar is hashed (the layer's diffID) and extracted as it is read.
+tar is hashed (the layer's diffID) and extracted as it is read. A full
+destination is not the layer's fault: that OSError (ENOSPC, EDQUOT) passes
+through unchanged, for the caller to report against its storage root.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import zstandard
+
+from cri.errors import is_no_space
 
 WhiteoutMode = Literal["overlay", "apply"]
 
@@ -133,6 +137,8 @@ def _extract_all(reader: _HashingReader, extractor: _Extractor, label: str) -> N
             except gzip.BadGzipFile:
                 raise  # the stream, not the entry, is bad
             except OSError as exc:
+                if is_no_space(exc):
+                    raise  # the destination is full, the layer is not at fault: the caller names the place
                 raise UnpackError(f"layer {label}: entry {member.name!r}: {exc.strerror or exc}") from exc
             except (ValueError, OverflowError) as exc:  # ids, times or xattr encodings out of range
                 raise UnpackError(f"layer {label}: entry {member.name!r}: {exc}") from exc
