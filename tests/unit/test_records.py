@@ -397,5 +397,5 @@ def test_columns_must_be_fields_and_be_given_at_load():
 
 def test_transient_fields_are_not_stored():
     record = full_container("a" * 64)
-    record.list_cache = (record.state, pb.Container(id=record.id))
-    assert "list_cache" not in json.loads(records.Row(Container, columns=()).dump(record))
+    record.live.list_entry = (record.state, pb.Container(id=record.id))
+    assert "live" not in json.loads(records.Row(Container, columns=()).dump(record))
