@@ -14,6 +14,7 @@ from cri.errors import (
     InvalidArgument,
     NotFound,
     Unauthenticated,
+    Unavailable,
 )
 from cri.errors import DeadlineExceeded as CriDeadline
 from cri.images import auth, reference
@@ -26,6 +27,7 @@ from cri.images.registry import (
     RegistryBlocked,
     RegistryError,
     RegistryUnauthorized,
+    RegistryUnavailable,
     UnsupportedManifest,
 )
 from cri.rpc import chunks
@@ -51,6 +53,8 @@ def _translated(field: str) -> Iterator[None]:
         raise FailedPrecondition(str(exc)) from exc
     except PullStalled as exc:
         raise CriDeadline(str(exc)) from exc
+    except RegistryUnavailable as exc:
+        raise Unavailable(str(exc)) from exc
     except (RegistryError, UnpackError, BadImage) as exc:
         raise Internal(str(exc)) from exc
 

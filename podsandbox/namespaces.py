@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cri import linux, nsthread
+from cri.errors import InvalidArgument
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -31,6 +32,14 @@ class NamespaceError(Exception):
     pass
 
 
+class SysctlRefused(OSError):
+    """The kernel refused a pod's sysctl: no such key here, a value it does not take, a read-only one."""
+
+    def __init__(self, key: str, value: str, exc: OSError) -> None:
+        super().__init__(exc.errno, f"sysctl {key}={value}: {exc.strerror}")
+        self.key = key
+
+
 async def create(pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str]) -> None:
     """Make the namespaces named in pins ({'net': path, ...}) and pin them; all or nothing."""
     if not pins:
@@ -38,6 +47,8 @@ async def create(pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, s
     made = functools.partial(_make, dict(pins), hostname, dict(sysctls))
     try:
         await nsthread.in_fresh_thread(made, "pod-namespaces")
+    except SysctlRefused as exc:
+        raise InvalidArgument(f"config.linux.sysctls[{exc.key}]", str(exc)) from exc
     except (OSError, ValueError) as exc:
         raise NamespaceError(f"creating the pod namespaces ({', '.join(pins)}): {exc}") from exc
 
@@ -56,7 +67,7 @@ def _make(pins: dict[str, str], hostname: str, sysctls: dict[str, str]) -> None:
         try:
             sysctl_path(key).write_text(str(value))  # /proc/sys resolves in the calling thread's namespaces
         except OSError as exc:
-            raise OSError(exc.errno, f"sysctl {key}={value}: {exc.strerror}") from None
+            raise SysctlRefused(key, str(value), exc) from None
     made: list[str] = []
     try:
         for kind, path in pins.items():

@@ -120,7 +120,7 @@ def _check_sysctls(spec: SandboxSpec) -> None:
         where = f"config.linux.sysctls[{key}]"
         if not _SYSCTL_NAME.match(key):
             raise InvalidArgument(where, "not a valid sysctl name")
-        if "\n" in value or not value:
+        if "\n" in value or "\x00" in value or not value:
             raise InvalidArgument(where, "the value must be one non-empty line")
         kind = sysctl_namespace(key)
         if kind is None:
@@ -186,8 +186,29 @@ def check_cgroup_parent(value: str, manager: str) -> None:
         _check_path(value, where)
 
 
+def _check_nul(spec: SandboxSpec) -> None:
+    """No NUL byte in what becomes a name, a path, a line of a pod file or a plugin's argument: none can hold one."""
+    meta, dns = spec.metadata, spec.dns or DnsConfig()
+    values = [
+        ("config.metadata.name", meta.name),
+        ("config.metadata.uid", meta.uid),
+        ("config.metadata.namespace", meta.namespace),
+        ("config.hostname", spec.hostname),
+        ("config.log_directory", spec.log_directory),
+        ("config.linux.cgroup_parent", spec.cgroup_parent),
+        ("runtime_handler", spec.runtime_handler),
+    ]
+    for name in ("servers", "searches", "options"):
+        values += [(f"config.dns_config.{name}[{i}]", v) for i, v in enumerate(getattr(dns, name))]
+    values += [(f"config.port_mappings[{i}].host_ip", p.host_ip) for i, p in enumerate(spec.port_mappings)]
+    for where, value in values:
+        if "\x00" in value:
+            raise InvalidArgument(where, f"{value!r} contains a NUL byte")
+
+
 def validate(spec: SandboxSpec, cgroup_manager: str) -> None:
     """INVALID_ARGUMENT naming the field when the spec cannot be built; nothing is created before this."""
+    _check_nul(spec)
     meta = spec.metadata
     for name in ("name", "uid", "namespace"):
         value = getattr(meta, name)

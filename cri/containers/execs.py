@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 def check_command(cmd: Sequence[str]) -> list[str]:
     if not cmd or not cmd[0]:
         raise InvalidArgument("cmd", "must name a command to run")
+    for i, arg in enumerate(cmd):
+        if "\x00" in arg:
+            raise InvalidArgument(f"cmd[{i}]", f"{arg!r} contains a NUL byte, which no command line can hold")
     return list(cmd)
 
 
@@ -42,6 +45,8 @@ class Execs:
             event(log, logging.INFO, "exec timed out", id=container.id, cmd=argv[0], timeout=timeout)
             raise DeadlineExceeded(f"container {container.id}: {exc}") from exc
         except OciRuntimeError as exc:
+            if exc.exec_refused:
+                raise InvalidArgument("cmd", f"cannot be executed in container {container.id}: {exc.message}") from exc
             raise Internal(f"exec in container {container.id}: {exc}") from exc
         event(
             log,

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -32,7 +33,8 @@ from cri.containers.host import HostFacts
 from cri.containers.stats import StatsCollector
 from cri.creations import Creations
 from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from cri.images.index import ImageRecord
+from cri.images import reference
+from cri.images.index import AmbiguousImage, ImageRecord
 from cri.images.manager import ImageManager
 from cri.live_config import LiveConfig
 from cri.log import event
@@ -139,7 +141,10 @@ class ContainerManager:
             raise InvalidArgument(
                 "config.linux.security_context.privileged", f"pod sandbox {sandbox.id} is not privileged"
             )
-        image = self._images.find(config.image.image)
+        try:
+            image = self._images.find(config.image.image)
+        except (reference.ReferenceError, AmbiguousImage) as exc:
+            raise InvalidArgument("config.image.image", str(exc)) from exc
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found: pull it first")
         name = rows.reservation(sandbox.name, config.metadata)
@@ -175,7 +180,7 @@ class ContainerManager:
                 undo.pop_all()
         except BaseException as exc:
             event(log, logging.WARNING, "container creation failed, undone", id=container_id, error=str(exc))
-            mapped = _as_cri_error(exc)
+            mapped = _exec_refused(exc, config, image) or _as_cri_error(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
@@ -520,6 +525,8 @@ class ContainerManager:
             try:
                 await conmon.update(self.runtime_of(container), container.id, body)
             except OciRuntimeError as exc:
+                if _CGROUP_REFUSED.search(exc.message):
+                    raise InvalidArgument("linux", f"container {container.id}: {exc.message}") from exc
                 raise Internal(f"updating container {container.id}: {exc}") from exc
             container.resources = resources
             await self._record(container)
@@ -609,6 +616,26 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return 0
+
+
+# What runc update says when the kernel refuses a value for the container's cgroup (a memory limit below what it
+# uses, CPUs the host has not, ...): the request's resources are at fault, not the host.
+_CGROUP_REFUSED = re.compile(
+    r"unable to set|failed to write|invalid argument|out of range|resource busy", re.IGNORECASE
+)
+
+
+def _exec_refused(exc: BaseException, config: pb.ContainerConfig, image: ImageRecord) -> InvalidArgument | None:
+    """The runtime could not execute the container's process: the field it came from is at fault."""
+    if not isinstance(exc, OciRuntimeError) or not exc.exec_refused:
+        return None
+    if config.command:
+        field = "config.command"
+    elif config.args and not (image.config.get("config") or {}).get("Entrypoint"):
+        field = "config.args"
+    else:
+        field = "config.image"
+    return InvalidArgument(field, f"the container's process cannot be executed: {exc.message}")
 
 
 def _as_cri_error(exc: BaseException) -> BaseException:

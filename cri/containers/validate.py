@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from google.protobuf.message import Message
+
 from api.runtime.v1 import api_pb2 as pb
 from cri.containers import capabilities
 from cri.errors import InvalidArgument
@@ -27,7 +29,28 @@ def _absolute(value: str, field: str) -> None:
         raise InvalidArgument(field, f"{value!r} must not contain '..'")
 
 
+def no_nul(message: Message, where: str) -> None:
+    """INVALID_ARGUMENT for a NUL byte in any string of `message` but its labels and annotations (kept as given):
+    the rest become paths, command lines, environments and names, and none of them can hold one."""
+    for fd, value in message.ListFields():
+        if fd.name in ("labels", "annotations"):
+            continue
+        field = f"{where}.{fd.name}"
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            items = [(f"{field}[{key}]", key) for key in value] + [(f"{field}[{k}]", v) for k, v in value.items()]
+        elif fd.is_repeated:
+            items = [(f"{field}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            items = [(field, value)]
+        for name, item in items:
+            if isinstance(item, Message):
+                no_nul(item, name)
+            elif isinstance(item, str) and "\x00" in item:
+                raise InvalidArgument(name, f"{item!r} contains a NUL byte")
+
+
 def request(config: pb.ContainerConfig) -> None:
+    no_nul(config, "config")
     if not config.HasField("metadata") or not config.metadata.name:
         raise InvalidArgument("config.metadata.name", "is required")
     if not _NAME.match(config.metadata.name):

@@ -84,6 +84,10 @@ class RegistryUnauthorized(RegistryError):
     """Credentials were missing or rejected."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached, or kept failing (5xx, 429), through every retry."""
+
+
 class RegistryBlocked(RegistryError):
     """The registries configuration blocks the image's registry."""
 
@@ -567,7 +571,7 @@ class RegistryClient:
                 last = _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             except httpx.HTTPError as exc:  # too many redirects, an undecodable body: not worth retrying
                 raise RegistryError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        raise RegistryError(f"{what}: {last} (gave up after {self.attempts} attempts)")
+        raise RegistryUnavailable(f"{what}: {last} (gave up after {self.attempts} attempts)")
 
     async def _check_status(self, response: httpx.Response, what: str) -> None:
         if response.status_code in (200, 203):

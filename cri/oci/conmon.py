@@ -44,6 +44,11 @@ SYNC_PIPE_ENV = "_OCI_SYNCPIPE"
 _DROPPED_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", SYNC_PIPE_ENV, "_OCI_STARTPIPE")
 
 
+# What runc (`exec: "x": stat x: no such file or directory`) and crun (executable file `x` not found) say when
+# the process asked for cannot be executed in the container.
+_EXEC_REFUSED = re.compile(r'exec: "|executable file `')
+
+
 class OciRuntimeError(Exception):
     """The runtime or conmon refused; `message` is what it said (runc's log line reduced to its msg)."""
 
@@ -51,6 +56,12 @@ class OciRuntimeError(Exception):
         super().__init__(f"{what}: {message}" if message else what)
         self.what = what
         self.message = message
+
+    @property
+    def exec_refused(self) -> bool:
+        """The process could not be executed (no such file, not executable): the command asked for is at fault,
+        not the host."""
+        return bool(_EXEC_REFUSED.search(self.message))
 
 
 class ContainerNotFound(OciRuntimeError):

@@ -63,7 +63,11 @@ def test_exec_sync_errors_name_what_is_wrong(env: Env) -> None:
     cases = [
         (pb.ExecSyncRequest(container_id="f" * 64, cmd=["true"]), grpc.StatusCode.NOT_FOUND, "not found"),
         (pb.ExecSyncRequest(container_id=cid, cmd=[]), grpc.StatusCode.INVALID_ARGUMENT, "cmd"),
-        (pb.ExecSyncRequest(container_id=cid, cmd=["/no/such/binary"]), grpc.StatusCode.INTERNAL, "/no/such/binary"),
+        (
+            pb.ExecSyncRequest(container_id=cid, cmd=["/no/such/binary"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "/no/such/binary",
+        ),
     ]
     for request, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
