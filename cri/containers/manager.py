@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from cri.containers.events import ContainerEvent, EventBus, EventType
 from cri.containers.host import HostFacts
 from cri.containers.stats import StatsCollector
 from cri.creations import Creations
-from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NoSpace, NotFound, is_no_space
 from cri.images import reference
 from cri.images.index import AmbiguousImage, ImageRecord
 from cri.images.manager import ImageManager
@@ -644,7 +643,7 @@ def _as_cri_error(exc: BaseException) -> BaseException:
     if isinstance(exc, ocispec.SpecError):
         return InvalidArgument(exc.field, exc.problem)
     if isinstance(exc, OciRuntimeError | OSError):
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return Internal(f"no space left: {exc}")
+        if is_no_space(exc):
+            return NoSpace(getattr(exc, "filename", None) or "the container's storage", "creating the container")
         return Internal(str(exc))
     return exc
