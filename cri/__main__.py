@@ -1,5 +1,5 @@
 import sys
 
-from cri.cli import main
+from cri.daemon.cli import main
 
 sys.exit(main())

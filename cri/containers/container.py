@@ -30,9 +30,6 @@ class Lifecycle:
     # exit too): RemoveContainer waits for it, and deletes again only when it could not.
     after_exit: asyncio.Task[None] | None = None
     runtime_deleted: bool = False
-    # The ListContainers entry, built once per state: the kubelet relists every second, and building
-    # hundreds of messages per call costs ten times more than reusing them.
-    list_entry: tuple[ContainerState, pb.Container] | None = None
 
 
 @dataclass
@@ -66,7 +63,7 @@ class Container:
     # The handler as resolved at creation (binary, --root, args), used for every later runtime call: a
     # reload may change or remove the handler. None in rows written before it was kept.
     oci_runtime: Runtime | None = None
-    # The one entry per container: its lock, exit event, after-exit task and list entry live here.
+    # The one entry per container: its lock, exit event and after-exit task live here.
     live: Lifecycle = field(default_factory=Lifecycle, repr=False, compare=False, metadata=records.TRANSIENT)
 
     @property

@@ -14,8 +14,8 @@ import logging
 import os
 from collections.abc import Callable
 
-from cri import linux
 from cri.log import event
+from cri.system import linux
 
 log = logging.getLogger(__name__)
 

@@ -23,25 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import concurrently, faults, idprefix, metrics
+from cri import metrics
 from cri.containers import cgroupstats, exits, ocispec, users, validate
 from cri.containers import container as rows
 from cri.containers.container import Container, ContainerState
 from cri.containers.events import ContainerEvent, EventBus, EventType
 from cri.containers.host import HostFacts
-from cri.containers.stats import StatsCollector
-from cri.creations import Creations
+from cri.containers.stats import PodFigures, StatsCollector, network
+from cri.daemon.live_config import LiveConfig
 from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NoSpace, NotFound, is_no_space
 from cri.images import reference
 from cri.images.index import AmbiguousImage, ImageRecord
 from cri.images.manager import ImageManager
-from cri.live_config import LiveConfig
 from cri.log import event
 from cri.oci import bundle, conmon, conmon_ctl, init_signal
 from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
-from cri.state import Store
+from cri.state import Store, idprefix
+from cri.state.creations import Creations
 from cri.storage import rootfs
 from cri.storage.layers import Driver
+from cri.system import concurrently, faults
 from podsandbox.manager import SandboxManager
 from podsandbox.sandbox import Sandbox, SandboxState
 
@@ -501,6 +502,17 @@ class ContainerManager:
             return True
         sandbox = self._sandboxes.find(container.sandbox_id)
         return mode == pb.POD and sandbox is not None and not sandbox.infra_pid
+
+    async def pod_figures(self, sandbox: Sandbox, *, with_network: bool = True) -> PodFigures:
+        """A pod's stats: its containers' figures, read now, and the counters of its network namespace."""
+        containers = self.of_sandbox(sandbox.id)
+        figures = await self.stats.figures(containers)
+        net = None
+        if with_network and not sandbox.spec.host_network:
+            # Any process in the pod's netns shows its counters: the infra process, else a running container.
+            pid = sandbox.infra_pid or next((c.pid for c in containers if c.state is ContainerState.RUNNING), 0)
+            net = await asyncio.to_thread(network, pid)
+        return PodFigures(containers, figures, net)
 
     async def stop_pod_containers(self, sandbox_id: str) -> None:
         """StopPodSandbox: every container of the pod is killed (the kubelet stopped them gracefully first)."""

@@ -21,8 +21,8 @@ from cri.containers.host import HostFacts
 from cri.containers.users import ProcessUser
 from cri.containers.validate import RES, SC
 from cri.images.index import ImageRecord
-from cri.linux import mounts
 from cri.oci import bundle
+from cri.system.linux import mounts
 from podsandbox.sandbox import Sandbox
 
 

@@ -58,6 +58,15 @@ class NetworkFigures:
     interfaces: dict[str, tuple[int, int, int, int]]  # name -> rx bytes, rx errors, tx bytes, tx errors
 
 
+@dataclass(frozen=True)
+class PodFigures:
+    """A pod's containers with their figures (those that have any), and its network counters."""
+
+    containers: list[Container]
+    figures: dict[str, Figures]
+    network: NetworkFigures | None
+
+
 class CpuRate:
     """Nano cores of one container: each reading against a baseline at least MIN_RATE_INTERVAL_NS older.
 

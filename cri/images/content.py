@@ -26,8 +26,8 @@ from types import TracebackType
 from cri.errors import no_space_in
 from cri.images.reference import validate_digest
 from cri.images.registry import DigestMismatch
-from cri.linux import fsync_dir
 from cri.log import event
+from cri.system.linux import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cri import faults, metrics
+from cri import metrics
 from cri.config import Config
 from cri.images import reference
 from cri.images.auth import Credentials
 from cri.images.content import ContentStore
 from cri.images.index import ImageIndex, ImageRecord, LayerRef
 from cri.images.registry import Manifest, RegistryClient, Resolved
-from cri.linux import mounts
 from cri.log import event
 from cri.state import Store
 from cri.storage.layers import LayerStore, chain_ids, tree_usage
 from cri.storage.unpack import is_foreign
+from cri.system import faults
+from cri.system.linux import mounts
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri import fdwait, linux
 from cri.config import Config
 from cri.log import event
-from cri.process import CommandError, run
+from cri.system import fdwait, linux
+from cri.system.process import CommandError, run
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 bundle (user, groups, env, cwd, capabilities, no_new_privs, rlimits), joins
 its namespaces and cgroups, applies its seccomp filter, starts the command
 on the stdio it was given, writes its pid and exits. The command, orphaned,
-comes to the daemon (a child subreaper, `cri.reaper`), which waits for it.
+comes to the daemon (a child subreaper, `cri.system.reaper`), which waits for it.
 Detached, because a foreground runc copies the output through pipes of its
 own and waits for them to close: a background child of the command that
 keeps its stdout would hold runc, and the call, until that child exits.
@@ -36,8 +36,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cri import linux, reaper
 from cri.oci.conmon import OciRuntimeError, Runtime, read_pid
+from cri.system import linux, reaper
 
 # ExecSync output is capped per stream: the kubelet's gRPC client takes at most 16 MiB per message.
 OUTPUT_LIMIT = 8 << 20

@@ -11,7 +11,7 @@ from typing import Any
 
 from cri.config import Config, RuntimeHandlerConfig
 from cri.log import event
-from cri.process import CommandError, run
+from cri.system.process import CommandError, run
 
 log = logging.getLogger(__name__)
 

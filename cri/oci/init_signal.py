@@ -17,7 +17,7 @@ import os
 import select
 import signal
 
-from cri import linux
+from cri.system import linux
 
 
 def number(name: str) -> int | None:

@@ -18,7 +18,7 @@ As containers/storage does, a chain whose absolute option string does not fit is
     `lowerdir=l/0:l/1:...,upperdir=upper,workdir=work`;
  3. the kernel resolves relative paths against the cwd of the process calling mount(2), and the daemon
     is multi-threaded, so it never chdirs: a short child process (this interpreter, running
-    cri.linux.mount) is started with cwd = the container dir and does the mount.
+    cri.system.linux.mount) is started with cwd = the container dir and does the mount.
 
 At the kernel's cap of 500 lowers that string is ~3.4 kB, inside one page. The kernel resolves the
 links when mounting, so the mount no longer depends on them; they stay for whoever debugs it and go with
@@ -51,10 +51,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cri import linux
 from cri.errors import Internal
 from cri.log import event
 from cri.storage.layers import CopyError, Driver, copy_tree, tree_usage
+from cri.system import linux
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ MOUNT_TIMEOUT = 60.0  # the child that mounts with relative paths
 COPY_TIMEOUT = 1800.0  # vfs: copying a whole image
 
 # Run as `python -I -S -c _MOUNT_FROM_CWD <dir holding the cri package> <target> <options>`. Isolated mode keeps
-# the cwd (the container dir) and the environment out of sys.path; cri.linux needs only the standard library.
+# the cwd (the container dir) and the environment out of sys.path; cri.system.linux needs only the standard library.
 _MOUNT_FROM_CWD = """\
 import sys
 sys.path.insert(0, sys.argv[1])
-from cri import linux
+from cri.system import linux
 try:
     linux.mount("overlay", sys.argv[2], "overlay", 0, sys.argv[3])
 except OSError as exc:

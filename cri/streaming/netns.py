@@ -1,7 +1,7 @@
 """Connecting to localhost inside a pod: a socket made in the pod's network namespace.
 
 A socket belongs to the namespace it was created in, so only its creation
-needs the namespace: a throwaway thread (`cri.nsthread`) enters it, makes
+needs the namespace: a throwaway thread (`cri.system.nsthread`) enters it, makes
 the socket and leaves; the event loop does the connect and the I/O.
 """
 
@@ -12,7 +12,7 @@ import functools
 import os
 import socket
 
-from cri import linux, nsthread
+from cri.system import linux, nsthread
 
 DIAL_TIMEOUT = 10.0
 

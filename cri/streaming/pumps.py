@@ -8,7 +8,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 
-from cri import fdwait
+from cri.system import fdwait
 
 Reader = Callable[[], Awaitable[bytes]]
 Writer = Callable[[bytes], Awaitable[None]]

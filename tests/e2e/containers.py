@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import linux
+from cri.system import linux
 from tests import image_builder as ib
 from tests.daemon_harness import Daemon
 from tests.e2e.pods import PodNet, pod_config

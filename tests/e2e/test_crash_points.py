@@ -29,8 +29,8 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import faults, linux
-from cri.daemon import SHUTDOWN_GRACE_SECONDS
+from cri.daemon.serve import SHUTDOWN_GRACE_SECONDS
+from cri.system import faults, linux
 from tests.daemon_harness import Daemon
 from tests.e2e.containers import cgroup_dirs, conmon_pids, registries_yaml, remove_cgroup_parent
 from tests.e2e.pods import PodNet, pod_config

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import linux
+from cri.system import linux
 from tests.daemon_harness import DEFAULT_CONFLIST, run_cli
 
 

@@ -61,8 +61,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import linux
 from cri.images import reference
+from cri.system import linux
 from tests import protofuzz
 from tests.daemon_harness import Daemon, free_port
 from tests.e2e.containers import (

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import linux
+from cri.system import linux
 from tests.daemon_harness import Daemon
 from tests.e2e.pods import PodNet, PodServer, fetch, info, pod_config, remove_all_pods, sh
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cri import linux
+from cri.system import linux
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root (CI runs as root)")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cri import linux
 from cri.storage import rootfs
+from cri.system import linux
 
 pytestmark = [
     pytest.mark.root,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cri import linux
 from cri.storage.layers import LayerStore, chain_ids
 from cri.storage.unpack import unpack_layer
+from cri.system import linux
 from tests.layer_tar import Entry, build_layer, directory, file, hardlink, opaque, symlink, whiteout
 
 pytestmark = [

@@ -9,7 +9,7 @@ import pytest
 from cri import config as cfg
 from cri.config import Config, ConfigError, ConfigSources
 from cri.containers import capabilities
-from cri.live_config import LiveConfig
+from cri.daemon.live_config import LiveConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.container_convert import ListResponses
 from cri.containers.container import Container, ContainerState
+from cri.services.container_convert import ListCache
+from cri.transport.grpcserver import Encoded
 
 
 def container(cid: str, state: ContainerState = ContainerState.RUNNING, app: str = "web") -> Container:
@@ -26,12 +27,12 @@ def container(cid: str, state: ContainerState = ContainerState.RUNNING, app: str
     )
 
 
-def ids(response: pb.ListContainersResponse) -> list[tuple[str, int]]:
-    return [(c.id, c.state) for c in response.containers]
+def ids(answer: Encoded) -> list[tuple[str, int]]:
+    return [(c.id, c.state) for c in pb.ListContainersResponse.FromString(answer.data).containers]
 
 
-def test_an_unchanged_list_is_answered_with_the_same_response() -> None:
-    lists = ListResponses()
+def test_an_unchanged_list_is_answered_with_the_same_bytes() -> None:
+    lists = ListCache()
     containers = [container("a"), container("b")]
     first = lists.answer(containers, None)
     assert ids(first) == [("a", pb.CONTAINER_RUNNING), ("b", pb.CONTAINER_RUNNING)]
@@ -39,7 +40,7 @@ def test_an_unchanged_list_is_answered_with_the_same_response() -> None:
 
 
 def test_a_state_change_an_addition_or_a_removal_is_listed_at_once() -> None:
-    lists = ListResponses()
+    lists = ListCache()
     containers = [container("a"), container("b")]
     lists.answer(containers, None)
     containers[1].state = ContainerState.EXITED
@@ -50,8 +51,16 @@ def test_a_state_change_an_addition_or_a_removal_is_listed_at_once() -> None:
     assert [c for c, _ in ids(lists.answer(containers, None))] == ["b", "c"]
 
 
+def test_a_container_made_anew_with_the_same_id_and_state_is_not_taken_for_the_old_one() -> None:
+    """The key is what the answer is built from, not which objects: an equal basis gives an equal answer."""
+    lists = ListCache()
+    first = lists.answer([container("a")], None)
+    assert lists.answer([container("a")], None) is first
+    assert ids(lists.answer([container("a", ContainerState.EXITED)], None)) == [("a", pb.CONTAINER_EXITED)]
+
+
 def test_each_filter_keeps_its_own_answer() -> None:
-    lists = ListResponses()
+    lists = ListCache()
     containers = [container("a"), container("b", app="db"), container("c", ContainerState.EXITED)]
     running = pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING))
     db = pb.ContainerFilter(label_selector={"app": "db"})
@@ -62,8 +71,8 @@ def test_each_filter_keeps_its_own_answer() -> None:
 
 
 def test_only_a_bounded_number_of_filters_is_remembered() -> None:
-    lists = ListResponses()
+    lists = ListCache()
     containers = [container("a")]
-    for i in range(ListResponses.LIMIT * 3):
+    for i in range(ListCache.LIMIT * 3):
         lists.answer(containers, pb.ContainerFilter(id=f"a{i}"))
-    assert len(lists._last) == ListResponses.LIMIT
+    assert len(lists._last) == ListCache.LIMIT

@@ -20,7 +20,7 @@ import h2.settings
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import GrpcServer, Limits, Route, RpcError
+from cri.transport.grpcserver import GrpcServer, Limits, Route, RpcError
 
 BIG = 200_000  # well above the 65,535-byte default window and the 16,384-byte frame
 MAX_MESSAGE = 64 * 1024

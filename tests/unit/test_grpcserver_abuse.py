@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import GrpcServer, Limits, Route
+from cri.transport.grpcserver import GrpcServer, Limits, Route
 from tests.unit.test_grpcserver import Handlers, Served, _eventually, grpc_message
 from tests.unit.test_grpcserver_protocol import (
     ACK,
@@ -187,7 +187,7 @@ def test_a_connection_above_the_cap_is_closed_at_once_and_the_others_are_served(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     served = serve(max_connections=4)
-    caplog.set_level(logging.INFO, logger="cri.grpcserver")
+    caplog.set_level(logging.INFO, logger="cri.transport.grpcserver")
     clients = [Raw(served.path) for _ in range(4)]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:

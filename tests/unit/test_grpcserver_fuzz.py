@@ -25,7 +25,7 @@ import hpack
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import Limits
+from cri.transport.grpcserver import Limits
 from tests.unit.test_grpcserver import Client, grpc_message, request_headers
 from tests.unit.test_grpcserver_abuse import Abused, serving
 

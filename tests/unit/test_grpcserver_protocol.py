@@ -23,9 +23,9 @@ import hpack
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.grpcserver import GrpcServer, Limits, Route, RpcError
-from cri.grpcserver.calls import parse_timeout
-from cri.grpcserver.connection import Http2Connection
+from cri.transport.grpcserver import GrpcServer, Limits, Route, RpcError
+from cri.transport.grpcserver.calls import parse_timeout
+from cri.transport.grpcserver.connection import Http2Connection
 from tests.unit.test_grpcserver import (
     MAX_MESSAGE,
     Client,

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from cri.linux import parse_mountinfo
+from cri.system.linux import parse_mountinfo
 
 MOUNTINFO = (
     "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"

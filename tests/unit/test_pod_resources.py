@@ -9,7 +9,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.errors import InvalidArgument
-from cri.sandbox_convert import pod_resources_of
+from cri.services.sandbox_convert import pod_resources_of
 from podsandbox.resources import PodResources, log_fields
 
 MiB = 1024 * 1024

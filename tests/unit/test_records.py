@@ -397,5 +397,5 @@ def test_columns_must_be_fields_and_be_given_at_load():
 
 def test_transient_fields_are_not_stored():
     record = full_container("a" * 64)
-    record.live.list_entry = (record.state, pb.Container(id=record.id))
+    record.live.runtime_deleted = True
     assert "live" not in json.loads(records.Row(Container, columns=()).dump(record))

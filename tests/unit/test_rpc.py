@@ -12,8 +12,8 @@ from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
 from cri import metrics
 from cri.errors import InvalidArgument, NotFound
-from cri.rpc import methods, object_id
-from cri.server import CriServer
+from cri.transport.rpc import methods, object_id
+from cri.transport.server import CriServer
 
 
 def test_every_rpc_of_both_services_is_in_the_table():
@@ -157,7 +157,7 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(transport,
         finally:
             await server.stop(1.0)
 
-    caplog.set_level(logging.DEBUG, logger="cri.rpc")
+    caplog.set_level(logging.DEBUG, logger="cri.transport.rpc")
     before = counted()
     assert asyncio.run(exercise()) == grpc.StatusCode.DEADLINE_EXCEEDED
     calls = [r for r in caplog.records if r.getMessage() == "rpc" and "ListPodSandbox" in r.fields["method"]]

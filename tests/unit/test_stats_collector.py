@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri import stats_convert
 from cri.containers import cgroupstats
 from cri.containers.cgroupstats import CgroupSample
 from cri.containers.container import Container, ContainerState
 from cri.containers.stats import CpuRate, Figures, StatsCollector
+from cri.services import stats_convert
 from cri.storage import rootfs
 
 SECOND = 1_000_000_000

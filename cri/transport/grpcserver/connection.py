@@ -17,9 +17,9 @@ from typing import ClassVar
 
 import hpack
 
-from cri.grpcserver import frames as f
-from cri.grpcserver.frames import ConnectionFailure, ErrorCode
 from cri.log import event
+from cri.transport.grpcserver import frames as f
+from cri.transport.grpcserver.frames import ConnectionFailure, ErrorCode
 
 log = logging.getLogger(__name__)
 

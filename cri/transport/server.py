@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 import grpc
 
-from cri.grpcserver import GrpcServer, Limits
 from cri.log import event
-from cri.rpc import routes, service_handler
+from cri.transport.grpcserver import GrpcServer, Limits
+from cri.transport.rpc import routes, service_handler
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from api.runtime.v1 import api_pb2_grpc
 from cri import __version__, log
 from cri import config as cfg
 from cri.config import ConfigError, ConfigSources
-from cri.daemon import serve
-from cri.daemon_lock import AlreadyRunning
-from cri.live_config import LiveConfig
-from cri.server import SocketInUse
+from cri.daemon.live_config import LiveConfig
+from cri.daemon.lock import AlreadyRunning
+from cri.daemon.serve import serve
+from cri.daemon.wipe import WipeRefused, wipe
 from cri.state.store import StateError
-from cri.wipe import WipeRefused, wipe
+from cri.transport.server import SocketInUse
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_READY = 0, 1, 2, 3
 

@@ -8,10 +8,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from cri.grpcserver import frames as f
-from cri.grpcserver.calls import Dispatcher, Route
-from cri.grpcserver.connection import FLUSH_SECONDS, Http2Connection, Limits
 from cri.log import event
+from cri.transport.grpcserver import frames as f
+from cri.transport.grpcserver.calls import Dispatcher, Route
+from cri.transport.grpcserver.connection import FLUSH_SECONDS, Http2Connection, Limits
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,10 @@ from google.protobuf.message import Message
 from api.runtime.v1 import api_pb2
 from cri import metrics
 from cri.errors import Unimplemented, status_of
-from cri.grpcserver import Route, RpcError, deadline_exceeded
 from cri.log import event
+from cri.transport.grpcserver import Encoded, Route, RpcError, deadline_exceeded, encode
+
+__all__ = ["Encoded", "chunks", "routes", "service_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +246,10 @@ def service_handler(service: str, servicer: object | None) -> grpc.GenericRpcHan
                 request_deserializer=method.request.FromString,
                 response_serializer=method.response.SerializeToString,
             )
-        else:
+        else:  # a unary handler may answer with an Encoded response (a cached one)
             table[method.name] = grpc.unary_unary_rpc_method_handler(
                 _aio_unary(method, impl),
                 request_deserializer=method.request.FromString,
-                response_serializer=method.response.SerializeToString,
+                response_serializer=encode,
             )
     return grpc.method_handlers_generic_handler(f"{PACKAGE}.{service}", table)

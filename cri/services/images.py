@@ -30,8 +30,8 @@ from cri.images.registry import (
     RegistryUnavailable,
     UnsupportedManifest,
 )
-from cri.rpc import chunks
 from cri.storage.unpack import UnpackError
+from cri.transport.rpc import chunks
 
 
 @contextmanager

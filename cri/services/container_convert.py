@@ -9,7 +9,8 @@ from api.runtime.v1 import api_pb2 as pb
 from cri.containers.container import Container, ContainerState
 from cri.containers.events import ContainerEvent, EventType
 from cri.oci import bundle
-from cri.sandbox_convert import labels_match
+from cri.services.sandbox_convert import labels_match
+from cri.transport.grpcserver import Encoded
 
 STATES = {
     ContainerState.CREATING: pb.CONTAINER_UNKNOWN,
@@ -34,16 +35,7 @@ def _image(container: Container) -> pb.ImageSpec:
 
 
 def item(container: Container) -> pb.Container:
-    """The list entry; only the state of a container changes, so it is cached per state."""
-    cached = container.live.list_entry
-    if cached is not None and cached[0] is container.state:
-        return cached[1]
-    message = _item(container)
-    container.live.list_entry = (container.state, message)
-    return message
-
-
-def _item(container: Container) -> pb.Container:
+    """The list entry: of all it is built from, only the state changes after creation."""
     return pb.Container(
         id=container.id,
         pod_sandbox_id=container.sandbox_id,
@@ -131,35 +123,37 @@ def filtered(containers: Iterable[Container], flt: pb.ContainerFilter | None) ->
     return out
 
 
-class ListResponses:
-    """ListContainers answers, reused while they would be built from the very same entries.
+# What a ListContainers answer is built from: each container's ID and state, in order (every other field
+# of an entry is fixed when the container is made).
+Basis = tuple[tuple[str, ContainerState], ...]
 
-    The kubelet relists every second; with hundreds of containers, copying the
-    entries into a new response costs more than the rest of the call. Entries
-    are cached per container state (`item`), so an unchanged list is one whose
-    entries are the same objects as last time.
+
+class ListCache:
+    """ListContainers answers, kept serialized while what they are built from is unchanged.
+
+    The kubelet relists every second; with hundreds of containers, building and
+    serializing the entries costs several times the rest of the call. The one
+    cache of the answer: keyed on the filter and on the containers' IDs and
+    states, holding immutable bytes the transports send as they are.
     """
 
     LIMIT = 16  # distinct filters remembered; the kubelet uses two or three
 
     def __init__(self) -> None:
-        self._last: dict[bytes, tuple[list[pb.Container], pb.ListContainersResponse]] = {}
+        self._last: dict[bytes, tuple[Basis, Encoded]] = {}
 
-    def answer(self, containers: Iterable[Container], flt: pb.ContainerFilter | None) -> pb.ListContainersResponse:
+    def answer(self, containers: Iterable[Container], flt: pb.ContainerFilter | None) -> Encoded:
         key = flt.SerializeToString(deterministic=True) if flt is not None else b""
-        entries = filtered(containers, flt)
+        listed = list(containers)
+        basis = tuple((c.id, c.state) for c in listed)
         last = self._last.get(key)
-        if last is not None and _same(last[0], entries):
+        if last is not None and last[0] == basis:
             return last[1]
-        response = pb.ListContainersResponse(containers=entries)
+        answer = Encoded(pb.ListContainersResponse(containers=filtered(listed, flt)).SerializeToString())
         if key not in self._last and len(self._last) >= self.LIMIT:
             del self._last[next(iter(self._last))]
-        self._last[key] = (entries, response)
-        return response
-
-
-def _same(before: list[pb.Container], now: list[pb.Container]) -> bool:
-    return len(before) == len(now) and all(a is b for a, b in zip(before, now, strict=True))
+        self._last[key] = (basis, answer)
+        return answer
 
 
 def stats_selected(containers: Iterable[Container], flt: pb.ContainerStatsFilter | None) -> list[Container]:

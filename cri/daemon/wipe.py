@@ -6,10 +6,10 @@ import logging
 import os
 import shutil
 
-from cri import linux
 from cri.config import Config
-from cri.daemon_lock import is_held
+from cri.daemon.lock import is_held
 from cri.log import event
+from cri.system import linux
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,27 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from cri.grpcserver import frames as f
-from cri.grpcserver.connection import Http2Connection, Stream
 from cri.log import event
+from cri.transport.grpcserver import frames as f
+from cri.transport.grpcserver.connection import Http2Connection, Stream
 
 log = logging.getLogger(__name__)
 
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 
-UnaryHandler = Callable[[Any], Awaitable[Message]]
+
+@dataclass(frozen=True)
+class Encoded:
+    """A response its handler has already serialized (a cache keeps answers so): sent as it is."""
+
+    data: bytes
+
+
+def encode(response: Message | Encoded) -> bytes:
+    return response.data if isinstance(response, Encoded) else response.SerializeToString()
+
+
+UnaryHandler = Callable[[Any], Awaitable[Message | Encoded]]
 StreamHandler = Callable[[Any], AsyncIterator[Message]]
 
 
@@ -142,18 +154,10 @@ class Dispatcher:
         self._max_send = max_send_bytes
         self.calls: set[asyncio.Task[None]] = set()
         self.subscriptions: set[asyncio.Task[None]] = set()
-        self._last_answer: dict[bytes, tuple[Message, bytes]] = {}
 
-    def _framed(self, path: bytes, response: Message) -> bytes:
-        """The response as a gRPC message; the bytes are reused when a method returns the very same
-        message object again (ListContainers does while nothing changed; 80 kB for 200 containers).
-        Handlers never change a message after they have returned it."""
-        last = self._last_answer.get(path)
-        if last is not None and last[0] is response:
-            return last[1]
-        framed = framed_message(response.SerializeToString())
-        self._last_answer[path] = (response, framed)
-        return framed
+    @staticmethod
+    def _framed(response: Message | Encoded) -> bytes:
+        return framed_message(encode(response))
 
     def __call__(self, conn: Http2Connection, stream: Stream) -> None:
         headers = stream.headers or {}
@@ -181,8 +185,9 @@ class Dispatcher:
         stream.body = bytearray()
         check = partial(_sendable, conn, path, self._max_send)
         if route.unary is not None:
-            framed = partial(self._framed, raw_path)
-            run = _unary(conn, stream, request, handler=route.unary, framed=framed, check=check, deadline=deadline)
+            run = _unary(
+                conn, stream, request, handler=route.unary, framed=self._framed, check=check, deadline=deadline
+            )
         else:
             run = _stream(conn, stream, route, request, check=check, deadline=deadline)
         task = asyncio.get_running_loop().create_task(run)
@@ -229,7 +234,7 @@ async def _unary(
     request: Message,
     *,
     handler: UnaryHandler,
-    framed: Callable[[Message], bytes],
+    framed: Callable[[Message | Encoded], bytes],
     check: Callable[[bytes], None],
     deadline: float | None,
 ) -> None:

@@ -22,8 +22,8 @@ import os
 import signal
 import sys
 
-from cri import fdwait, linux
 from cri.log import event
+from cri.system import fdwait, linux
 
 log = logging.getLogger(__name__)
 

@@ -11,22 +11,23 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from cni.readiness import NetworkWatcher
-from cri import __version__, metrics, reaper
+from cri import __version__, metrics
 from cri.config import Config
 from cri.containers.execs import Execs
 from cri.containers.manager import ContainerManager
-from cri.daemon_lock import DaemonLock
-from cri.image_service import ImageService
+from cri.daemon.live_config import LiveConfig
+from cri.daemon.lock import DaemonLock
 from cri.images.manager import ImageManager
-from cri.live_config import LiveConfig
 from cri.log import event, set_level
 from cri.oci.conmon import OciRuntimeError, Runtime, runtime_for
 from cri.oci.handlers import RuntimeHandlers
-from cri.runtime_service import RuntimeService
-from cri.server import CriServer
+from cri.services.images import ImageService
+from cri.services.runtime import RuntimeService
 from cri.state import Store
 from cri.state.orphans import Layout, OrphanCollector
 from cri.streaming.server import StreamingServer
+from cri.system import reaper
+from cri.transport.server import CriServer
 from podsandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)

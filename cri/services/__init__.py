@@ -1,0 +1,1 @@
+"""What the CRI sees: the servicers, one module per RPC group, and the translation to CRI messages."""

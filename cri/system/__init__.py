@@ -1,0 +1,1 @@
+"""Host facilities: Linux calls, namespace threads, fd waits, processes, reaping, concurrency."""
