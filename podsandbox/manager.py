@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cni.result import CniError
-from cri import concurrently, faults, idprefix, metrics
-from cri.creations import Creations
+from cri import metrics
+from cri.daemon.live_config import LiveConfig
 from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from cri.live_config import LiveConfig
 from cri.log import event
-from cri.state import Store
+from cri.state import Store, idprefix
+from cri.state.creations import Creations
+from cri.system import concurrently, faults
 from podsandbox import files, infra, namespaces, shm
 from podsandbox import sandbox as rows
 from podsandbox.network import NetworkNotReady, PodNetwork, capabilities

@@ -1,6 +1,6 @@
 """Creating, pinning and releasing a pod's net, ipc and uts namespaces (no pause container).
 
-A throwaway thread of the daemon (`cri.nsthread`) unshares them: Linux keeps
+A throwaway thread of the daemon (`cri.system.nsthread`) unshares them: Linux keeps
 these three namespaces per thread, so nothing else in the daemon moves. The
 thread brings `lo` up, sets the hostname and the namespaced sysctls, and
 bind-mounts its namespaces onto pin files; the pins keep the namespaces
@@ -19,8 +19,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cri import linux, nsthread
 from cri.errors import InvalidArgument
+from cri.system import linux, nsthread
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914

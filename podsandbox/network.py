@@ -21,9 +21,10 @@ from cni.conf import NetworkConfigError, NetworkConfigList, parse
 from cni.invoke import CallHooks
 from cni.network import CniNetwork
 from cni.readiness import evaluate
-from cri import faults, metrics
+from cri import metrics
 from cri.config import NetworkConfig
 from cri.log import event
+from cri.system import faults
 from podsandbox.spec import SandboxSpec
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cri import linux
+from cri.system import linux
 
 
 def mount(path: str, size: int) -> None:
