@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cri
 from cri.errors import Internal
 from cri.log import event
 from cri.storage.layers import CopyError, Driver, copy_tree, tree_usage
@@ -231,7 +232,7 @@ def _kernel_log_hint(exc: OSError) -> str:
 
 def _mount_from(cwd: Path, target: Path, data: str) -> None:
     """mount(2) the overlay from a child whose cwd is `cwd`, so the relative paths in `data` resolve there."""
-    package_parent = str(Path(linux.__file__).resolve().parent.parent)
+    package_parent = str(Path(cri.__file__).resolve().parent.parent)  # the directory that holds `cri`
     argv = [sys.executable, "-I", "-S", "-c", _MOUNT_FROM_CWD, package_parent, str(target), data]
     what = f"overlay mount on {target} with paths relative to {cwd}"
     try:
