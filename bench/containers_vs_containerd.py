@@ -64,10 +64,10 @@ from bench.containerd_harness import (
     remove_empty_tree,
     unmount_under,
 )
-from tests import image_builder as ib
-from tests.daemon_harness import REPO, Daemon
 from tests.e2e.pods import PodNet, pod_config
-from tests.registry_harness import Registry
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import REPO, Daemon
+from tests.support.registry_harness import Registry
 
 T = TypeVar("T")
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from api.runtime.v1 import api_pb2 as pb
-from tests import image_builder as ib
-from tests.daemon_harness import Daemon
-from tests.registry_harness import Registry
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import Daemon
+from tests.support.registry_harness import Registry
 
 
 def one_run(registry: Registry, ref: str) -> float:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DEBIAN_CNI_DIR, Daemon
 from tests.e2e.containers import Env, push_image, running_env
 from tests.e2e.goclient import GoClient
 from tests.e2e.goclient import build as build_go_client
-from tests.registry_harness import Registry
+from tests.support.daemon_harness import DEBIAN_CNI_DIR, Daemon
+from tests.support.registry_harness import Registry
 
 
 def _require_system() -> None:

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
-from tests import image_builder as ib
-from tests.daemon_harness import Daemon
 from tests.e2e.pods import PodNet, pod_config
-from tests.registry_harness import Registry
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import Daemon
+from tests.support.registry_harness import Registry
+from tests.support.system import cgroup_dirs, conmon_pids, remove_cgroup_parent
 
 
 def registries_yaml(host: str, extra: str = "") -> str:
@@ -36,47 +35,6 @@ def push_image(
     image = ib.busybox_image(list(layers), config=config)
     ib.push(registry.url, repo, image, "latest")
     return f"{registry.host}/{repo}:latest"
-
-
-def conmon_pids(marker: str) -> list[int]:
-    """conmon processes whose command line mentions `marker` (a daemon's base dir)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and cmdline[0].endswith(b"conmon") and any(marker.encode() in arg for arg in cmdline):
-            found.append(int(entry))
-    return found
-
-
-def cgroup_dirs(parent: str) -> list[str]:
-    """Container cgroups (criopy-<id>) under a pod's cgroup parent, in every v1 hierarchy and v2."""
-    found = []
-    for hierarchy in CGROUP_ROOT.iterdir():
-        base = hierarchy / parent.strip("/")
-        if base.is_dir():
-            found += [str(p) for p in base.iterdir() if p.is_dir() and p.name.startswith("criopy-")]
-    return sorted(found)
-
-
-def remove_cgroup_parent(parent: str) -> None:
-    for hierarchy in CGROUP_ROOT.iterdir():
-        base = hierarchy / parent.strip("/")
-        if not base.is_dir():
-            continue
-        for child in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if child.is_dir():
-                _rmdir(child)
-        _rmdir(base)
-
-
-def _rmdir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import pytest
 from google.protobuf.message import Message
 
-from tests.daemon_harness import REPO
+from tests.support.daemon_harness import REPO
 
 SOURCE = REPO / "tests" / "goclient" / "main.go"
 # Debian's golang-* -dev packages install their sources here, laid out as a GOPATH.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.daemon_harness import Daemon
+from tests.support.daemon_harness import Daemon
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:

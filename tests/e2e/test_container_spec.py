@@ -23,10 +23,10 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from cri.config import DEFAULT_CAPABILITIES
 from cri.containers.capabilities import CAPABILITY_NAMES
-from tests import image_builder as ib
 from tests.e2e.containers import NOTHING, Env, push_image, running_env
 from tests.e2e.pods import pod_config
-from tests.registry_harness import Registry
+from tests.support import image_builder as ib
+from tests.support.registry_harness import Registry
 
 SC = "config.linux.security_context"
 Pod = tuple[str, pb.PodSandboxConfig]

@@ -15,12 +15,8 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.e2e.containers import (
-    CGROUP_ROOT,
-    NOTHING,
-    Env,
-    running_env,
-)
+from tests.e2e.containers import NOTHING, Env, running_env
+from tests.support.system import CGROUP_ROOT
 
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) ")
 

@@ -31,10 +31,11 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from cri.daemon.serve import SHUTDOWN_GRACE_SECONDS
 from cri.system import faults, linux
-from tests.daemon_harness import Daemon
-from tests.e2e.containers import cgroup_dirs, conmon_pids, registries_yaml, remove_cgroup_parent
+from tests.e2e.containers import registries_yaml
 from tests.e2e.pods import PodNet, pod_config
-from tests.registry_harness import Registry
+from tests.support.daemon_harness import Daemon
+from tests.support.registry_harness import Registry
+from tests.support.system import cgroup_dirs, conmon_pids, process_gone, remove_cgroup_parent
 
 # What a daemon keeps under its root and runroot when it holds no pod, container or image.
 KEPT_FILES = {"root/state.db", "root/state.db-wal", "root/state.db-shm", "root/criopy.lock", "run/criopy.sock"}
@@ -258,19 +259,12 @@ def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -
         node.daemon.proc.kill()
         node.daemon.proc.wait(10)
         plugin = int(marker.read_text())
-        assert _wait(lambda: _gone(plugin)), "the plugin outlived the daemon"
+        assert _wait(lambda: process_gone(plugin)), "the plugin outlived the daemon"
         with pytest.raises(grpc.RpcError):
             pending.result(30)
     node.daemon.start()
     node.remove_everything()
     assert node.leftovers() == NOTHING
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 15) -> bool:

@@ -16,7 +16,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
-from tests.daemon_harness import DEFAULT_CONFLIST, run_cli
+from tests.support.daemon_harness import DEFAULT_CONFLIST, run_cli
 
 
 def conditions(daemon) -> dict[str, pb.RuntimeCondition]:

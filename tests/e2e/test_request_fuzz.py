@@ -63,18 +63,12 @@ from hypothesis import strategies as st
 from api.runtime.v1 import api_pb2 as pb
 from cri.images import reference
 from cri.system import linux
-from tests import protofuzz
-from tests.daemon_harness import Daemon, free_port
-from tests.e2e.containers import (
-    CGROUP_ROOT,
-    NOTHING,
-    Env,
-    conmon_pids,
-    remove_all_containers,
-    remove_cgroup_parent,
-)
+from tests.e2e.containers import NOTHING, Env, remove_all_containers
 from tests.e2e.pods import PodNet, pod_config, remove_all_pods
-from tests.registry_harness import Registry
+from tests.support import protofuzz
+from tests.support.daemon_harness import Daemon, free_port
+from tests.support.registry_harness import Registry
+from tests.support.system import CGROUP_ROOT, conmon_pids, remove_cgroup_parent
 
 log = logging.getLogger(__name__)
 

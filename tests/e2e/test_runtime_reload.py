@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,12 +20,11 @@ from pathlib import Path
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.e2e.containers import Env, conmon_pids, registries_yaml, running_env
+from tests.e2e.containers import Env, registries_yaml, running_env
 from tests.e2e.pods import info as pod_info
 from tests.e2e.pods import pod_config
-from tests.registry_harness import Registry
-
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
+from tests.support.registry_harness import Registry
+from tests.support.system import conmon_pids, runc_delete_all, wait_gone
 
 
 @pytest.fixture
@@ -34,19 +32,12 @@ def alt_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="criopy-alt-"))
     yield root
     for path in (root, _moved(root)):
-        _force_delete_all(path)
+        runc_delete_all(path)
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _moved(root: Path) -> Path:
     return root.with_name(root.name + "-moved")
-
-
-def _force_delete_all(root: Path) -> None:
-    """What a failed test left under the handler's root, removed with runc itself."""
-    listed = subprocess.run([RUNC, "--root", str(root), "list", "-q"], capture_output=True, text=True, check=False)
-    for cid in listed.stdout.split():
-        subprocess.run([RUNC, "--root", str(root), "delete", "--force", cid], capture_output=True, check=False)
 
 
 def _with_alt(host: str, root: Path) -> str:
@@ -66,15 +57,6 @@ def _reload(env: Env, text: str) -> None:
 
 def _handlers(env: Env) -> set[str]:
     return {h.name for h in env.rt.Status(pb.StatusRequest(), timeout=5).runtime_handlers}
-
-
-def _gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _run_pod(env: Env, handler: str, shared_pid: bool) -> tuple[str, pb.PodSandboxConfig]:
@@ -122,7 +104,7 @@ def test_a_handler_removed_or_moved_by_sighup_leaves_its_pods_and_containers_rem
                 env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
                 env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
 
-            assert [pid for pid in [*pids, infra_pid] if not _gone(pid)] == []
+            assert [pid for pid in [*pids, infra_pid] if not wait_gone(pid)] == []
             assert os.listdir(alt_root) == []  # no runc state left under the handler's former root
             assert conmon_pids(str(env.daemon.base)) == []
             assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items) == []

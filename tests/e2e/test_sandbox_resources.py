@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from tests.daemon_harness import Daemon
 from tests.e2e.pods import info, pod_config, remove_all_pods
+from tests.support.daemon_harness import Daemon
 
 MiB = 1024 * 1024
 CGROUP_V1 = Path("/sys/fs/cgroup")

@@ -17,8 +17,8 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
-from tests.daemon_harness import Daemon
 from tests.e2e.pods import PodNet, PodServer, fetch, info, pod_config, remove_all_pods, sh
+from tests.support.daemon_harness import Daemon
 
 
 @dataclass

@@ -12,9 +12,9 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, running_env
 from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone, web_server_config
-from tests.registry_harness import Registry
 from tests.streamclients import UpgradeRefused
 from tests.streamclients import remotecommand as rc
+from tests.support.registry_harness import Registry
 
 TOKEN_TTL = 4
 

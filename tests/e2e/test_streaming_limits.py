@@ -16,10 +16,10 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, running_env
 from tests.e2e.streams import exec_url, processes, sleeper, wait_gone
-from tests.registry_harness import Registry, make_ca, make_server_cert
 from tests.streamclients import parse_url
 from tests.streamclients import remotecommand as rc
 from tests.streamclients.spdy import DEFAULT_WINDOW, SessionOptions
+from tests.support.registry_harness import Registry, make_ca, make_server_cert
 
 IDLE_TIMEOUT = 2  # seconds (streaming.idle_timeout is an int of seconds)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from api.runtime.v1 import api_pb2 as pb
 from cri.state.migrations import SCHEMA_VERSION
 from tests.e2e.containers import registries_yaml
-from tests.registry_harness import Registry
+from tests.support.registry_harness import Registry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state-0.1.0.sql"
 POD_ID = "a7a8edc740ac6b4d9ec4e64b4f39255622b3fe1c9e97b8423f36e617d03a235d"

@@ -23,11 +23,7 @@ import pytest
 
 from cri.oci import bundle, conmon
 from cri.oci.conmon import ConmonLaunch, ContainerNotFound, OciRuntimeError, Runtime
-
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
-CONMON = "/usr/bin/conmon"
-BUSYBOX = "/bin/busybox"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from tests.support.system import BUSYBOX, CONMON, RUNC, remove_cgroup_parent, require_binaries, runc_list
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root (CI runs as root)"),
@@ -37,26 +33,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _binaries_present() -> None:
-    for path in (RUNC, CONMON, BUSYBOX):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} missing: install Debian's runc, conmon and busybox-static")
-
-
-def runc_list(root: str) -> list[str]:
-    done = subprocess.run([RUNC, "--root", root, "list", "-q"], check=False, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.split()
-
-
-def remove_cgroup_parent(parent: str) -> None:
-    """rmdir the test's cgroup parent (and anything runc left under it) in every v1/v2 hierarchy."""
-    for hierarchy in CGROUP_ROOT.iterdir():
-        base = hierarchy / parent.strip("/")
-        if not base.is_dir():
-            continue
-        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            directory.rmdir()
-        base.rmdir()
+    require_binaries(RUNC, CONMON, BUSYBOX)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,11 +23,15 @@ from podsandbox import infra, namespaces
 from podsandbox.infra import InfraError
 from podsandbox.sandbox import Sandbox, SandboxState
 from podsandbox.spec import Metadata, NamespaceMode, SandboxSpec
-
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
-CONMON = "/usr/bin/conmon"
-CATATONIT = "/usr/bin/catatonit"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from tests.support.system import (
+    CATATONIT,
+    CONMON,
+    RUNC,
+    remove_cgroup_parent,
+    require_binaries,
+    runc_list,
+    wait_gone,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and runc need root (CI runs as root)"),
@@ -38,44 +41,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _binaries_present() -> None:
-    for path in (RUNC, CONMON, CATATONIT):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} missing: install Debian's runc, conmon and catatonit")
-
-
-def runc_list(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    done = subprocess.run([RUNC, "--root", root, "list", "-q"], check=False, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.split()
-
-
-def remove_cgroup_parent(parent: str) -> None:
-    for hierarchy in CGROUP_ROOT.iterdir():
-        base = hierarchy / parent.strip("/")
-        if not base.is_dir():
-            continue
-        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            directory.rmdir()
-        base.rmdir()
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
-
-
-def wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    require_binaries(RUNC, CONMON, CATATONIT)
 
 
 def ns_ino(path: str) -> int:

@@ -27,8 +27,8 @@ import httpx
 import pytest
 import zstandard
 
-from tests.fault_proxy import FaultProxy
-from tests.image_builder import (
+from tests.support.fault_proxy import FaultProxy
+from tests.support.image_builder import (
     ALL_MANIFEST_TYPES,
     BUSYBOX,
     DOCKER_MANIFEST,
@@ -57,8 +57,8 @@ from tests.image_builder import (
     sha256_digest,
     whiteout_image,
 )
-from tests.registry_harness import Registry, registry_binary
-from tests.token_server import TokenServer
+from tests.support.registry_harness import Registry, registry_binary
+from tests.support.token_server import TokenServer
 
 USER, PASSWORD = "tester", "s3cret-pw"
 

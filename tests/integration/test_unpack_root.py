@@ -12,7 +12,7 @@ import pytest
 from cri.storage.layers import LayerStore, chain_ids
 from cri.storage.unpack import unpack_layer
 from cri.system import linux
-from tests.layer_tar import Entry, build_layer, directory, file, hardlink, opaque, symlink, whiteout
+from tests.support.layer_tar import Entry, build_layer, directory, file, hardlink, opaque, symlink, whiteout
 
 pytestmark = [
     pytest.mark.root,

@@ -146,6 +146,18 @@ class Daemon:
                 self.proc.wait()
         return self.proc.returncode
 
+    def stored(self) -> dict[str, list[str]]:
+        """What the image stores hold: blobs, unpacked layers, and anything half-written."""
+        blobs = self.root / "blobs" / "sha256"
+        layers = self.root / "layers"
+        ingest = self.root / "blobs" / "ingest"
+        return {
+            "blobs": sorted(os.listdir(blobs)) if blobs.exists() else [],
+            "layers": sorted(p for p in os.listdir(layers) if not p.startswith("tmp-")) if layers.exists() else [],
+            "temp": (sorted(os.listdir(ingest)) if ingest.exists() else [])
+            + (sorted(p for p in os.listdir(layers) if p.startswith("tmp-")) if layers.exists() else []),
+        }
+
     def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,219 +16,7 @@ import h2.settings
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.transport.grpcserver import GrpcServer, Limits, Route, RpcError
-
-BIG = 200_000  # well above the 65,535-byte default window and the 16,384-byte frame
-MAX_MESSAGE = 64 * 1024
-
-
-@dataclass
-class Handlers:
-    """Routes whose behaviour the tests can see: what was cancelled, what is waiting."""
-
-    loop: asyncio.AbstractEventLoop | None = None
-    release: asyncio.Event | None = None
-    started: list[str] = field(default_factory=list)
-    kept: pb.VersionResponse = field(default_factory=lambda: pb.VersionResponse(runtime_name="first"))
-    cancelled: list[str] = field(default_factory=list)
-
-    async def version(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        return pb.VersionResponse(runtime_name="x" * (BIG if request.version == "big" else 4))
-
-    async def kept_answer(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        return self.kept
-
-    async def fail(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        raise RpcError(grpc.StatusCode.NOT_FOUND, "container 50% gone: ü")
-
-    async def wait(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        assert self.release is not None
-        self.started.append(request.version)
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(request.version)
-            raise
-        return pb.VersionResponse(runtime_name="released")
-
-    async def feed(self, request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
-        await self.wait(request)
-        yield pb.VersionResponse()
-
-    async def stream(self, request: pb.StreamContainersRequest) -> AsyncIterator[pb.StreamContainersResponse]:
-        for i in range(3):
-            yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i) * 1000)])
-        if request.filter.id == "fail":
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "went away")
-
-
-@dataclass
-class Served:
-    path: str
-    handlers: Handlers
-    server: GrpcServer
-    loop: asyncio.AbstractEventLoop
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    handlers = Handlers()
-    routes = {
-        "/t.S/Version": Route(parse=pb.VersionRequest.FromString, unary=handlers.version),
-        "/t.S/Kept": Route(parse=pb.VersionRequest.FromString, unary=handlers.kept_answer),
-        "/t.S/Fail": Route(parse=pb.VersionRequest.FromString, unary=handlers.fail),
-        "/t.S/Wait": Route(parse=pb.VersionRequest.FromString, unary=handlers.wait),
-        "/t.S/Stream": Route(parse=pb.StreamContainersRequest.FromString, stream=handlers.stream),
-        "/t.S/Feed": Route(parse=pb.VersionRequest.FromString, stream=handlers.feed, subscription=True),
-    }
-    server = GrpcServer(routes, Limits(max_receive_bytes=MAX_MESSAGE))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    path = str(tmp_path / "g.sock")
-
-    async def setup() -> None:
-        handlers.release = asyncio.Event()
-        await server.start(path)
-
-    asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
-    served = Served(path, handlers, server, loop)
-    try:
-        yield served
-    finally:
-        served.run(server.stop(0.5))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def grpc_message(msg: Any, compressed: int = 0) -> bytes:
-    body = msg.SerializeToString()
-    return struct.pack(">BI", compressed, len(body)) + body
-
-
-def request_headers(path: str, extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """The headers of a gRPC request, as grpc-go sends them."""
-    return [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "localhost"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-        *(extra or []),
-    ]
-
-
-def _fields(headers: Any) -> dict[str, str]:
-    return {str(name): str(value) for name, value in headers}
-
-
-class Client:
-    """A blocking HTTP/2 client on the server's unix socket, recording every event per stream."""
-
-    def __init__(self, path: str, window: int | None = None, max_frame: int | None = None) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(path)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        self.conn.initiate_connection()
-        settings: dict[int, int] = {}
-        if window is not None:
-            settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = window
-        if max_frame is not None:
-            settings[h2.settings.SettingCodes.MAX_FRAME_SIZE] = max_frame
-        if settings:
-            self.conn.update_settings(settings)
-        self.auto_ack = window is None
-        self.events: list[h2.events.Event] = []
-        self.data: dict[int, bytearray] = {}
-        self.frames: dict[int, list[int]] = {}
-        self.trailers: dict[int, dict[str, str]] = {}
-        self.headers: dict[int, dict[str, str]] = {}
-        self.ended: set[int] = set()
-        self.reset: dict[int, int] = {}
-        self.closed = False
-        self.flush()
-        # The server's SETTINGS and connection window first, as a real client would wait for them.
-        self.until(lambda: any(isinstance(e, h2.events.WindowUpdated) for e in self.events))
-
-    def flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.sock.sendall(out)
-
-    def call(self, path: str, body: bytes, extra: list[tuple[str, str]] | None = None, end: bool = True) -> int:
-        sid: int = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(sid, request_headers(path, extra))
-        while True:
-            room = min(self.conn.max_outbound_frame_size, self.conn.local_flow_control_window(sid))
-            piece, body = body[:room], body[room:]
-            self.conn.send_data(sid, piece, end_stream=end and not body)
-            self.flush()
-            if not body:
-                return sid
-            self.until(lambda: self.conn.local_flow_control_window(sid) > 0)
-
-    def pump(self) -> None:
-        try:
-            chunk = self.sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"no answer; events so far: {self.events}") from None
-        if not chunk:
-            self.closed = True
-            return
-        for ev in self.conn.receive_data(chunk):
-            self._record(ev)
-        self.flush()
-
-    def _record(self, ev: h2.events.Event) -> None:
-        self.events.append(ev)
-        if isinstance(ev, h2.events.ResponseReceived):
-            self.headers[ev.stream_id] = _fields(ev.headers)
-        elif isinstance(ev, h2.events.DataReceived):
-            self.data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
-            self.frames.setdefault(ev.stream_id, []).append(len(ev.data))
-            if self.auto_ack:
-                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-        elif isinstance(ev, h2.events.TrailersReceived):
-            self.trailers[ev.stream_id] = _fields(ev.headers)
-        elif isinstance(ev, h2.events.StreamEnded):
-            self.ended.add(ev.stream_id)
-        elif isinstance(ev, h2.events.StreamReset):
-            self.reset[ev.stream_id] = ev.error_code
-
-    def until(self, done: Any) -> None:
-        while not done():
-            if self.closed:
-                raise AssertionError(f"connection closed; events: {self.events}")
-            self.pump()
-
-    def answer(self, sid: int) -> tuple[dict[str, str], bytes]:
-        """(status fields, the message bytes) once the stream has ended."""
-        self.until(lambda: sid in self.ended or sid in self.reset)
-        status = self.trailers.get(sid) or self.headers.get(sid, {})
-        return status, bytes(self.data.get(sid, b""))[5:]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _eventually(check: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def client(served: Served) -> Iterator[Client]:
-    c = Client(served.path)
-    yield c
-    c.close()
+from tests.support.h2grpc import BIG, MAX_MESSAGE, Client, Served, eventually, grpc_message
 
 
 def test_unary_call_answers_with_status_ok(client: Client) -> None:
@@ -242,7 +26,7 @@ def test_unary_call_answers_with_status_ok(client: Client) -> None:
     assert client.headers[1]["content-type"] == "application/grpc"
 
 
-def test_a_returned_again_answer_is_reused_and_a_new_one_is_sent(served: Served, client: Client) -> None:
+def test_an_answer_encoded_by_its_handler_is_sent_as_it_is(served: Served, client: Client) -> None:
     def name() -> str:
         status, body = client.answer(client.call("/t.S/Kept", grpc_message(pb.VersionRequest())))
         assert status["grpc-status"] == "0"
@@ -332,11 +116,11 @@ def test_deadline_cancels_the_handler(served: Served, client: Client) -> None:
 
 def test_rst_stream_cancels_the_handler(served: Served, client: Client) -> None:
     sid = client.call("/t.S/Wait", grpc_message(pb.VersionRequest(version="abandoned")))
-    _eventually(lambda: served.handlers.started == ["abandoned"])
+    eventually(lambda: served.handlers.started == ["abandoned"])
     client.conn.reset_stream(sid)
     client.flush()
     client.answer(client.call("/t.S/Version", grpc_message(pb.VersionRequest())))
-    _eventually(lambda: served.handlers.cancelled == ["abandoned"])
+    eventually(lambda: served.handlers.cancelled == ["abandoned"])
 
 
 def test_ping_is_acknowledged_with_its_payload(client: Client) -> None:
@@ -377,7 +161,7 @@ def test_stop_lets_a_running_call_finish_and_refuses_new_calls(served: Served) -
     with grpc.insecure_channel(f"unix://{served.path}") as channel:
         wait = _wait_method(channel)
         running = wait.future(pb.VersionRequest(version="in-flight"))
-        _eventually(lambda: served.handlers.started == ["in-flight"])
+        eventually(lambda: served.handlers.started == ["in-flight"])
         stopping = asyncio.run_coroutine_threadsafe(served.server.stop(5), served.loop)
         time.sleep(0.2)
         assert not stopping.done()
@@ -395,7 +179,7 @@ def test_stop_cancels_what_outlives_the_grace_period(served: Served) -> None:
     with grpc.insecure_channel(f"unix://{served.path}") as channel:
         wait = _wait_method(channel)
         running = wait.future(pb.VersionRequest(version="stuck"))
-        _eventually(lambda: served.handlers.started == ["stuck"])
+        eventually(lambda: served.handlers.started == ["stuck"])
         served.run(served.server.stop(0.1))
         assert served.handlers.cancelled == ["stuck"]
         with pytest.raises(grpc.RpcError) as cut:
@@ -411,7 +195,7 @@ def test_stop_ends_a_subscription_at_once(served: Served) -> None:
             response_deserializer=pb.VersionResponse.FromString,
         )
         responses = feed(pb.VersionRequest(version="feed"))
-        _eventually(lambda: served.handlers.started == ["feed"])
+        eventually(lambda: served.handlers.started == ["feed"])
         stopping = asyncio.run_coroutine_threadsafe(served.server.stop(60), served.loop)
         with pytest.raises(grpc.RpcError) as cut:
             next(responses)

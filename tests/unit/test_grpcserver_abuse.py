@@ -11,9 +11,8 @@ import contextlib
 import logging
 import socket
 import struct
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ import grpc
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.transport.grpcserver import GrpcServer, Limits, Route
-from tests.unit.test_grpcserver import Handlers, Served, _eventually, grpc_message
-from tests.unit.test_grpcserver_protocol import (
+from cri.transport.grpcserver import Limits
+from tests.support.h2grpc import (
     ACK,
     CONTINUATION,
     DATA,
@@ -32,110 +30,26 @@ from tests.unit.test_grpcserver_protocol import (
     ENHANCE_YOUR_CALM,
     GOAWAY,
     HEADERS,
+    HUGE,
     INITIAL_WINDOW_SIZE,
+    MAX_SEND,
     PING,
     PREFACE,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
+    Abused,
     Raw,
+    eventually,
+    grpc_message,
     raw_frame,
+    serving,
 )
 
 REQ = grpc_message(pb.VersionRequest())
 CANCEL = struct.pack(">I", 8)
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-MAX_SEND = 100_000
-HUGE = 3_000_000  # bytes of the /a.S/Huge answer: far more than a socket buffer holds
-
-
-class Lingering:
-    """A handler that, cancelled, still takes a while to clean up (as a call undoing its work does)."""
-
-    def __init__(self) -> None:
-        self.done: asyncio.Event | None = None
-        self.running = 0
-
-    async def __call__(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        self.running += 1
-        try:
-            await asyncio.Event().wait()
-        finally:
-            assert self.done is not None
-            await self.done.wait()
-            self.running -= 1
-        return pb.VersionResponse()
-
-
-def _routes(handlers: Handlers, lingering: Lingering) -> dict[str, Route]:
-    async def huge(request: pb.VersionRequest) -> pb.VersionResponse:
-        return pb.VersionResponse(runtime_name="h" * HUGE)
-
-    async def big_stream(request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
-        yield pb.VersionResponse(runtime_name="small")
-        yield pb.VersionResponse(runtime_name="b" * (MAX_SEND + 1))
-
-    version = pb.VersionRequest.FromString
-    return {
-        "/t.S/Version": Route(parse=version, unary=handlers.version),
-        "/t.S/Wait": Route(parse=version, unary=handlers.wait),
-        "/t.S/Feed": Route(parse=version, stream=handlers.feed, subscription=True),
-        "/a.S/Huge": Route(parse=version, unary=huge),
-        "/a.S/BigStream": Route(parse=version, stream=big_stream),
-        "/a.S/Linger": Route(parse=version, unary=lingering),
-    }
-
-
-class Abused(Served):
-    lingering: Lingering
-
-    def connections(self) -> int:
-        return int(self.run(_count(lambda: len(self.server._connections))))
-
-    def held(self) -> int:
-        """Bytes of answers the server holds for its clients: queued in streams and in the transports."""
-
-        def total() -> int:
-            out = 0
-            for conn in self.server._connections:
-                out += sum(len(s.pending) for s in conn.streams.values())
-                if conn._transport is not None:
-                    out += conn._transport.get_write_buffer_size()
-            return out
-
-        return int(self.run(_count(total)))
-
-
-async def _count(measure: Callable[[], int]) -> int:
-    return measure()
-
-
-@contextlib.contextmanager
-def serving(path: str, limits: Limits) -> Iterator[Abused]:
-    handlers, lingering = Handlers(), Lingering()
-    server = GrpcServer(_routes(handlers, lingering), limits)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def setup() -> None:
-        handlers.release = asyncio.Event()
-        lingering.done = asyncio.Event()
-        await server.start(path)
-
-    asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
-    served = Abused(path, handlers, server, loop)
-    served.lingering = lingering
-    try:
-        yield served
-    finally:
-        assert lingering.done is not None
-        loop.call_soon_threadsafe(lingering.done.set)
-        served.run(server.stop(0.5))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 Serve = Callable[..., Abused]
@@ -206,7 +120,7 @@ def test_a_connection_above_the_cap_is_closed_at_once_and_the_others_are_served(
             raw.request(1, "/t.S/Version", REQ)
             assert _status(raw, 1) == "0", i
         clients.pop().close()
-        _eventually(lambda: served.connections() == 3)
+        eventually(lambda: served.connections() == 3)
         clients.append(Raw(served.path))  # room again
         clients[-1].request(1, "/t.S/Version", REQ)
         assert _status(clients[-1], 1) == "0"
@@ -228,7 +142,7 @@ def test_a_thousand_connections_at_once_leave_the_server_within_its_cap(serve: S
     finally:
         for s in socks:
             s.close()
-    _eventually(lambda: served.connections() == 0)
+    eventually(lambda: served.connections() == 0)
     with Raw(served.path) as raw:
         raw.request(1, "/t.S/Version", REQ)
         assert _status(raw, 1) == "0"
@@ -317,7 +231,7 @@ def test_handlers_still_unwinding_count_against_max_concurrent_streams(serve: Se
     with Raw(served.path) as raw:
         for sid in (1, 3, 5, 7):
             raw.request(sid, "/a.S/Linger", REQ)
-        _eventually(lambda: served.lingering.running == 4)
+        eventually(lambda: served.lingering.running == 4)
         for sid in (1, 3, 5, 7):
             raw.send(RST_STREAM, 0, sid, CANCEL)
         raw.request(9, "/t.S/Version", REQ)
@@ -326,7 +240,7 @@ def test_handlers_still_unwinding_count_against_max_concurrent_streams(serve: Se
         assert served.lingering.running == 4
         assert served.lingering.done is not None
         served.loop.call_soon_threadsafe(served.lingering.done.set)
-        _eventually(lambda: served.lingering.running == 0)
+        eventually(lambda: served.lingering.running == 0)
         raw.request(11, "/t.S/Version", REQ)
         assert _status(raw, 11) == "0"
 
@@ -346,7 +260,7 @@ def test_an_idle_connection_is_sent_goaway_and_closed(serve: Serve) -> None:
     with Raw(served.path) as silent:  # never a stream at all
         _drain(silent, 3)
         assert silent.eof and _goaways(silent)[-1] == (0, 0)
-    _eventually(lambda: served.connections() == 0)
+    eventually(lambda: served.connections() == 0)
 
 
 def test_a_connection_that_never_sends_the_preface_is_closed(serve: Serve) -> None:
@@ -354,11 +268,11 @@ def test_a_connection_that_never_sends_the_preface_is_closed(serve: Serve) -> No
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
         silent.settimeout(3)
         silent.connect(served.path)
-        _eventually(lambda: served.connections() == 1)
+        eventually(lambda: served.connections() == 1)
         with contextlib.suppress(ConnectionResetError):
             while silent.recv(4096):  # our SETTINGS, then the end (a timeout: it is kept)
                 pass
-    _eventually(lambda: served.connections() == 0)
+    eventually(lambda: served.connections() == 0)
 
 
 def test_an_open_event_feed_keeps_its_connection(serve: Serve) -> None:
@@ -376,8 +290,8 @@ def test_a_client_that_never_reads_is_let_go(serve: Serve) -> None:
     raw = Raw(served.path, {INITIAL_WINDOW_SIZE: 2**31 - 1}, conn_window=2**31 - 1 - 65_535)
     try:
         raw.request(1, "/a.S/Huge", REQ)  # 3 MB answered, not one byte read
-        _eventually(lambda: served.held() > 1_000_000)
-        _eventually(lambda: served.connections() == 0, 5)
+        eventually(lambda: served.held() > 1_000_000)
+        eventually(lambda: served.connections() == 0, 5)
     finally:
         raw.close()
 
@@ -468,9 +382,9 @@ def test_a_client_gone_mid_request_and_mid_call_leaves_nothing(serve: Serve) -> 
     raw.request(1, "/t.S/Wait", REQ)
     raw.request(3, "/t.S/Version", None)
     raw.send(DATA, 0, 3, REQ[:3])  # half a request
-    _eventually(lambda: served.handlers.started == [""])
+    eventually(lambda: served.handlers.started == [""])
     raw.close()
-    _eventually(lambda: served.connections() == 0 and not served.server._dispatch.calls)
+    eventually(lambda: served.connections() == 0 and not served.server._dispatch.calls)
     assert served.handlers.cancelled == [""]
 
 

@@ -26,16 +26,34 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.transport.grpcserver import Limits
-from tests.unit.test_grpcserver import Client, grpc_message, request_headers
-from tests.unit.test_grpcserver_abuse import Abused, serving
+from tests.support.h2grpc import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    Abused,
+    Client,
+    grpc_message,
+    request_headers,
+    serving,
+)
 
 SEED = 0x6372696F  # "crio"
 CASES = 5000
 SECONDS = 45  # the whole run's bound; it takes a fraction of it
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+PRIORITY_FLAG = 0x20
 MARK = b"fuzzmark"
 
 PATHS = ["/t.S/Version", "/t.S/Wait", "/t.S/Feed", "/a.S/BigStream", "/t.S/Nope", "/", "*", ""]

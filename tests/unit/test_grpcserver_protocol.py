@@ -9,160 +9,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import hpack
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.transport.grpcserver import GrpcServer, Limits, Route, RpcError
 from cri.transport.grpcserver.calls import parse_timeout
 from cri.transport.grpcserver.connection import Http2Connection
-from tests.unit.test_grpcserver import (
+from tests.support.h2grpc import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
     MAX_MESSAGE,
+    PADDED,
+    PING,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTINGS,
+    STREAM_CLOSED,
+    WINDOW_UPDATE,
     Client,
+    Raw,
     Served,
-    _eventually,
-    client,
+    eventually,
     grpc_message,
-    request_headers,
-    served,
+    raw_frame,
 )
-
-__all__ = ["client", "served"]  # fixtures, re-exported for pytest
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
-INITIAL_WINDOW_SIZE = 0x4
-PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x1, 0x3, 0x5, 0x7, 0xB
-
-
-def raw_frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", sid) + payload
-
-
-@dataclass
-class Frame:
-    kind: int
-    flags: int
-    sid: int
-    payload: bytes
-
-
-class Raw:
-    """An HTTP/2 client that sends exactly the frames it is told to and records every frame received."""
-
-    def __init__(self, path: str, settings: dict[int, int] | None = None, conn_window: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(path)
-        self.enc = hpack.Encoder()
-        self.dec = hpack.Decoder()
-        self.frames: list[Frame] = []
-        self.eof = False
-        self._buf = b""
-        payload = b"".join(struct.pack(">HI", k, v) for k, v in (settings or {}).items())
-        out = PREFACE + raw_frame(SETTINGS, 0, 0, payload)
-        if conn_window:
-            out += raw_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", conn_window))
-        self.sock.sendall(out)
-        self.until(lambda: any(fr.kind == SETTINGS and fr.flags & ACK for fr in self.frames))
-
-    def send(self, kind: int, flags: int, sid: int, payload: bytes = b"") -> None:
-        self.sock.sendall(raw_frame(kind, flags, sid, payload))
-
-    def block(self, path: str, extra: list[tuple[str, str]] | None = None) -> bytes:
-        encoded: bytes = self.enc.encode(request_headers(path, extra))
-        return encoded
-
-    def request(self, sid: int, path: str, body: bytes | None, extra: list[tuple[str, str]] | None = None) -> None:
-        """HEADERS, then the body as one DATA with END_STREAM (None: HEADERS only, stream left open)."""
-        self.send(HEADERS, END_HEADERS, sid, self.block(path, extra))
-        if body is not None:
-            self.send(DATA, END_STREAM, sid, body)
-
-    def pump(self) -> None:
-        try:
-            chunk = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            chunk = b""
-        except TimeoutError:
-            raise AssertionError(
-                f"no answer; frames so far: {[(x.kind, x.flags, x.sid) for x in self.frames]}"
-            ) from None
-        if not chunk:
-            self.eof = True
-            return
-        self._buf += chunk
-        while len(self._buf) >= 9:
-            length = int.from_bytes(self._buf[:3], "big")
-            if len(self._buf) < 9 + length:
-                break
-            kind, flags = self._buf[3], self._buf[4]
-            sid = int.from_bytes(self._buf[5:9], "big") & 0x7FFFFFFF
-            self.frames.append(Frame(kind, flags, sid, self._buf[9 : 9 + length]))
-            self._buf = self._buf[9 + length :]
-
-    def until(self, done: Callable[[], bool]) -> None:
-        while not done():
-            if self.eof:
-                raise AssertionError(f"connection closed; frames: {[(x.kind, x.flags, x.sid) for x in self.frames]}")
-            self.pump()
-
-    def quiet(self, seconds: float = 0.3) -> None:
-        """Reads whatever arrives within `seconds`."""
-        self.sock.settimeout(seconds)
-        with contextlib.suppress(AssertionError):
-            while not self.eof:
-                self.pump()
-        self.sock.settimeout(5)
-
-    def goaway(self) -> int | None:
-        for fr in self.frames:
-            if fr.kind == GOAWAY:
-                code: int = struct.unpack(">I", fr.payload[4:8])[0]
-                return code
-        return None
-
-    def rst(self, sid: int) -> int | None:
-        for fr in self.frames:
-            if fr.kind == RST_STREAM and fr.sid == sid:
-                code: int = struct.unpack(">I", fr.payload)[0]
-                return code
-        return None
-
-    def ended(self, sid: int) -> bool:
-        return any(fr.sid == sid and (fr.kind == RST_STREAM or fr.flags & END_STREAM) for fr in self.frames)
-
-    def status(self, sid: int) -> dict[str, str]:
-        """The decoded fields of the stream's last HEADERS frame (trailers, or trailers-only)."""
-        self.until(lambda: self.ended(sid))
-        fields: dict[str, str] = {}
-        for fr in self.frames:
-            if fr.kind == HEADERS and fr.sid == sid:
-                fields = {str(k): str(v) for k, v in self.dec.decode(fr.payload)}
-        return fields
-
-    def data(self, sid: int) -> int:
-        return sum(len(fr.payload) for fr in self.frames if fr.kind == DATA and fr.sid == sid)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _connections(served: Served | Review) -> list[Http2Connection]:
@@ -386,11 +272,11 @@ def test_request_trailers_end_the_request_and_others_reset_it(served: Served) ->
 def test_data_after_end_stream_is_stream_closed(served: Served) -> None:
     with Raw(served.path) as raw:
         raw.request(1, "/t.S/Wait", REQ)
-        _eventually(lambda: len(served.handlers.started) == 1)
+        eventually(lambda: len(served.handlers.started) == 1)
         raw.send(DATA, 0, 1, b"late")
         raw.until(lambda: raw.ended(1))
         assert raw.rst(1) == STREAM_CLOSED
-        _eventually(lambda: len(served.handlers.cancelled) == 1)
+        eventually(lambda: len(served.handlers.cancelled) == 1)
 
 
 def test_window_update_overflow(served: Served) -> None:
@@ -456,22 +342,22 @@ def test_server_stream_backpressure_then_client_cancel(review: Review) -> None:
     """Window 0: the generator stops at HIGH_WATER; RST_STREAM cancels the call and closes the generator."""
     with Raw(review.path, {INITIAL_WINDOW_SIZE: 0}) as raw:
         raw.request(1, "/r.S/Flood", REQ)
-        _eventually(lambda: len(review.produced) > 0)
+        eventually(lambda: len(review.produced) > 0)
         time.sleep(0.3)
         assert len(review.produced) <= 256 * 1024 // CHUNK + 2
         raw.send(RST_STREAM, 0, 1, struct.pack(">I", 8))
-        _eventually(lambda: review.generator_closed == [True])
-        _eventually(lambda: not review.server._dispatch.calls)
+        eventually(lambda: review.generator_closed == [True])
+        eventually(lambda: not review.server._dispatch.calls)
         assert not _connections(review)[0].streams
 
 
 def test_connection_lost_while_waiting_for_window_leaks_nothing(review: Review) -> None:
     raw = Raw(review.path, {INITIAL_WINDOW_SIZE: 0})
     raw.request(1, "/r.S/Flood", REQ)
-    _eventually(lambda: len(review.produced) > 0)
+    eventually(lambda: len(review.produced) > 0)
     raw.close()
-    _eventually(lambda: not review.server._dispatch.calls and not review.server._connections)
-    _eventually(lambda: review.generator_closed == [True])
+    eventually(lambda: not review.server._dispatch.calls and not review.server._connections)
+    eventually(lambda: review.generator_closed == [True])
 
 
 def test_stop_twice(served: Served) -> None:

@@ -48,3 +48,8 @@ def test_podsandbox_does_not_import_the_containers() -> None:
 def test_the_checker_sees_an_import_it_forbids() -> None:
     """The check itself: containers do import podsandbox, which is allowed, and it is seen."""
     assert "cri/containers/manager.py" in offenders("cri/containers", ("podsandbox",))
+
+
+def test_the_root_of_cri_is_a_handful_of_modules_beside_its_packages() -> None:
+    modules = sorted(p.name for p in (REPO / "cri").glob("*.py"))
+    assert len(modules) <= 8, modules

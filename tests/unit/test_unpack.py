@@ -18,7 +18,7 @@ import zstandard
 
 from cri.storage.layers import LayerInfo, LayerNotFound, LayerStore, chain_ids
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, is_foreign, unpack_layer
-from tests.layer_tar import (
+from tests.support.layer_tar import (
     MEDIA_TYPES,
     Compression,
     Entry,
