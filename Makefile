@@ -12,6 +12,9 @@ run: system $(VENV)/.installed
 
 test: system-test $(VENV)/.installed-test
 	$(BIN)/pytest
+	# The e2e suite once more against grpcio's server (grpc_server: grpcio, the fallback transport).
+	# Crash recovery does not depend on the transport, so its module runs once.
+	E2E_GRPC_SERVER=grpcio $(BIN)/pytest tests/e2e --ignore=tests/e2e/test_crash_points.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

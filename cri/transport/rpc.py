@@ -25,7 +25,7 @@ from api.runtime.v1 import api_pb2
 from cri import metrics
 from cri.errors import Unimplemented, status_of
 from cri.log import event
-from cri.transport.grpcserver import Encoded, Route, RpcError, deadline_exceeded, encode
+from cri.transport.grpcserver import Encoded, Route, RpcError, cut_details, deadline_exceeded, encode
 
 __all__ = ["Encoded", "chunks", "routes", "service_handler"]
 
@@ -217,7 +217,7 @@ def _aio_unary(
         try:
             return await call_unary(method, impl, request, partial(_past_deadline, context))
         except RpcError as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, cut_details(exc.details))  # clients refuse long messages
 
     return handle
 
@@ -230,7 +230,7 @@ def _aio_stream(
             async for item in call_stream(method, impl, request, partial(_past_deadline, context)):
                 yield item
         except RpcError as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, cut_details(exc.details))  # clients refuse long messages
 
     return handle
 

@@ -28,8 +28,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The e2e suite runs against either gRPC server: E2E_GRPC_SERVER=grpcio gives every daemon grpcio's
+# (the fallback transport); `make test` runs the e2e suite once more so.
+E2E_GRPC_SERVER = "E2E_GRPC_SERVER"
+
+
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CRIOPY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRIOPY_")}
+    server = os.environ.get(E2E_GRPC_SERVER, "")
+    if server:
+        env["CRIOPY_GRPC_SERVER"] = server
+    return env
 
 
 @dataclass

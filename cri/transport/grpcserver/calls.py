@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -100,6 +101,12 @@ def _percent_encode(text: str, limit: int = MAX_MESSAGE_HEADER) -> bytes:
             break
         out += piece
     return bytes(out)
+
+
+def cut_details(text: str, limit: int = MAX_MESSAGE_HEADER) -> str:
+    """The longest start of `text` whose grpc-message encoding fits in `limit` bytes, for a transport that
+    encodes the message itself (grpcio's)."""
+    return urllib.parse.unquote_to_bytes(_percent_encode(text, limit)).decode("utf-8", "backslashreplace")
 
 
 def framed_message(payload: bytes) -> bytes:
