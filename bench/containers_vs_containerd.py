@@ -269,15 +269,12 @@ class BenchDaemon(Daemon):
     """The e2e harness's daemon in its own session: a Ctrl-C at the terminal reaches only the benchmark,
     which then removes the pods through the daemon before stopping it."""
 
-    def start(self, wait: bool = True) -> Daemon:
+    def _launch(self) -> None:
         self.cni_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), stdout=log, stderr=log, env=self.env, cwd=REPO, start_new_session=True
             )
-        if wait:
-            self.wait_ready()
-        return self
 
 
 class Criopy(Runtime):

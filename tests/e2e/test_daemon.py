@@ -327,3 +327,17 @@ def test_config_command_prints_the_effective_config(tmp_path):
     assert "level: warning" in done.stdout
     assert "port: 9191" in done.stdout
     assert "port: 10010" in done.stdout
+
+
+def test_the_harness_takes_another_metrics_port_when_its_own_was_taken(make_daemon):
+    """The harness picks a free port before the daemon binds it; a listener on port 0 may get the same number
+    in between (seen in CI: 'Address already in use'). The harness then starts the daemon on another."""
+    d = make_daemon(start=False)
+    taken = d.metrics_port
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        d.start()
+    assert d.metrics_port != taken
+    assert d.metrics()  # the endpoint answers on the port it got

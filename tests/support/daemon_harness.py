@@ -22,6 +22,9 @@ DEBIAN_CNI_DIR = "/usr/lib/cni"
 DEFAULT_CONFLIST = REPO / "conf" / "10-criopy-bridge.conflist"
 
 
+PORT_TRIES = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,13 +101,34 @@ class Daemon:
         ]
 
     def start(self, wait: bool = True) -> Daemon:
+        for _ in range(PORT_TRIES):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._launch()
+            if not wait:
+                return self
+            try:
+                self.wait_ready()
+                return self
+            except AssertionError:
+                if not self._lost_its_port(logged):
+                    raise
+                # metrics_port was free when picked, but a listener bound to port 0 since (a registry, a
+                # proxy) may have been given the same number: take another.
+                self.metrics_port = free_port()
+        raise AssertionError(f"no free metrics port in {PORT_TRIES} tries:\n{self.log()}")
+
+    def _launch(self) -> None:
         self.cni_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=self.env, cwd=REPO)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=self.env, cwd=REPO)
+
+    def _lost_its_port(self, logged: int) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            return False
+        with self.log_path.open("rb") as log:
+            log.seek(logged)
+            return b"Address already in use" in log.read()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
