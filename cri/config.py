@@ -126,6 +126,12 @@ class RuntimeConfig:
     )
     pids_limit: int = opt(-1, "Maximum processes per container; -1 means no limit.")
     log_size_max: int = opt(-1, "Maximum bytes of a container log file before conmon truncates it; -1 means no limit.")
+    cdi_spec_dirs: list[str] = opt(
+        ["/etc/cdi", "/var/run/cdi"],
+        "Directories of CDI spec files (*.json, *.yaml) naming devices as vendor.com/class=name; "
+        "a later directory's device overrides an earlier one's. Read at each CreateContainer that asks for a device.",
+        reloadable=True,
+    )
 
 
 @dataclass

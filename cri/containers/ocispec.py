@@ -7,6 +7,7 @@ seccomp profile file) raises SpecError naming the CRI field.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -16,14 +17,17 @@ from typing import Any
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.config import RuntimeConfig
-from cri.containers import capabilities, seccomp, ulimits
+from cri.containers import capabilities, cdi, seccomp, ulimits
 from cri.containers.host import HostFacts
 from cri.containers.users import ProcessUser
 from cri.containers.validate import RES, SC
 from cri.images.index import ImageRecord
+from cri.log import event
 from cri.oci import bundle
 from cri.system.linux import mounts
 from podsandbox.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
 
 
 class SpecError(ValueError):
@@ -128,6 +132,7 @@ def build(inputs: SpecInputs) -> dict[str, Any]:
         linux["resources"]["devices"] += [rule for _, rule in devices]
     if privileged:
         linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+    _cdi_devices(spec, inputs)
     propagation = _rootfs_propagation(config.mounts)
     if propagation:
         linux["rootfsPropagation"] = propagation
@@ -290,6 +295,23 @@ def _devices(devices: Sequence[pb.Device], privileged: bool) -> list[tuple[dict[
             continue
         out.append(_device(host, device.container_path, device.permissions, field))
     return out
+
+
+def _cdi_devices(spec: dict[str, Any], inputs: SpecInputs) -> None:
+    """CDI devices asked for by config.CDI_devices or cdi.k8s.io/ annotations, applied to the spec."""
+    wanted = cdi.requested(inputs.config)
+    if not wanted:
+        return  # the common case reads no spec dir
+    # Read at every create that asks for a device, so a spec file written while the daemon runs is
+    # used without a restart: the simple form of the CDI library's watched spec dirs.
+    registry = cdi.scan(inputs.runtime.cdi_spec_dirs)
+    try:
+        edits = registry.resolve([r.name for r in wanted])
+    except cdi.CdiError as exc:
+        field = next((r.field for r in wanted if r.name == exc.device), "config.CDI_devices")
+        raise SpecError(field, str(exc)) from exc
+    cdi.apply(spec, edits)
+    event(log, logging.DEBUG, "CDI devices applied", id=inputs.container_id, devices=",".join(r.name for r in wanted))
 
 
 def _host_devices(root: str = "/dev") -> list[str]:

@@ -8,7 +8,7 @@ import re
 from google.protobuf.message import Message
 
 from api.runtime.v1 import api_pb2 as pb
-from cri.containers import capabilities
+from cri.containers import capabilities, cdi
 from cri.errors import InvalidArgument
 
 SC = "config.linux.security_context"
@@ -70,8 +70,11 @@ def request(config: pb.ContainerConfig) -> None:
     _security(config.linux.security_context)
     if config.stop_signal and config.stop_signal not in pb.Signal.values():
         raise InvalidArgument("config.stop_signal", f"unknown signal {config.stop_signal}")
-    if config.CDI_devices:
-        raise InvalidArgument("config.CDI_devices", "CDI devices are not supported by this runtime")
+    for i, device in enumerate(config.CDI_devices):
+        try:
+            cdi.parse_name(device.name)
+        except cdi.CdiError as exc:
+            raise InvalidArgument(f"config.CDI_devices[{i}]", str(exc)) from None
 
 
 def _mounts(config: pb.ContainerConfig) -> None:
