@@ -177,6 +177,7 @@ def test_unresolvable_devices_are_refused_with_nothing_created(env: Env, host: H
     before = env.leftovers()
     cases = [
         ("unknown", devices("vendor.example/fake=nope"), {}, ["config.CDI_devices[0]", "vendor.example/fake=nope"]),
+        ("malformed-field", devices("gpu0"), {}, ["config.CDI_devices[0]", "gpu0"]),
         ("malformed", [], {"cdi.k8s.io/x": "not-a-cdi-name"}, ["config.annotations[cdi.k8s.io/x]", "not-a-cdi-name"]),
         (
             "broken",
