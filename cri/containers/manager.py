@@ -65,6 +65,9 @@ class ContainerManager:
         self.exit_dir = str(Path(config.runroot) / "exits")
         self._socket_dir = str(Path(config.runroot) / "sockets")
         self.host = HostFacts.detect()
+        if not self.host.swap_accounting:
+            # As the peers do, a swap limit is then accepted and not applied: said once, not per container.
+            event(log, logging.INFO, "no swap accounting on this host: memory_swap_limit_in_bytes is not applied")
         self.events = EventBus()
         self._containers: dict[str, Container] = {}
         self._creations: Creations[Container] = Creations("container", lambda c: c.id, self._containers.get)

@@ -27,6 +27,7 @@ from tests.e2e.containers import NOTHING, Env, push_image, running_env
 from tests.e2e.pods import pod_config
 from tests.support import image_builder as ib
 from tests.support.registry_harness import Registry
+from tests.support.system import CGROUP_ROOT
 
 SC = "config.linux.security_context"
 Pod = tuple[str, pb.PodSandboxConfig]
@@ -543,3 +544,39 @@ def rlimits(text: str) -> dict[str, tuple[str, str]]:
     """Soft and hard limit by name, from /proc/<pid>/limits."""
     found = re.findall(r"^(Max [a-z ]+?)\s{2,}(\S+)\s+(\S+)", text, re.MULTILINE)
     return {name: (soft, hard) for name, soft, hard in found}
+
+
+MIB = 1024 * 1024
+
+
+def _swap_limit(parent: str, cid: str) -> int:
+    """The container's memory + swap limit as the kernel holds it (v1 memsw; v2 keeps swap apart)."""
+    v1 = CGROUP_ROOT / "memory" / parent.strip("/") / f"criopy-{cid}" / "memory.memsw.limit_in_bytes"
+    if v1.exists():
+        return int(v1.read_text())
+    v2 = CGROUP_ROOT / parent.strip("/") / f"criopy-{cid}"
+    return int((v2 / "memory.swap.max").read_text()) + int((v2 / "memory.max").read_text())
+
+
+def test_a_swap_limit_lands_in_the_cgroup_and_is_updated_live(env: Env) -> None:
+    if not (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists() and not list(
+        CGROUP_ROOT.glob("*/memory.swap.max")
+    ):
+        assert "no swap accounting on this host" in env.daemon.log()
+        pytest.skip("the kernel does not account swap (no memory.memsw.* / memory.swap.max): limits are not applied")
+    pod = env.pod()
+    limits = pb.LinuxContainerResources(memory_limit_in_bytes=64 * MIB, memory_swap_limit_in_bytes=96 * MIB)
+    cid = env.run(pod, env.container_config("swap", ["sleep", "3600"], linux=pb.LinuxContainerConfig(resources=limits)))
+    parent = pod[1].linux.cgroup_parent
+    assert _swap_limit(parent, cid) == 96 * MIB
+    raised = pb.LinuxContainerResources(memory_limit_in_bytes=64 * MIB, memory_swap_limit_in_bytes=128 * MIB)
+    env.rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(container_id=cid, linux=raised), timeout=30)
+    assert _swap_limit(parent, cid) == 128 * MIB
+    status = env.status(cid).status
+    assert status.resources.linux.memory_swap_limit_in_bytes == 128 * MIB
+    # No swap limit with a memory limit: no swap beyond the memory, as the kubelet expects.
+    plain = pb.LinuxContainerResources(memory_limit_in_bytes=64 * MIB)
+    other = env.run(
+        pod, env.container_config("no-swap", ["sleep", "3600"], linux=pb.LinuxContainerConfig(resources=plain))
+    )
+    assert _swap_limit(parent, other) == 64 * MIB
