@@ -63,6 +63,11 @@ class Container:
     # The handler as resolved at creation (binary, --root, args), used for every later runtime call: a
     # reload may change or remove the handler. None in rows written before it was kept.
     oci_runtime: Runtime | None = None
+    # Image volumes, one entry per config.mounts entry ("" for the other mounts): the image's ID, which
+    # holds its read-only mount (cri/storage/imagevolumes.py) and the image itself against removal, and
+    # its ref (a repo digest, else the ID) that ContainerStatus reports. Recorded before the mounts are made.
+    image_volume_ids: tuple[str, ...] = ()
+    image_volume_refs: tuple[str, ...] = ()
     # The one entry per container: its lock, exit event and after-exit task live here.
     live: Lifecycle = field(default_factory=Lifecycle, repr=False, compare=False, metadata=records.TRANSIENT)
 
@@ -73,6 +78,11 @@ class Container:
     @property
     def attempt(self) -> int:
         return int(self.config.metadata.attempt)
+
+    @property
+    def volume_images(self) -> list[str]:
+        """The IDs of the images this container mounts as volumes, each once."""
+        return sorted({i for i in self.image_volume_ids if i})
 
 
 # The fields kept as columns of the containers table; every other one is in its JSON `data`.

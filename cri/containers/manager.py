@@ -40,7 +40,7 @@ from cri.oci import bundle, conmon, conmon_ctl, init_signal
 from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
 from cri.state import Store, idprefix
 from cri.state.creations import Creations
-from cri.storage import rootfs
+from cri.storage import imagevolumes, rootfs
 from cri.storage.layers import Driver
 from cri.system import concurrently, faults
 from podsandbox.manager import SandboxManager
@@ -62,6 +62,7 @@ class ContainerManager:
         config = live.current
         self._runroot = Path(config.runroot) / "containers"
         self._storage = Path(config.root) / "containers"
+        self._volumes = imagevolumes.ImageVolumes(Path(config.root) / "image-volumes")
         self.exit_dir = str(Path(config.runroot) / "exits")
         self._socket_dir = str(Path(config.runroot) / "sockets")
         self.host = HostFacts.detect()
@@ -123,7 +124,8 @@ class ContainerManager:
         return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
 
     def uses_image(self, image_id: str) -> bool:
-        return any(c.image_id == image_id for c in self._containers.values())
+        """Whether a container runs the image or mounts it as a volume (RemoveImage refuses then)."""
+        return any(c.image_id == image_id or image_id in c.image_volume_ids for c in self._containers.values())
 
     def _publish(self, container: Container, kind: EventType) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, time.time_ns()))
@@ -144,19 +146,40 @@ class ContainerManager:
             raise InvalidArgument(
                 "config.linux.security_context.privileged", f"pod sandbox {sandbox.id} is not privileged"
             )
-        try:
-            image = self._images.find(config.image.image)
-        except (reference.ReferenceError, AmbiguousImage) as exc:
-            raise InvalidArgument("config.image.image", str(exc)) from exc
-        if image is None:
-            raise NotFound(f"image {config.image.image!r} not found: pull it first")
+        image = self._find_image(config.image.image, "config.image.image")
+        volumes = self._volume_images(config)
         name = rows.reservation(sandbox.name, config.metadata)
         return await self._creations.create(
-            name, lambda container_id: self._create(container_id, name, sandbox, image, config)
+            name, lambda container_id: self._create(container_id, name, sandbox, image, config, volumes=volumes)
         )
 
+    def _find_image(self, text: str, field: str) -> ImageRecord:
+        try:
+            image = self._images.find(text)
+        except (reference.ReferenceError, AmbiguousImage) as exc:
+            raise InvalidArgument(field, str(exc)) from exc
+        if image is None:
+            # NOT_FOUND, as for the container's own image: the kubelet pulls image volumes first too.
+            raise NotFound(f"{field}: image {text!r} not found: pull it first")
+        return image
+
+    def _volume_images(self, config: pb.ContainerConfig) -> dict[int, ImageRecord]:
+        """config.mounts index -> the image each image volume names."""
+        return {
+            i: self._find_image(m.image.image, f"config.mounts[{i}].image")
+            for i, m in enumerate(config.mounts)
+            if validate.is_image_volume(m)
+        }
+
     async def _create(
-        self, container_id: str, name: str, sandbox: Sandbox, image: ImageRecord, config: pb.ContainerConfig
+        self,
+        container_id: str,
+        name: str,
+        sandbox: Sandbox,
+        image: ImageRecord,
+        config: pb.ContainerConfig,
+        *,
+        volumes: dict[int, ImageRecord],
     ) -> Container:
         settings = self._live.current
         container = Container(
@@ -164,7 +187,7 @@ class ContainerManager:
             sandbox_id=sandbox.id,
             config=config,
             image_id=image.id,
-            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+            image_ref=_ref(image),
             image_name=config.image.image,
             created_at=time.time_ns(),
             state=ContainerState.CREATING,
@@ -175,11 +198,13 @@ class ContainerManager:
             cgroups_path=bundle.cgroups_path(settings.runtime.cgroup_manager, sandbox.cgroup_parent, container_id),
             stop_signal=ocispec.stop_signal(config, image),
             resources=config.linux.resources,
+            image_volume_ids=tuple(volumes[i].id if i in volumes else "" for i in range(len(config.mounts))),
+            image_volume_refs=tuple(_ref(volumes[i]) if i in volumes else "" for i in range(len(config.mounts))),
         )
         started = time.monotonic()
         try:
             async with AsyncExitStack() as undo:
-                await self._build(container, name, sandbox, image, undo)
+                await self._build(container, name, sandbox, image, undo, volumes=volumes)
                 undo.pop_all()
         except BaseException as exc:
             event(log, logging.WARNING, "container creation failed, undone", id=container_id, error=str(exc))
@@ -202,7 +227,14 @@ class ContainerManager:
         return container
 
     async def _build(
-        self, container: Container, name: str, sandbox: Sandbox, image: ImageRecord, undo: AsyncExitStack
+        self,
+        container: Container,
+        name: str,
+        sandbox: Sandbox,
+        image: ImageRecord,
+        undo: AsyncExitStack,
+        *,
+        volumes: dict[int, ImageRecord],
     ) -> None:
         settings = self._live.current
         # Resolved once, and recorded with the row before anything is made with it.
@@ -218,8 +250,14 @@ class ContainerManager:
         )
         driver: Driver = "vfs" if settings.storage.driver == "vfs" else "overlay"
         pid_namespace = self._pid_namespace(container.config, sandbox)
+        if volumes:
+            undo.push_async_callback(
+                self._undo, container.id, "image volumes", asyncio.to_thread, self._volumes.release_all, container.id
+            )
         # One trip to a worker thread for all the file work: each trip costs a loop turn or two.
-        user = await asyncio.to_thread(self._write_bundle, container, sandbox, image, driver, pid_namespace)
+        user = await asyncio.to_thread(
+            self._write_bundle, container, sandbox, image, driver, pid_namespace, volumes=volumes
+        )
         container.uid, container.gid = user.uid, user.gid
         container.additional_gids, container.username = user.additional_gids, user.username
         faults.point("container.create.bundle")
@@ -233,9 +271,17 @@ class ContainerManager:
         await self._record(container)
 
     def _write_bundle(
-        self, container: Container, sandbox: Sandbox, image: ImageRecord, driver: Driver, pid_namespace: str | None
+        self,
+        container: Container,
+        sandbox: Sandbox,
+        image: ImageRecord,
+        driver: Driver,
+        pid_namespace: str | None,
+        *,
+        volumes: dict[int, ImageRecord],
     ) -> users.ProcessUser:
-        """Blocking: the bundle dir, the rootfs mount, the user from its /etc/passwd, config.json, the log dir."""
+        """Blocking: the image volumes, the bundle dir, the rootfs mount, the user, config.json, the log dir."""
+        sources = self._mount_image_volumes(container, volumes)
         os.makedirs(container.bundle, 0o700)
         root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver)
         user = _resolve_user(root, container.config, image)
@@ -252,12 +298,28 @@ class ContainerManager:
                 host=self.host,
                 pid_namespace=pid_namespace,
                 cgroups_path=container.cgroups_path,
+                image_volumes=sources,
             )
         )
         bundle.write(container.bundle, spec)
         if container.log_path:
             os.makedirs(os.path.dirname(container.log_path), 0o755, True)
         return user
+
+    def _mount_image_volumes(self, container: Container, volumes: dict[int, ImageRecord]) -> dict[int, str]:
+        """Blocking: each image's shared read-only mount (held by the container), then its sub path in it."""
+        merged = {
+            image.id: self._volumes.acquire(image.id, self._images.lower_dirs(image), container.id)
+            for image in volumes.values()
+        }
+        sources: dict[int, str] = {}
+        for i, image in volumes.items():
+            sub_path = container.config.mounts[i].image_sub_path
+            try:
+                sources[i] = str(imagevolumes.resolve_sub_path(merged[image.id], sub_path))
+            except imagevolumes.SubPathError as exc:
+                raise InvalidArgument(f"config.mounts[{i}].image_sub_path", str(exc)) from exc
+        return sources
 
     def _launch(self, container: Container, name: str) -> ConmonLaunch:
         config = container.config
@@ -483,6 +545,7 @@ class ContainerManager:
                 await asyncio.to_thread(rootfs.remove, Path(container.storage))
             faults.point("container.remove.runtime")
             await asyncio.to_thread(bundle.remove, container.bundle)
+            await asyncio.to_thread(self._volumes.release_all, container.id)
         except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         faults.point("container.remove.files")
@@ -581,6 +644,8 @@ class ContainerManager:
             self._check_exit(container.id)
             if not _exited(container) and conmon.process_gone(container.pid):
                 self._record_exit(container, 255, "the container was lost while the daemon was down")
+        held = {c.id: c.volume_images for c in self._containers.values()}
+        await asyncio.to_thread(self._volumes.recover, held)
         event(log, logging.INFO, "containers recovered", count=len(self._containers))
 
     async def _discard_half_made(self, container: Container) -> None:
@@ -590,6 +655,11 @@ class ContainerManager:
         await self._undo(container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage))
         await self._undo(container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
         await self._delete_row(container.id)
+
+
+def _ref(image: ImageRecord) -> str:
+    """How ContainerStatus names an image: a repo digest when it has one, else its ID."""
+    return image.repo_digests[0] if image.repo_digests else image.id
 
 
 def _exited(container: Container) -> bool:

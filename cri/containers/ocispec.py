@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class SpecInputs:
     host: HostFacts
     pid_namespace: str | None  # "" a new one, a /proc/<pid>/ns/pid path to join, None the host's
     cgroups_path: str
+    # Image volumes: config.mounts index -> the host dir to bind (the image's read-only mount or its sub path).
+    image_volumes: Mapping[int, str] = field(default_factory=dict)
 
 
 def process_args(config: pb.ContainerConfig, image: ImageRecord) -> list[str]:
@@ -200,8 +202,17 @@ def _mounts(inputs: SpecInputs) -> list[dict[str, Any]]:
         if target not in wanted and os.path.exists(source):
             read_only = config.linux.security_context.readonly_rootfs
             out.append(bundle.bind_mount(source, target, read_only=read_only))
-    out += [_user_mount(m, f"config.mounts[{i}]") for i, m in enumerate(config.mounts)]
+    for i, m in enumerate(config.mounts):
+        volume = inputs.image_volumes.get(i)
+        out.append(_user_mount(m, f"config.mounts[{i}]") if volume is None else _image_volume_mount(m, volume))
     return out
+
+
+def _image_volume_mount(mount: pb.Mount, source: str) -> dict[str, Any]:
+    # Read-only whatever mount.readonly says: the source is a read-only mount already, and "ro" keeps
+    # the container's own bind from being remounted read-write.
+    options = ["rbind", _PROPAGATION.get(mount.propagation, "rprivate"), "ro"]
+    return {"destination": mount.container_path, "type": "bind", "source": source, "options": options}
 
 
 def _default_mount(mount: dict[str, Any], sandbox: Sandbox, privileged: bool) -> dict[str, Any]:

@@ -34,6 +34,21 @@ def _image(container: Container) -> pb.ImageSpec:
     )
 
 
+def _mounts(container: Container) -> list[pb.Mount]:
+    """The mounts as given, an image volume's image named as resolved (its repo digest, else its ID) with
+    what was asked for in user_specified_image, as the container's own image is shown."""
+    out = []
+    refs = container.image_volume_refs
+    for i, given in enumerate(container.config.mounts):
+        mount = pb.Mount()
+        mount.CopyFrom(given)
+        if i < len(refs) and refs[i]:
+            mount.image.user_specified_image = given.image.user_specified_image or given.image.image
+            mount.image.image = refs[i]
+        out.append(mount)
+    return out
+
+
 def item(container: Container) -> pb.Container:
     """The list entry: of all it is built from, only the state changes after creation."""
     return pb.Container(
@@ -67,7 +82,7 @@ def status(container: Container) -> pb.ContainerStatus:
         message=container.message,
         labels=dict(container.config.labels),
         annotations=dict(container.config.annotations),
-        mounts=list(container.config.mounts),
+        mounts=_mounts(container),
         log_path=container.log_path,
         resources=pb.ContainerResources(linux=container.resources),
         user=pb.ContainerUser(

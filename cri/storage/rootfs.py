@@ -182,17 +182,56 @@ def _make_container_dir(path: Path) -> None:
 
 def _mount_overlay(paths: RootfsPaths, lowers: list[Path]) -> str:
     """Mount the overlay on merged/; returns how: "absolute" (in-process) or "relative" (from a child)."""
-    if not lowers:
-        paths.empty.mkdir(mode=0o755)
-        os.chmod(paths.empty, 0o755)  # not the umask's idea: it becomes the root's mode via upper/
-        lowers = [paths.empty]
+    lowers = list(_lowers_or_empty(paths, lowers))
     for d in (paths.upper, paths.work, paths.merged):
         d.mkdir(mode=0o755)
     _copy_owner_and_mode(lowers[0], paths.upper)
-    data = _overlay_options([str(p) for p in lowers], str(paths.upper), str(paths.work))
+    return _overlay(paths, lowers, writable=True)
+
+
+def mount_read_only(top: Path, lowers: Sequence[Path]) -> Path:
+    """Mount lowers (topmost first) read-only on top/merged, for an image volume; returns merged/.
+
+    top must exist and be empty. Two or more lowers: an overlay without upper and work dirs, which the
+    kernel makes read-only; a single one: a read-only bind mount of it (overlay wants two lowers when it
+    has no upper). Long chains use the same short relative links as containers. Blocking; on failure
+    whatever was made under top is left for the caller's removal (remove(top)).
+    """
+    paths = RootfsPaths.of(top)
+    lowers = [Path(os.path.abspath(p)) for p in _lowers_or_empty(paths, lowers)]
+    _check_lowers(lowers)
+    paths.merged.mkdir(mode=0o755)
+    if len(lowers) > 1:
+        how = _overlay(paths, lowers, writable=False)
+        event(log, logging.INFO, "read_only_overlay_mounted", dir=str(paths.dir), layers=len(lowers), how=how)
+        return paths.merged
+    try:
+        linux.mount(str(lowers[0]), str(paths.merged), None, linux.MS_BIND | linux.MS_REC)
+        # A bind mount takes MS_RDONLY only on a remount.
+        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+        linux.mount("none", str(paths.merged), None, flags)
+    except OSError as exc:
+        raise RootfsError(f"read-only bind mount of {lowers[0]} on {paths.merged}: {exc}") from exc
+    return paths.merged
+
+
+def _lowers_or_empty(paths: RootfsPaths, lowers: Sequence[Path]) -> Sequence[Path]:
+    """An image without layers still needs one lower dir: an empty one under the mount's own dir."""
+    if lowers:
+        return lowers
+    paths.empty.mkdir(mode=0o755)
+    os.chmod(paths.empty, 0o755)  # not the umask's idea: it becomes the root's mode (via upper/ for containers)
+    return [paths.empty]
+
+
+def _overlay(paths: RootfsPaths, lowers: list[Path], *, writable: bool) -> str:
+    """The overlay on merged/, with upper/ and work/ when writable; "absolute" (in-process) or "relative"."""
+    upper_work = (str(paths.upper), str(paths.work)) if writable else None
+    # Without an upper dir the kernel makes the overlay read-only whatever the flags (the child passes none).
+    data = _overlay_options([str(p) for p in lowers], upper_work)
     if _fits_in_a_page(data):
         try:
-            linux.mount("overlay", str(paths.merged), "overlay", 0, data)
+            linux.mount("overlay", str(paths.merged), "overlay", 0 if writable else linux.MS_RDONLY, data)
         except OSError as exc:
             raise RootfsError(f"overlay mount of {len(lowers)} layers: {exc}{_kernel_log_hint(exc)}") from exc
         return "absolute"
@@ -200,7 +239,7 @@ def _mount_overlay(paths: RootfsPaths, lowers: list[Path]) -> str:
     for n, lower in enumerate(lowers):
         (paths.links / str(n)).symlink_to(lower)
     relative = [f"{paths.links.name}/{n}" for n in range(len(lowers))]
-    data = _overlay_options(relative, paths.upper.name, paths.work.name)
+    data = _overlay_options(relative, (paths.upper.name, paths.work.name) if writable else None)
     if not _fits_in_a_page(data):  # not reached below MAX_LOWER_DIRS; a guard should the cap ever rise
         raise RootfsError(f"{len(lowers)} layers: overlay options do not fit in one page even with short links")
     _mount_from(paths.dir, paths.merged, data)
@@ -213,8 +252,11 @@ def _copy_owner_and_mode(source: Path, dest: Path) -> None:
     os.chmod(dest, st.st_mode & 0o7777)  # after chown, which clears setuid/setgid
 
 
-def _overlay_options(lowers: Sequence[str], upper: str, work: str) -> str:
+def _overlay_options(lowers: Sequence[str], upper_work: tuple[str, str] | None) -> str:
     lowerdir = ":".join(_escape(p) for p in lowers)
+    if upper_work is None:  # lower dirs only: a read-only overlay
+        return f"lowerdir={lowerdir}"
+    upper, work = upper_work
     return f"lowerdir={lowerdir},upperdir={_escape(upper)},workdir={_escape(work)}"
 
 

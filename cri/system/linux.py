@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 MNT_DETACH = 2
 MS_BIND = 0x1000
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_REC = 0x4000
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8

@@ -225,3 +225,24 @@ def test_busy_mount_is_detached_and_the_dir_still_deleted(tmp_path, caplog):
     finally:
         holder.kill()
         holder.wait(timeout=10)
+
+
+# ---- read-only mounts of image volumes ----
+
+
+@pytest.mark.parametrize("count", [1, 3, 120])
+def test_read_only_mount_shows_the_layers_and_refuses_writes(tmp_path, count):
+    # 1: a read-only bind of the one layer; 3: a lower-only overlay; 120: one through the short links.
+    lowers = make_layers(tmp_path, count)
+    top = tmp_path / "image-volumes" / "v"
+    top.mkdir(parents=True)
+    merged = rootfs.mount_read_only(top, lowers)
+
+    assert mount_points(top) == [str(merged)]
+    assert (merged / "who").read_text() == f"layer {count - 1}\n"
+    assert (merged / "f0").read_text() == "from layer 0\n"
+    with pytest.raises(OSError, match="Read-only file system"):
+        (merged / "new").write_text("x")
+    assert (top / "l").exists() == (count == 120)
+    rootfs.remove(top)
+    assert not top.exists() and mount_points(tmp_path) == []
