@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cri.log import event
 from cri.storage import rootfs
+from cri.system import linux
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class ImageVolumes:
     def __init__(self, top: Path) -> None:
         self.top = top
         self._holders: dict[str, set[str]] = {}  # image ID -> container IDs
+        # Held is not mounted after a reboot: the exited containers of before still hold their images.
+        self._mounted: set[str] = set()
         self._lock = threading.Lock()  # creations and removals run in worker threads concurrently
 
     def dir_of(self, image_id: str) -> Path:
@@ -67,11 +70,11 @@ class ImageVolumes:
     def acquire(self, image_id: str, lower_dirs: Sequence[Path], holder: str) -> Path:
         """The image's merged/ mount, made now if no one holds it yet; `holder` holds it until release_all."""
         with self._lock:
-            holders = self._holders.setdefault(image_id, set())
-            if not holders:
+            if image_id not in self._mounted:
                 self._mount(image_id, lower_dirs)
-            holders.add(holder)
-            return rootfs.RootfsPaths.of(self.dir_of(image_id)).merged
+                self._mounted.add(image_id)
+            self._holders.setdefault(image_id, set()).add(holder)
+            return self._merged(image_id)
 
     def release_all(self, holder: str) -> None:
         """Let go of every image `holder` holds; the last holder unmounts it. Idempotent."""
@@ -80,6 +83,7 @@ class ImageVolumes:
                 self._holders[image_id].discard(holder)
                 if not self._holders[image_id]:
                     del self._holders[image_id]
+                    self._mounted.discard(image_id)
                     self._unmount(image_id)
 
     def recover(self, held: Mapping[str, Sequence[str]]) -> None:
@@ -89,15 +93,20 @@ class ImageVolumes:
                 for image_id in image_ids:
                     self._holders.setdefault(image_id, set()).add(holder)
             kept = {self.dir_of(i).name for i in self._holders}
+            mounted = {m.mount_point for m in linux.mounts_under(str(self.top))}
+            self._mounted = {i for i in self._holders if str(self._merged(i)) in mounted}
             names = sorted(os.listdir(self.top)) if self.top.is_dir() else []
             for name in names:
                 if name not in kept:
                     event(log, logging.INFO, "image volume orphan removed", dir=str(self.top / name))
                     rootfs.remove(self.top / name)
 
+    def _merged(self, image_id: str) -> Path:
+        return rootfs.RootfsPaths.of(self.dir_of(image_id)).merged
+
     def _mount(self, image_id: str, lower_dirs: Sequence[Path]) -> None:
         top = self.dir_of(image_id)
-        rootfs.remove(top)  # a leftover of a crash between mkdir and the record of its holder
+        rootfs.remove(top)  # what a crash or a reboot left: a dir without its mount
         top.mkdir(mode=0o700, parents=True)
         try:
             rootfs.mount_read_only(top, lower_dirs)

@@ -33,6 +33,10 @@ the mount points (/proc, /dev, ...) it needs in the root. So there is no read-on
 Overlay shows the upper dir's owner and mode as the root's, so upper/ copies those of the topmost lower
 (the image's `/`, normally 0755 root:root); otherwise a non-root container could not list `/`.
 
+Image volumes (cri/storage/imagevolumes.py) use mount_read_only: the same layout without upper/ and
+work/, an overlay of lower dirs only (which the kernel makes read-only; it needs two lowers), or for a
+single layer a read-only bind mount of it; long chains go through the same short links.
+
 vfs: merged/ is `cp -a --reflink=auto` of the topmost lower dir, which with the vfs layer store is the
 whole image. There is no mount; the copy is the writable layer.
 """

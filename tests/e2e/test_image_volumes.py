@@ -158,7 +158,17 @@ def test_a_restarted_daemon_keeps_the_holds_and_unmounts_what_no_container_holds
     with pytest.raises(grpc.RpcError) as err:
         remove_image(env, share_image)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    env.stop(cid)
+    # A reboot: the mounts go, the exited container still holds its images; the next user mounts again.
+    env.daemon.stop()
+    for point in volume_mounts(env):
+        linux.umount(point, linux.MNT_DETACH)
+    env.daemon.start()
+    script = "cat /tools/data/a.txt"
+    after = env.run_to_exit(pod, env.container_config("after", ["sh", "-c", script], mounts=mounts[:1]))
+    assert after.exit_code == 0 and "alpha from tools" in env.output(pod, "after")
     env.remove(cid)
+    env.remove(after.id)
     assert volume_mounts(env) == []
     remove_image(env, share_image)
     assert env.leftovers() == NOTHING
