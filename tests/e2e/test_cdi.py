@@ -24,6 +24,7 @@ import yaml
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, running_env
 from tests.support.registry_harness import Registry
+from tests.support.system import CGROUP_ROOT
 
 Pod = tuple[str, pb.PodSandboxConfig]
 
@@ -197,3 +198,32 @@ def test_unresolvable_devices_are_refused_with_nothing_created(env: Env, host: H
     # A broken or ambiguous file elsewhere does not stop a good device from being used.
     cid = env.run(pod, env.container_config("good", ["true"], CDI_devices=devices("vendor.example/other=zero0")))
     assert env.wait_exited(cid).exit_code == 0
+
+
+def _device_rules(parent: str, cid: str) -> list[str]:
+    """The container's device cgroup allow list (cgroup v1; v2 keeps it in a BPF program, not readable)."""
+    listed = CGROUP_ROOT / "devices" / parent.strip("/") / f"criopy-{cid}" / "devices.list"
+    return listed.read_text().split("\n")
+
+
+def test_the_device_cgroup_allows_the_cdi_devices_of_the_container_and_no_other(env: Env, host: Host) -> None:
+    if not (CGROUP_ROOT / "devices" / "devices.list").exists():
+        pytest.skip("no cgroup v1 devices controller: v2 enforces device rules in BPF, with no list to read")
+    # /dev/kmsg's numbers (1:11): a device runc's default rules do not allow, unlike null and zero.
+    kmsg = os.stat("/dev/kmsg").st_rdev
+    os.mknod(host.dev / "kmsg", 0o600 | stat.S_IFCHR, kmsg)
+    node = {"path": "/dev/fake-kmsg", "hostPath": str(host.dev / "kmsg"), "permissions": "r"}
+    spec = {
+        "cdiVersion": "0.6.0",
+        "kind": "vendor.example/kmsg",
+        "devices": [{"name": "k0", "containerEdits": {"deviceNodes": [node]}}],
+    }
+    (host.etc / "kmsg.json").write_text(json.dumps(spec))
+    pod = env.pod()
+    parent = pod[1].linux.cgroup_parent
+    sleeper = ["sleep", "3600"]
+    asked = env.run(pod, env.container_config("asked", sleeper, CDI_devices=devices("vendor.example/kmsg=k0")))
+    other = env.run(pod, env.container_config("other", sleeper))
+    rule = f"c {os.major(kmsg)}:{os.minor(kmsg)} r"
+    assert rule in _device_rules(parent, asked)
+    assert not any(line.startswith(f"c {os.major(kmsg)}:{os.minor(kmsg)} ") for line in _device_rules(parent, other))
