@@ -343,8 +343,11 @@ class SandboxManager:
         self._publish()
         event(log, logging.INFO, "pod sandboxes recovered", count=len(self._sandboxes))
 
-    async def release_orphan_network(self, sandbox_id: str) -> int:
-        """CNI DEL for each attachment cached for an ID no record explains (the orphan sweep's); how many."""
+    async def release_cached_networks(self, sandbox_id: str) -> int:
+        """CNI DEL for each attachment cached for the ID, with or without a result; how many.
+
+        For a creation a crash interrupted, and for an ID no record explains (the orphan sweep's).
+        """
         networks = self._network.cached_networks(sandbox_id)
         for network in networks:
             await self._undo(
@@ -355,8 +358,7 @@ class SandboxManager:
     async def _discard_half_made(self, sandbox: Sandbox) -> None:
         event(log, logging.WARNING, "undoing a pod sandbox creation interrupted by a crash", pod_id=sandbox.id)
         config = self._live.current
-        for network in self._network.cached_networks(sandbox.id):
-            await self._undo(sandbox.id, "cni", self._network.detach, sandbox.id, "", network, config.network)
+        await self.release_cached_networks(sandbox.id)
         if sandbox.spec.pid_mode is NamespaceMode.POD:
             await self._undo(sandbox.id, "infra", infra.stop, sandbox, config)
         if sandbox.shm:

@@ -73,7 +73,7 @@ async def serve(live: LiveConfig) -> None:
             Layout(Path(config.root), Path(config.runroot)),
             store,
             lambda: _runtimes(live),
-            sandboxes.release_orphan_network,
+            sandboxes.release_cached_networks,
         )
         await orphans.sweep()
         orphans.start()

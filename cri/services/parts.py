@@ -1,7 +1,7 @@
 """What the RuntimeService's RPC groups share: the managers and facilities they delegate to.
 
 Each RPC group is a class of its own module (as cri-o keeps one file per RPC
-group of its server); `RuntimeService` combines them and sets these once.
+group of its server); `RuntimeService` combines them; this base sets what they share, once.
 """
 
 from __future__ import annotations
@@ -18,12 +18,24 @@ from podsandbox.manager import SandboxManager
 
 
 class RuntimeParts:
-    _live: LiveConfig
-    _handlers: RuntimeHandlers
-    _network: NetworkWatcher
-    _store: Store
-    _sandboxes: SandboxManager
-    _containers: ContainerManager
-    _execs: Execs
-    _streaming: StreamingServer
-    _container_lists: ListCache
+    def __init__(
+        self,
+        live: LiveConfig,
+        *,
+        handlers: RuntimeHandlers,
+        network: NetworkWatcher,
+        store: Store,
+        sandboxes: SandboxManager,
+        containers: ContainerManager,
+        execs: Execs,
+        streaming: StreamingServer,
+    ) -> None:
+        self._live = live
+        self._handlers = handlers
+        self._network = network
+        self._store = store
+        self._sandboxes = sandboxes
+        self._containers = containers
+        self._execs = execs
+        self._streaming = streaming
+        self._container_lists = ListCache()
