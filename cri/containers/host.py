@@ -9,6 +9,7 @@ from pathlib import Path
 from cri.containers import capabilities
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class HostFacts:
             oom_score_adj_floor=_oom_floor(),
             cgroup2=cgroup2,
             swap_accounting=_swap_accounting(cgroup2),
-            hugetlb=(CGROUP_ROOT / "hugetlb").is_dir() or _v2_controller(cgroup2, "hugetlb"),
+            hugetlb="hugetlb" in cgroup_v1_controllers(_read(MOUNTINFO)) or _v2_controller(cgroup2, "hugetlb"),
             apparmor=_read("/sys/module/apparmor/parameters/enabled").startswith("Y"),
         )
 
@@ -38,6 +39,25 @@ def _read(path: str | Path) -> str:
         return Path(path).read_text().strip()
     except OSError:
         return ""
+
+
+def cgroup_v1_controllers(mountinfo: str) -> frozenset[str]:
+    """The controllers of the cgroup v1 hierarchies mounted here, read from each cgroup mount's super options.
+
+    A directory named after a controller proves nothing: a container's systemd, given the host's
+    /sys/fs/cgroup, once made an empty `hugetlb` directory on the host, and limits passed for it then failed
+    in runc. Only a mount of fstype `cgroup` whose options name the controller counts."""
+    found: set[str] = set()
+    for line in mountinfo.splitlines():
+        _, sep, tail = line.partition(" - ")
+        fields = tail.split()
+        if sep and len(fields) >= 3 and fields[0] == "cgroup":
+            found.update(opt for opt in fields[2].split(",") if opt not in _V1_MOUNT_OPTIONS and "=" not in opt)
+    return frozenset(found)
+
+
+# Super options of a v1 cgroup mount that are not controller names (`name=systemd` is dropped by its '=').
+_V1_MOUNT_OPTIONS = frozenset({"rw", "ro", "noprefix", "clone_children", "cpuset_v2_mode", "xattr"})
 
 
 def _oom_floor() -> int:
