@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from cri.storage.layers import LayerInfo, LayerNotFound, LayerStore, chain_ids
-from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, is_foreign, unpack_layer
+from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, is_foreign, unpack_layer, unpack_stream
 from tests.support.layer_tar import (
     MEDIA_TYPES,
     Compression,
@@ -162,6 +162,31 @@ def test_diff_id_covers_bytes_after_the_tar_end(tmp_path):
     (tmp_path / "d").mkdir()
     result = unpack_layer(write_blob(tmp_path, compress(padded, "zstd")), MEDIA_TYPES["zstd"], tmp_path / "d")
     assert result.diff_id == "sha256:" + hashlib.sha256(padded).hexdigest()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_a_pipe_that_cannot_seek_unpacks_like_the_file(tmp_path, compression):
+    # The download feeds the unpack through a pipe: the compression is sniffed without seeking back.
+    blob = compress(tar_bytes(SAMPLE), compression)
+    (tmp_path / "file").mkdir()
+    (tmp_path / "pipe").mkdir()
+    from_file = unpack_layer(write_blob(tmp_path, blob), MEDIA_TYPES[compression], tmp_path / "file")
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with open(write_end, "wb") as out:
+            for i in range(0, len(blob), 1000):  # small writes: the head arrives in pieces too
+                out.write(blob[i : i + 1000])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        with open(read_end, "rb", buffering=0) as source:
+            from_pipe = unpack_stream(source, MEDIA_TYPES[compression], tmp_path / "pipe", label="piped")
+    finally:
+        feeder.join()
+    assert from_pipe == from_file
+    assert tree(tmp_path / "pipe") == tree(tmp_path / "file")
 
 
 def test_truncated_blob_is_refused_naming_the_layer(tmp_path):
