@@ -1,0 +1,312 @@
+"""Pod bursts, the unary floor and idle cost: criopy against Debian's containerd 1.6, one run (prints, asserts nothing).
+
+    sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--version-calls 2000]
+        [--idle-containers 100 --idle-seconds 60] [--only criopy|containerd] [--profile-criopy /tmp/burst.svg]
+
+Same environment as bench/containers_vs_containerd.py (its runtimes, registry, CNI bridge and requests), and
+the same rule: both daemons run at once, every figure is sampled in turns. Figures (medians over --rounds):
+
+1. bursts: 50 pods x 1 container started by 8 client threads, then removed by 8; 110 pods with 16 threads
+   (a node's max pods, as after a reboot); each burst timed while the other runtime holds no pods;
+2. the unary floor: `Version` round trips, in blocks taken in turns, median and p99 per call;
+3. `Version` while a 50-pod burst runs: one more client calling Version back to back through the same
+   channel as the burst (as the kubelet shares one connection), its p50 / p99 / max;
+4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
+   processes and one conmon per container; containerd: the daemon and one shim per pod) over
+   --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
+   once and measured over the same window.
+
+`--profile-criopy out.svg` records criopy's daemon with py-spy (`pip install py-spy`) during its first
+110-pod burst (start and removal): a flame graph, or for any other suffix collapsed stacks per thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.runtime.v1 import api_pb2 as pb
+from bench.containers_vs_containerd import (
+    RUNTIMES,
+    Pod,
+    Results,
+    Run,
+    Runtime,
+    bench_env,
+    children,
+    end_pod,
+    interrupt_on_sigterm,
+    lifecycle_once,
+    run_pod,
+    start_container,
+    table,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+VERSION = pb.VersionRequest()
+
+
+@dataclass(frozen=True)
+class Burst:
+    pods: int
+    clients: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.pods} pods x 1 container, {self.clients} clients"
+
+
+BURSTS = (Burst(50, 8), Burst(110, 16))
+
+
+def start_burst(rt: Runtime, burst: Burst) -> list[Pod]:
+    def one(_: int) -> Pod:
+        pod = run_pod(rt)
+        start_container(rt, pod, 0)
+        return pod
+
+    with ThreadPoolExecutor(burst.clients) as pool:
+        return list(pool.map(one, range(burst.pods)))
+
+
+def remove_burst(rt: Runtime, pods: list[Pod], clients: int) -> None:
+    """As the kubelet removes a pod: its container stopped and removed, then the pod stopped and removed."""
+
+    def one(pod: Pod) -> None:
+        for cid in pod.containers:
+            rt.rs.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0), timeout=120)
+            rt.rs.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=120)
+        end_pod(rt, pod.id)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, pods))
+
+
+class PySpy:
+    """py-spy recording one process until stopped (SIGINT makes it write its flame graph)."""
+
+    def __init__(self, pid: int, out: str) -> None:
+        # A flame graph for out.svg; else collapsed stacks per thread, to be read as text.
+        flame = out.endswith(".svg")
+        options = ["--rate", "200", *(() if flame else ("--format", "raw", "--threads"))]
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--output", out, *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def time_burst(run: Run, rt: Runtime, burst: Burst, profile: str | None) -> tuple[float, float]:
+    spy = PySpy(rt.daemon_pid(), profile) if profile else None
+    try:
+        started = time.perf_counter()
+        pods = start_burst(rt, burst)
+        start_s = time.perf_counter() - started
+        started = time.perf_counter()
+        remove_burst(rt, pods, burst.clients)
+        remove_s = time.perf_counter() - started
+    finally:
+        if spy is not None:
+            spy.stop()
+    return start_s, remove_s
+
+
+def bursts(run: Run, rounds: int, profile: str | None) -> None:
+    for burst in BURSTS:
+        print(f"bursts of {burst.label} x {rounds}, in turns", flush=True)
+        profiled = False
+
+        def sample(rt: Runtime, burst: Burst = burst) -> tuple[float, float]:
+            nonlocal profiled
+            want = profile if rt.name == "criopy" and burst.pods == 110 and not profiled else None
+            profiled = profiled or want is not None
+            return time_burst(run, rt, burst, want)
+
+        for name, samples in run.interleaved(f"the {burst.label} burst", rounds, sample).items():
+            figures = run.results[name].figures
+            figures[f"start {burst.label} (s)"] = statistics.median(s for s, _ in samples)
+            figures[f"remove {burst.label} (s)"] = statistics.median(r for _, r in samples)
+
+
+def version_calls_ms(rt: Runtime, calls: int) -> list[float]:
+    out = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        rt.rs.Version(VERSION, timeout=10)
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def version_floor(run: Run, calls: int) -> None:
+    blocks = 10
+    for rt in run.live:
+        version_calls_ms(rt, 200)  # warm-up: the channel's connection, caches
+    collected = run.interleaved("Version", blocks, lambda rt: version_calls_ms(rt, max(1, calls // blocks)))
+    for name, per_block in collected.items():
+        samples = [s for block in per_block for s in block]
+        figures = run.results[name].figures
+        figures[f"Version round trip, median of {len(samples)} (ms)"] = statistics.median(samples)
+        figures["Version round trip p99 (ms)"] = percentile(samples, 0.99)
+
+
+def version_under_burst(run: Run, rounds: int) -> None:
+    burst = BURSTS[0]
+
+    def sample(rt: Runtime) -> list[float]:
+        done = threading.Event()
+        samples: list[float] = []
+
+        def probe() -> None:
+            while not done.is_set():
+                samples.extend(version_calls_ms(rt, 1))
+                time.sleep(0.005)  # a client calling often, not a flood that would itself be the load
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            pods = start_burst(rt, burst)
+            remove_burst(rt, pods, burst.clients)
+        finally:
+            done.set()
+            prober.join()
+        return samples
+
+    print(f"Version during bursts of {burst.label} x {rounds}, in turns", flush=True)
+    for name, per_round in run.interleaved("Version under a burst", rounds, sample).items():
+        samples = [s for r in per_round for s in r]
+        figures = run.results[name].figures
+        where = f"during a {burst.pods}-pod burst"
+        figures[f"Version p50 {where} (ms)"] = statistics.median(samples)
+        figures[f"Version p99 {where} (ms)"] = percentile(samples, 0.99)
+        figures[f"Version max {where} (ms)"] = max(samples)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def overhead_pids(rt: Runtime, pods: list[Pod]) -> list[int]:
+    """The daemon, its own helper processes (not monitors) and the monitors of pods."""
+    daemon = rt.daemon_pid()
+    monitors = {pid for pod in pods for pid in rt.monitor_pids(pod)}
+    helpers = {c for c in children(daemon) if c not in monitors}
+    return [daemon, *sorted(helpers), *sorted(monitors)]
+
+
+def idle_cost(run: Run, containers: int, seconds: float) -> None:
+    print(f"{containers} idle containers on each runtime, CPU over {seconds:.0f} s", flush=True)
+    held: dict[str, list[Pod]] = {}
+    try:
+        run.each("starting the idle pods", lambda rt: held.setdefault(rt.name, start_burst(rt, Burst(containers, 8))))
+        time.sleep(5)  # the burst's own tail (exits of helpers, late writes) is not idle cost
+        pids = {rt.name: overhead_pids(rt, held[rt.name]) for rt in run.live if rt.name in held}
+        before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
+        time.sleep(seconds)
+        for name, group in pids.items():
+            figures = run.results[name].figures
+            figures[f"idle CPU, daemon + monitors, {containers} containers, {seconds:.0f} s (s)"] = (
+                sum(cpu_seconds(p) for p in group) - before[name]
+            )
+            figures[f"idle: processes counted, {containers} containers"] = len(group)
+    finally:
+        run.each("removing the idle pods", lambda rt: remove_burst(rt, held.get(rt.name, []), 8))
+
+
+def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Results]:
+    run = Run(runtimes)
+    try:
+        for rt in runtimes:
+            print(f"{rt.name}: starting", flush=True)
+        run.each("start", start_and_pull(run))
+        run.each("the warm-up", lambda rt: [lifecycle_once(rt, check=run.res(rt)) for _ in range(3)])
+        print(f"Version x {args.version_calls}, in turns", flush=True)
+        version_floor(run, args.version_calls)
+        bursts(run, args.rounds, args.profile_criopy)
+        version_under_burst(run, args.rounds)
+        if args.idle_seconds > 0:
+            idle_cost(run, args.idle_containers, args.idle_seconds)
+    finally:
+        for rt in runtimes:
+            try:
+                rt.stop()
+            except Exception:  # a failed clean-up of one runtime must not skip the other's
+                traceback.print_exc()
+    return run.results
+
+
+def start_and_pull(run: Run) -> Callable[[Runtime], None]:
+    def start(rt: Runtime) -> None:
+        rt.start()
+        run.res(rt).notes.append(f"{rt.name}: {rt.version()}")
+        for ref in (rt.env.image, rt.env.pause_image):
+            rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=300)
+
+    return start
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of each size per runtime (default 3)")
+    parser.add_argument("--version-calls", type=int, default=2000, help="Version calls per runtime (default 2000)")
+    parser.add_argument("--idle-containers", type=int, default=100, help="idle containers (default 100)")
+    parser.add_argument("--idle-seconds", type=float, default=60, help="idle window, 0 skips it (default 60)")
+    parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
+    parser.add_argument("--profile-criopy", metavar="SVG", help="py-spy flame graph of criopy's first 110 burst")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.version_calls < 10:
+        parser.error("need --rounds >= 1 and --version-calls >= 10")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: both runtimes make namespaces, mounts and bridges")
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    names = [args.only] if args.only else ["criopy", "containerd"]
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    try:
+        with bench_env() as env:
+            results = measure([RUNTIMES[name](env) for name in names], args)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: pods, daemons, bridges and directories removed") from None
+    print()
+    print(table(results))
+    if load > cpus / 2:
+        print(f"# load average {load:.1f} on {cpus} CPUs when the run began: figures may be noisy")
+    for res in results.values():
+        for note in res.notes:
+            print(f"# {note}")
+
+
+if __name__ == "__main__":
+    main()
