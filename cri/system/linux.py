@@ -95,6 +95,8 @@ class MountEntry:
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
     out, i = [], 0
     while i < len(field):
         code = field[i + 1 : i + 4]
@@ -107,22 +109,44 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _entry(line: str) -> MountEntry | None:
+    left, sep, right = line.partition(" - ")
+    if not sep:
+        return None
+    fields, tail = left.split(), right.split()
+    return MountEntry(
+        mount_point=_unescape(fields[4]),
+        fstype=tail[0],
+        source=_unescape(tail[1]),
+        optional=tuple(fields[6:]),
+    )
+
+
 def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
+    return [entry for entry in map(_entry, text.splitlines()) if entry is not None]
+
+
+# How the kernel writes a path in mountinfo (seq_path's escapes).
+_MOUNTINFO_ESCAPES = str.maketrans({"\\": "\\134", " ": "\\040", "\t": "\\011", "\n": "\\012"})
+
+
+def parse_mountinfo_under(text: str, base: str) -> list[MountEntry]:
+    """The entries of mountinfo `text` whose mount point is `base` or below it (base absolute, normalised).
+
+    Only those lines are parsed: a node with a hundred pods has a thousand mounts, and the pod and
+    container steps that ask about their own few would otherwise parse them all, each time."""
+    escaped = base.translate(_MOUNTINFO_ESCAPES)
+    below = escaped if escaped.endswith("/") else escaped + "/"
+    found = []
     for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
+        if escaped not in line:
             continue
-        fields, tail = left.split(), right.split()
-        entries.append(
-            MountEntry(
-                mount_point=_unescape(fields[4]),
-                fstype=tail[0],
-                source=_unescape(tail[1]),
-                optional=tuple(fields[6:]),
-            )
-        )
-    return entries
+        point = line.split(" ", 5)[4] if line.count(" ") >= 5 else ""
+        if point == escaped or point.startswith(below):
+            entry = _entry(line)
+            if entry is not None:
+                found.append(entry)
+    return found
 
 
 def mounts() -> list[MountEntry]:
@@ -133,7 +157,8 @@ def mounts() -> list[MountEntry]:
 def mounts_under(path: str) -> list[MountEntry]:
     """Mounts at or below `path`, deepest first (the order to unmount them in)."""
     base = os.path.realpath(path).rstrip("/") or "/"
-    inside = [m for m in mounts() if m.mount_point == base or m.mount_point.startswith(base + "/")]
+    with open("/proc/self/mountinfo") as f:
+        inside = parse_mountinfo_under(f.read(), base)
     return sorted(inside, key=lambda m: m.mount_point.count("/"), reverse=True)
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from cri.system.linux import parse_mountinfo
+from cri.system.linux import parse_mountinfo, parse_mountinfo_under
 
 MOUNTINFO = (
     "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
@@ -14,3 +14,22 @@ def test_mountinfo_fields_and_octal_escapes():
     assert [e.mount_point for e in entries] == ["/", "/var/lib/criopy/overlay/a b/merged", "/run/criopy/shm"]
     assert [e.fstype for e in entries] == ["ext4", "overlay", "tmpfs"]
     assert entries[2].source == "shm"
+
+
+UNDER = (
+    "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    "40 22 0:35 / /run/c/a\\040b rw - tmpfs x rw\n"
+    "41 40 0:36 / /run/c/a\\040b/merged rw - overlay overlay rw,lowerdir=/l\n"
+    "42 22 0:37 / /run/c/a\\040bc rw - tmpfs sibling rw\n"
+    "43 22 0:38 / /var/run/c/a\\040b rw - tmpfs elsewhere rw\n"
+    "44 22 0:39 / /run/c/other rw - tmpfs mentions\\040/run/c/a\\040b rw\n"
+)
+
+
+def test_mounts_under_a_path_are_the_ones_at_or_below_it_only():
+    """Not a sibling whose name starts the same, not the same path under another root, not a line that
+    only mentions the path in its source; names with escaped spaces compared as the kernel writes them."""
+    found = parse_mountinfo_under(UNDER, "/run/c/a b")
+    assert [e.mount_point for e in found] == ["/run/c/a b", "/run/c/a b/merged"]
+    assert [e.fstype for e in found] == ["tmpfs", "overlay"]
+    assert found == [e for e in parse_mountinfo(UNDER) if e.mount_point in ("/run/c/a b", "/run/c/a b/merged")]
