@@ -1,4 +1,4 @@
-"""criopy [run] | config | status | version | wipe"""
+"""criopy [run] | config | status | version | wipe | images import|export"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from api.runtime.v1 import api_pb2_grpc
 from cri import __version__, log
 from cri import config as cfg
 from cri.config import ConfigError, ConfigSources
+from cri.daemon import imagecmd
 from cri.daemon.live_config import LiveConfig
 from cri.daemon.lock import AlreadyRunning
 from cri.daemon.serve import serve
@@ -80,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
         "wipe", parents=[flags], help="remove all state and storage (refused while the daemon runs)"
     )
     wipe_p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    images_p = sub.add_parser("images", help="import or export image archives (through the daemon when it runs)")
+    images_sub = images_p.add_subparsers(dest="images_command", metavar="ACTION", required=True)
+    import_p = images_sub.add_parser(
+        "import", parents=[flags], help="import a docker save or OCI image layout archive (all or nothing)"
+    )
+    import_p.add_argument("archive", metavar="FILE|-", help="the archive, or - for standard input")
+    export_p = images_sub.add_parser(
+        "export", parents=[flags], help="write images as an OCI image layout archive that docker load accepts too"
+    )
+    export_p.add_argument("refs", metavar="REF", nargs="+", help="image name, repo digest or ID")
+    export_p.add_argument("-o", "--output", metavar="FILE|-", required=True, help="the archive, or - for stdout")
     return parser
 
 
@@ -131,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(config.listen)
     if args.command == "wipe":
         return _wipe(config, args.yes)
+    if args.command == "images":
+        return _images(config, args)
     return _run(config, sources)
 
 
@@ -165,6 +179,24 @@ def _status(listen: str) -> int:
     lines.append(f"runtime handlers: {handlers}")
     _out("\n".join(lines) + "\n")
     return EXIT_OK if ready else EXIT_NOT_READY
+
+
+def _images(config: cfg.Config, args: argparse.Namespace) -> int:
+
+    try:
+        if args.images_command == "import":
+            done = imagecmd.import_images(config, args.archive)
+            verb = "imported"
+        else:
+            done = imagecmd.export_images(config, args.refs, args.output)
+            verb = "exported"
+    except imagecmd.FAILURES as exc:
+        _err(f"images {args.images_command}: {exc}")
+        return EXIT_FAILURE
+    report = sys.stderr if args.images_command == "export" and args.output == "-" else sys.stdout
+    for image in done:
+        report.write(f"{verb} {image.id} {' '.join(image.names) or '(untagged)'}\n")
+    return EXIT_OK
 
 
 def _wipe(config: cfg.Config, yes: bool) -> int:

@@ -15,6 +15,8 @@ from cri import __version__, metrics
 from cri.config import Config
 from cri.containers.execs import Execs
 from cri.containers.manager import ContainerManager
+from cri.daemon.admin import AdminServer
+from cri.daemon.admin import socket_path as admin_socket_path
 from cri.daemon.live_config import LiveConfig
 from cri.daemon.lock import DaemonLock
 from cri.images.manager import ImageManager
@@ -104,6 +106,9 @@ async def serve(live: LiveConfig) -> None:
         if endpoint is not None:
             stack.callback(endpoint.close)
 
+        # Image import/export (`criopy images`) through the daemon: the store keeps one writer.
+        stack.push_async_callback((await _admin_server(config, images)).close)
+
         server = CriServer(
             config.listen,
             {"RuntimeService": runtime, "ImageService": ImageService(images)},
@@ -125,6 +130,12 @@ async def serve(live: LiveConfig) -> None:
         await _wait_for_stop(live)
         event(log, logging.INFO, "criopy stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
     event(log, logging.INFO, "criopy stopped")
+
+
+async def _admin_server(config: Config, images: ImageManager) -> AdminServer:
+    server = AdminServer(admin_socket_path(config.runroot), images, images.content.ingest_dir)
+    await server.start()
+    return server
 
 
 def _runtimes(live: LiveConfig) -> list[Runtime]:

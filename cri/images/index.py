@@ -139,33 +139,43 @@ class ImageIndex:
 
     def put(self, record: ImageRecord, names: list[tuple[str, str]]) -> list[ImageRecord]:
         """Record an image (new or existing) with extra names; returns the images left with no name."""
+        return self.put_many([(record, names)])
+
+    def put_many(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> list[ImageRecord]:
+        """Record several images in one transaction (an archive import is all or nothing).
+
+        Returns the images the new names left with no name, which are forgotten.
+        """
         losers: dict[str, ImageRecord] = {}
-        current = self._images.get(record.id)
-        if current is not None:
-            record.repo_tags, record.repo_digests = list(current.repo_tags), list(current.repo_digests)
-        for name, kind in names:
-            owner = self._names.get(name)
-            if owner is not None and owner != record.id:
-                other = self._images[owner]
-                _drop_name(other, name)
-                losers[other.id] = other
-            target = record.repo_tags if kind == "tag" else record.repo_digests
-            if name not in target:
-                target.append(name)
+        for record, names in entries:
+            current = self._images.get(record.id)
+            if current is not None:
+                record.repo_tags, record.repo_digests = list(current.repo_tags), list(current.repo_digests)
+            for name, kind in names:
+                owner = self._names.get(name)
+                if owner is not None and owner != record.id:
+                    other = self._images[owner]
+                    _drop_name(other, name)
+                    losers[other.id] = other
+                target = record.repo_tags if kind == "tag" else record.repo_digests
+                if name not in target:
+                    target.append(name)
         orphans = [image for image in losers.values() if not image.names and not image.pinned]
         with self._store.transaction() as conn:
-            _write(conn, record)
-            for name, kind in names:
-                conn.execute(
-                    "INSERT INTO image_names(name, image_id, kind) VALUES (?, ?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id, kind = excluded.kind",
-                    (name, record.id, kind),
-                )
+            for record, names in entries:
+                _write(conn, record)
+                for name, kind in names:
+                    conn.execute(
+                        "INSERT INTO image_names(name, image_id, kind) VALUES (?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id, kind = excluded.kind",
+                        (name, record.id, kind),
+                    )
             for image in orphans:
                 conn.execute("DELETE FROM images WHERE id = ?", (image.id,))
-        self._images[record.id] = record
-        for name, _kind in names:
-            self._names[name] = record.id
+        for record, names in entries:
+            self._images[record.id] = record
+            for name, _kind in names:
+                self._names[name] = record.id
         for image in orphans:
             self._images.pop(image.id, None)
         return orphans

@@ -1,0 +1,264 @@
+"""Importing image archives into the image store, and exporting images from it.
+
+Both run on an ImageManager, inside the daemon (through the admin socket) or in
+the CLI when no daemon runs (it holds the daemon lock meanwhile): one writer.
+
+An import is all or nothing, and crash safe the way a pull is: blobs land in the
+content store only whole and verified (digest and size), layers only fully
+unpacked with the config's diff ID, and the images are recorded in one
+transaction once everything is in place. Until then the import holds its blobs
+and layers against concurrent removals; if it fails, what it stored that no
+image holds is freed, and after a crash the next start frees it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cri.errors import NotFound
+from cri.images import reference
+from cri.images.archive import ArchivedImage, ArchiveError, Blob, ExportImage, TarArchive, read_images, write_layout
+from cri.images.index import ImageRecord, LayerRef
+from cri.images.manager import ImageManager
+from cri.images.platform import host_platform
+from cri.images.registry import DigestMismatch
+from cri.log import event
+from cri.storage.layers import chain_ids
+from cri.storage.unpack import UnpackError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+class ImageNotFound(NotFound):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    id: str
+    names: list[str]
+
+
+def source_file(fd: int, spool_dir: Path) -> BinaryIO:
+    """A seekable file to read an archive from: the file behind `fd`, or a spooled copy of a pipe's stream.
+
+    The copy is an O_TMPFILE under the storage root: never visible, gone with
+    the last descriptor even after a crash. Blocking. The caller keeps `fd`.
+    """
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return os.fdopen(os.dup(fd), "rb")
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - the caller closes it
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            spool.write(chunk)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+async def import_archive(manager: ImageManager, source: BinaryIO) -> list[ImageSummary]:
+    """Import every image of the archive `source` (seekable), or none; ArchiveError says why not."""
+    started = time.monotonic()
+    archive = await asyncio.to_thread(TarArchive, source)
+    try:
+        images = await asyncio.to_thread(read_images, archive, host_platform())
+        try:
+            records = await _store(manager, archive, images)
+        except Exception as exc:
+            await _undo(manager)
+            event(log, logging.WARNING, "image import failed", error=str(exc) or type(exc).__name__)
+            raise
+    finally:
+        archive.close()
+    for record in records:
+        event(log, logging.INFO, "image imported", image_id=record.id, names=",".join(record.names) or None)
+    event(
+        log,
+        logging.INFO,
+        "image archive imported",
+        images=len(records),
+        duration_ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return [ImageSummary(r.id, r.names) for r in records]
+
+
+async def _store(manager: ImageManager, archive: TarArchive, images: list[ArchivedImage]) -> list[ImageRecord]:
+    planned = [(image, _layer_refs(image)) for image in images]
+    held = [key for image, layers in planned for key in _keys(image, layers)]
+    manager._hold(held)
+    try:
+        for image, layers in planned:
+            await _store_blobs(manager, archive, image)
+            await _unpack(manager, image, layers)
+        entries = [(_record(manager, image, layers), _names(image)) for image, layers in planned]
+        async with manager._lock:
+            for record, _ in entries:
+                existing = manager.index.get(record.id)
+                if existing is not None:
+                    record.pinned = record.pinned or existing.pinned
+                    record.created_at = existing.created_at
+            orphans = await asyncio.to_thread(manager.index.put_many, entries)
+            if orphans:
+                await asyncio.to_thread(manager._free_unreferenced)
+        return [record for record, _n in entries]
+    finally:
+        manager._release(held)
+
+
+async def _undo(manager: ImageManager) -> None:
+    """Free what the failed import stored that no image holds (as a failed pull does)."""
+    async with manager._lock:
+        try:
+            await asyncio.to_thread(manager._free_unreferenced)
+        except OSError as exc:  # the import's own error is the one to report
+            event(log, logging.WARNING, "freeing a failed import's blobs failed", error=str(exc))
+
+
+def _layer_refs(image: ArchivedImage) -> list[LayerRef]:
+    chains = chain_ids(image.diff_ids)
+    return [
+        LayerRef(blob.digest, blob.media_type, blob.size, diff_id, chain)
+        for blob, diff_id, chain in zip(image.layers, image.diff_ids, chains, strict=True)
+    ]
+
+
+def _keys(image: ArchivedImage, layers: list[LayerRef]) -> list[str]:
+    return [*_blob_digests(image), *(layer.chain_id for layer in layers)]
+
+
+def _blob_digests(image: ArchivedImage) -> list[str]:
+    return list(dict.fromkeys([image.manifest_digest, image.config.digest, *(b.digest for b in image.layers)]))
+
+
+async def _store_blobs(manager: ImageManager, archive: TarArchive, image: ArchivedImage) -> None:
+    await manager.content.put_bytes(image.manifest_digest, image.manifest)
+    for blob in [image.config, *image.layers]:
+        if not manager.content.has(blob.digest):
+            await _copy_blob(manager, archive, blob)
+
+
+async def _copy_blob(manager: ImageManager, archive: TarArchive, blob: Blob) -> None:
+    try:
+        with archive.open(blob.member) as stream:
+            async with manager.content.writer(blob.digest, blob.size) as writer:
+                while chunk := await asyncio.to_thread(stream.read, _CHUNK):
+                    await writer.write(chunk)
+    except DigestMismatch as exc:
+        raise ArchiveError(f"digest mismatch of blob {blob.digest} ({blob.member}): {exc}") from exc
+
+
+async def _unpack(manager: ImageManager, image: ArchivedImage, layers: list[LayerRef]) -> None:
+    parent: str | None = None
+    for layer in layers:
+        try:
+            await asyncio.to_thread(
+                manager.layers.ensure,
+                layer.chain_id,
+                parent,
+                manager.content.path(layer.digest),
+                layer.media_type,
+                layer.diff_id,
+            )
+        except UnpackError as exc:
+            raise ArchiveError(f"image {image.id}: layer {layer.digest}: {exc}") from exc
+        parent = layer.chain_id
+
+
+def _names(image: ArchivedImage) -> list[tuple[str, str]]:
+    names = [(name, "tag") for name in image.names]
+    if image.manifest_in_archive:
+        # A manifest that came with the archive is the one a registry serves: name@digest pulls it.
+        repos = dict.fromkeys(reference.parse(name).name for name in image.names)
+        names += [(f"{repo}@{image.manifest_digest}", "digest") for repo in repos]
+    return names
+
+
+def _record(manager: ImageManager, image: ArchivedImage, layers: list[LayerRef]) -> ImageRecord:
+    return ImageRecord(
+        id=image.id,
+        repo_tags=[],
+        repo_digests=[],
+        size=len(image.manifest) + image.config.size + sum(layer.size for layer in layers),
+        created_at=time.time_ns(),
+        manifest_digest=image.manifest_digest,
+        manifest_media_type=image.manifest_media_type,
+        layers=layers,
+        config=image.config_json,
+        annotations=dict(image.annotations),
+        pinned=any(manager._is_pinned(reference.parse(name)) for name in image.names),
+        blobs=_blob_digests(image),
+    )
+
+
+# ---- export --------------------------------------------------------------------------------
+
+
+async def export_images(manager: ImageManager, refs: list[str], out: BinaryIO) -> list[ImageSummary]:
+    """Write the images `refs` name as one OCI layout tar (with docker's manifest.json) into `out`."""
+    chosen = _resolve(manager, refs)
+    images = [_export_image(manager, record, names) for record, names in chosen.values()]
+    held = [d for image in images for d in [image.manifest_digest, image.config_digest, *image.layer_digests]]
+
+    def open_blob(digest: str) -> BinaryIO:
+        return manager.content.path(digest).open("rb")  # write_layout closes it
+
+    manager._hold(held)
+    try:
+        await asyncio.to_thread(write_layout, out, images, manager.content.size, open_blob)
+    finally:
+        manager._release(held)
+    event(log, logging.INFO, "images exported", images=len(images), refs=",".join(refs))
+    return [ImageSummary(record.id, names) for record, names in chosen.values()]
+
+
+def _resolve(manager: ImageManager, refs: list[str]) -> dict[str, tuple[ImageRecord, list[str]]]:
+    """image ID -> (record, the tags to export): the tag named, or every tag of an image named by ID."""
+    chosen: dict[str, tuple[ImageRecord, list[str]]] = {}
+    for text in refs:
+        try:
+            record = manager.find(text)
+        except reference.ReferenceError as exc:
+            raise ImageNotFound(f"{text!r} is neither an image reference nor an image ID: {exc}") from exc
+        if record is None:
+            raise ImageNotFound(f"image {text!r} is not in the store")
+        tags = [t for t in record.repo_tags if t == _tag_of(text)] or list(record.repo_tags)
+        names = chosen.setdefault(record.id, (record, []))[1]
+        names.extend(t for t in tags if t not in names)
+    return chosen
+
+
+def _tag_of(text: str) -> str | None:
+    with contextlib.suppress(reference.ReferenceError):
+        ref = reference.parse(text)
+        if ref.digest is None:
+            return ref.string()
+    return None
+
+
+def _export_image(manager: ImageManager, record: ImageRecord, names: list[str]) -> ExportImage:
+    digests = [record.manifest_digest, record.id, *(layer.digest for layer in record.layers)]
+    missing = [d for d in digests if not manager.content.has(d)]
+    if missing:
+        raise ImageNotFound(f"image {record.id}: blob {missing[0]} is not in the content store")
+    return ExportImage(
+        names=names,
+        manifest_digest=record.manifest_digest,
+        manifest_media_type=record.manifest_media_type,
+        manifest_size=manager.content.size(record.manifest_digest),
+        config_digest=record.id,
+        layer_digests=[layer.digest for layer in record.layers],
+    )
