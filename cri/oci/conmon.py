@@ -32,6 +32,7 @@ from typing import Any
 
 from cri.config import Config
 from cri.log import event
+from cri.oci import monitor_cgroup
 from cri.system import fdwait, linux
 from cri.system.process import CommandError, run
 
@@ -332,7 +333,10 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
         pid=pid,
         duration_ms=round((time.monotonic() - started) * 1000, 1),
     )
-    return Created(pid=pid, conmon_pid=read_pid(launch.monitor_pidfile))
+    conmon_pid = read_pid(launch.monitor_pidfile)
+    if conmon_pid > 0:
+        await asyncio.to_thread(monitor_cgroup.move_monitor, conmon_pid, launch.id)
+    return Created(pid=pid, conmon_pid=conmon_pid)
 
 
 def _prepare(launch: ConmonLaunch) -> None:

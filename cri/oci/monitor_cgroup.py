@@ -1,0 +1,65 @@
+"""conmon's own cgroup, outside the daemon's.
+
+conmon double-forks out of the daemon's process tree but would stay in its cgroup: under systemd that is
+criopy.service's, and everything in it belongs to the unit (a `systemctl stop` with any KillMode but
+`process`, `systemctl kill`, a MemoryMax on the unit). As cri-o moves conmon to its own cgroup, criopy
+moves each conmon into `criopy-conmon` at the root of every mounted hierarchy (the root of the cgroup
+namespace: a node container's own subtree), beside the pods rather than inside the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cri.log import event
+
+log = logging.getLogger(__name__)
+
+MONITOR_CGROUP = "criopy-conmon"
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def hierarchy_roots(mountinfo: str) -> list[Path]:
+    """One mount point per mounted cgroup hierarchy (v1 and v2) whose mount shows the hierarchy's root."""
+    roots: dict[str, Path] = {}
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, fs = head.split(), tail.split()
+        if sep and len(fields) >= 5 and fs and fs[0] in ("cgroup", "cgroup2") and fields[3] == "/":
+            roots.setdefault(fields[2], Path(fields[4]))  # keyed by the device: a hierarchy mounted twice counts once
+    return list(roots.values())
+
+
+def move_monitor(pid: int, container_id: str) -> None:
+    """Blocking: put conmon `pid` into the monitors' cgroup of every hierarchy. A hierarchy that refuses
+    (read-only, not ours to write) is logged and skipped: the container runs either way."""
+    try:
+        roots = hierarchy_roots(MOUNTINFO.read_text())
+    except OSError as exc:
+        event(log, logging.WARNING, "conmon cgroup move skipped", id=container_id, error=str(exc))
+        return
+    for root in roots:
+        target = root / MONITOR_CGROUP
+        try:
+            target.mkdir(exist_ok=True)
+            _inherit_cpuset(root, target)
+            (target / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            event(
+                log,
+                logging.WARNING,
+                "conmon left in the daemon cgroup",
+                id=container_id,
+                hierarchy=str(root),
+                pid=pid,
+                error=exc.strerror or str(exc),
+            )
+
+
+def _inherit_cpuset(parent: Path, child: Path) -> None:
+    """A new v1 cpuset cgroup starts with no CPUs and no memory nodes and takes no process until given some."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        mine = child / name
+        if mine.exists() and not mine.read_text().strip():
+            mine.write_text((parent / name).read_text())
