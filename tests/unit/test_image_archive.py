@@ -1,0 +1,250 @@
+"""Image archives: the formats read (docker save, both layouts; OCI layouts), refused, written; imports on a store.
+
+The archives are made by tests/support/archive_builder.py the way docker and
+containerd write them. The store tests import into a real ImageManager on a
+temporary root (real content store, layer store and state database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cri.config import Config
+from cri.images.archive import ArchivedImage, ArchiveError, TarArchive, read_images
+from cri.images.imports import export_images, import_archive
+from cri.images.manager import ImageManager
+from cri.images.platform import host_platform
+from cri.state import Store
+from tests.support import image_builder as ib
+from tests.support.archive_builder import docker_save, oci_archive
+
+HELLO = ib.Layer([ib.File("/hello", b"hi\n")], created_by="hello")
+
+
+def image(text: bytes = b"hi\n") -> ib.Image:
+    return ib.busybox_image([ib.Layer([ib.File("/hello", text)], created_by="hello")])
+
+
+def read(data: bytes) -> list[ArchivedImage]:
+    return read_images(TarArchive(io.BytesIO(data)), host_platform())
+
+
+def refused(data: bytes) -> str:
+    with pytest.raises(ArchiveError) as err:
+        read(data)
+    return str(err.value)
+
+
+def corrupt(member_suffix: str):
+    def mutate(name: str, data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 1]) if name.endswith(member_suffix) else data
+
+    return mutate
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def test_legacy_docker_save_gives_the_config_digest_as_id_and_normalized_tags() -> None:
+    img = image()
+    [found] = read(docker_save([(img, ["busybox:latest", "localhost:5000/team/app:v1"])]))
+    assert found.id == img.image_id
+    assert found.names == ["docker.io/library/busybox:latest", "localhost:5000/team/app:v1"]
+    assert not found.manifest_in_archive  # made here: no repo digest comes of it
+    assert [layer.digest for layer in found.layers] == [layer.diff_id for layer in img.layers]
+    assert {layer.media_type for layer in found.layers} == {"application/vnd.oci.image.layer.v1.tar"}
+
+
+def test_legacy_docker_save_with_two_images_sharing_a_layer_follows_the_symlink() -> None:
+    one, two = image(b"one\n"), image(b"two\n")
+    data = docker_save([(one, ["one:1"]), (two, ["two:2"])])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert any(m.issym() for m in tar.getmembers()), "the builder should have linked the shared base layer"
+    found = {f.id: f for f in read(data)}
+    assert set(found) == {one.image_id, two.image_id}
+    assert found[two.image_id].layers[0].digest == two.layers[0].diff_id
+
+
+def test_docker_25_save_is_read_from_its_oci_layout_with_the_names_of_both() -> None:
+    img = image()
+    [found] = read(docker_save([(img, ["busybox:1.36"])], layout="oci"))
+    assert found.id == img.image_id
+    assert found.names == ["docker.io/library/busybox:1.36"]
+    assert found.manifest_in_archive
+
+
+def test_oci_layout_keeps_the_compressed_layers_and_the_manifest() -> None:
+    img = image()
+    [found] = read(oci_archive([(img, ["registry.example:5000/app:v2"])]))
+    assert found.manifest_digest == img.manifest_digest
+    assert [layer.digest for layer in found.layers] == [layer.digest for layer in img.layers]
+    assert found.names == ["registry.example:5000/app:v2"]
+
+
+def test_oci_ref_name_annotation_names_an_image_only_when_it_is_a_whole_reference() -> None:
+    img = image()
+    assert read(oci_archive([(img, ["app:v3"])], annotation="ref"))[0].names == ["docker.io/library/app:v3"]
+    bare_tag = oci_archive([(img, ["v3"])], annotation="ref")  # the spec's own example: a tag alone
+    assert read(bare_tag)[0].names == []
+
+
+def test_multi_platform_index_imports_the_host_platform() -> None:
+    index = ib.multi_arch_index()
+    [found] = read(oci_archive([(index, ["multi:latest"])]))
+    assert found.id == index.manifests[0].image_id
+    assert found.names == ["docker.io/library/multi:latest"]
+
+
+def test_a_gzip_compressed_archive_is_read() -> None:
+    img = image()
+    [found] = read(gzip.compress(docker_save([(img, ["busybox:latest"])]), compresslevel=1))
+    assert found.id == img.image_id
+
+
+def test_a_tag_given_to_two_images_stays_with_the_later() -> None:
+    one, two = image(b"one\n"), image(b"two\n")
+    found = {f.id: f.names for f in read(docker_save([(one, ["app:x"]), (two, ["app:x"])]))}
+    assert found == {one.image_id: [], two.image_id: ["docker.io/library/app:x"]}
+
+
+def test_refused_archives_say_what_is_wrong() -> None:
+    img = image()
+    assert "not a readable tar" in refused(b"this is not a tar" * 100)
+    assert "no manifest.json and no index.json" in refused(_tar({"README": b"hello"}))
+    legacy = docker_save(
+        [(img, ["busybox:latest"])], mutate=corrupt(img.config_digest.removeprefix("sha256:") + ".json")
+    )
+    assert "digest mismatch" in refused(legacy)
+    layout = oci_archive([(img, ["busybox:latest"])], mutate=corrupt(img.config_digest.removeprefix("sha256:")))
+    message = refused(layout)
+    assert "digest mismatch of blob" in message
+    assert img.config_digest in message
+
+
+def test_a_missing_layer_is_named() -> None:
+    img = image()
+    data = oci_archive([(img, ["busybox:latest"])])
+    layer = "blobs/sha256/" + img.layers[1].digest.removeprefix("sha256:")
+    message = refused(_without(data, layer))
+    assert img.layers[1].digest in message
+    assert "missing" in message
+
+
+def test_diff_ids_must_match_the_layer_count() -> None:
+    img = image()
+    config = img.config_json
+    config["rootfs"]["diff_ids"] = config["rootfs"]["diff_ids"][:1]
+    body = json.dumps(config).encode()
+    entries = {
+        "cfg.json": body,
+        "manifest.json": json.dumps([{"Config": "cfg.json", "RepoTags": ["a:b"], "Layers": ["l0", "l1"]}]).encode(),
+        "l0": img.layers[0].tar,
+        "l1": img.layers[1].tar,
+    }
+    assert "has 2 layers but its config lists 1 diff_ids" in refused(_tar(entries))
+
+
+def _tar(entries: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _without(data: bytes, drop: str) -> bytes:
+    entries = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            stream = tar.extractfile(member)
+            if member.name != drop and stream is not None:
+                entries[member.name] = stream.read()
+    return _tar(entries)
+
+
+# ---- importing into a store ----------------------------------------------------------------
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[ImageManager]:
+    if os.geteuid() != 0:
+        pytest.skip("unpacking layers owned by root needs root")
+    config = Config()
+    config.root = str(tmp_path / "root")
+    store = Store.open(config.root)
+    images = ImageManager(config, store)
+    images.index.load()
+    yield images
+    asyncio.run(images.close())
+    store.close()
+
+
+def stored(manager: ImageManager) -> tuple[list[str], list[str]]:
+    return manager.content.list(), manager.layers.list()
+
+
+def test_import_then_export_then_import_again_keeps_the_id_and_digests(manager: ImageManager, tmp_path: Path) -> None:
+    img = image()
+    [summary] = asyncio.run(import_archive(manager, io.BytesIO(oci_archive([(img, ["app:v1"])]))))
+    assert summary.id == img.image_id
+    record = manager.find("app:v1")
+    assert record is not None
+    assert record.repo_digests == [f"docker.io/library/app@{img.manifest_digest}"]
+    assert (manager.lower_dirs(record)[0] / "hello").read_bytes() == b"hi\n"
+
+    out = tmp_path / "out.tar"
+    with out.open("wb") as f:
+        asyncio.run(export_images(manager, ["app:v1"], f))
+    with tarfile.open(out) as tar:
+        names = set(tar.getnames())
+        docker_manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert {"oci-layout", "index.json", "manifest.json"} <= names
+    assert docker_manifest[0]["RepoTags"] == ["app:v1"]
+    assert docker_manifest[0]["Config"] == "blobs/sha256/" + img.image_id.removeprefix("sha256:")
+
+    asyncio.run(manager.remove("app:v1"))
+    assert stored(manager) == ([], [])
+    [again] = asyncio.run(import_archive(manager, out.open("rb")))
+    assert again.id == img.image_id
+    assert manager.find(f"docker.io/library/app@{img.manifest_digest}") is not None
+
+
+def test_a_corrupt_layer_imports_nothing_and_leaves_nothing(manager: ImageManager) -> None:
+    good, bad = image(b"good\n"), image(b"bad\n")
+    bad_layer = bad.layers[1].digest.removeprefix("sha256:")
+    data = oci_archive([(good, ["good:1"]), (bad, ["bad:1"])], mutate=corrupt(bad_layer))
+    with pytest.raises(ArchiveError) as err:
+        asyncio.run(import_archive(manager, io.BytesIO(data)))
+    assert bad.layers[1].digest in str(err.value)
+    assert manager.images() == []
+    assert stored(manager) == ([], [])
+    assert os.listdir(manager.content.ingest_dir) == []
+
+
+def test_a_layer_whose_diff_id_differs_from_the_config_is_refused(manager: ImageManager) -> None:
+    img = image()
+    config = img.config_json
+    config["rootfs"]["diff_ids"][1] = "sha256:" + "0" * 64
+    body = json.dumps(config).encode()
+    entries = {
+        "c.json": body,
+        "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["x:y"], "Layers": ["a", "b"]}]).encode(),
+        "a": img.layers[0].tar,
+        "b": img.layers[1].tar,
+    }
+    with pytest.raises(ArchiveError) as err:
+        asyncio.run(import_archive(manager, io.BytesIO(_tar(entries))))
+    assert "diffID mismatch" in str(err.value)
+    assert manager.images() == []
+    assert stored(manager) == ([], [])
