@@ -176,6 +176,9 @@ class ImageConfig:
         "", "Global registry credentials in docker config.json format; empty means none.", reloadable=True
     )
     pull_progress_timeout: int = opt(60, "Seconds a layer download may make no progress before the pull fails.")
+    max_concurrent_downloads: int = opt(
+        3, "Layers one pull downloads (and unpacks, as they arrive) at the same time; 1 takes them one by one."
+    )
     certs_dirs: list[str] = opt(
         ["/etc/containers/certs.d", "/etc/docker/certs.d"],
         "Per-registry TLS material: <dir>/<host[:port]>/*.crt are trusted CAs, *.cert + *.key a client certificate.",
@@ -458,6 +461,8 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     for i, registry in enumerate(config.image.registries):
         if not registry.prefix:
             fail(f"image.registries[{i}].prefix", "must not be empty")
+    if config.image.max_concurrent_downloads < 1:
+        fail("image.max_concurrent_downloads", "must be at least 1")
     if config.network.cni_plugin_timeout <= 0:
         fail("network.cni_plugin_timeout", "must be a positive number of seconds")
     if config.pod.shm_size <= 0:

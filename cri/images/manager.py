@@ -1,10 +1,19 @@
 """Pulling, listing and removing images: the registry client, the content store, the layer store and the index.
 
-A pull resolves the reference, fetches the platform's manifest, downloads the
-config and layer blobs (concurrently, once per digest even across concurrent
-pulls), unpacks each layer once per chain ID in a worker thread, and records
-the image. Removal frees the layers and blobs no remaining image holds. Pulls
-in flight hold their blobs and chains so a concurrent removal cannot free them.
+A pull resolves the reference, fetches the platform's manifest and config,
+then takes the layers `image.max_concurrent_downloads` at a time: each layer's
+bytes go, as they arrive, both into the content store (which checks the
+compressed digest) and through a pipe into an unpack worker process (which
+inflates, hashes the diffID and extracts on the same pass, cri/storage/
+unpack_worker). Overlay layers are separate directories, so layers unpack in
+parallel on every core; a layer becomes visible only after its blob is
+committed and its diffID matched (LayerStore.stage/publish). The vfs driver
+copies each layer's parent, so there the blobs download in parallel and the
+layers unpack one after another. A blob is fetched, and a chain unpacked, once
+even across concurrent pulls; a pull every caller has given up (cancelled,
+deadline) is cancelled, and frees what it made. Removal frees the layers and
+blobs no remaining image holds. Pulls in flight hold their blobs and chains so
+a concurrent removal cannot free them.
 """
 
 from __future__ import annotations
@@ -16,29 +25,31 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from cri import metrics
 from cri.config import Config
+from cri.errors import no_space_in
 from cri.images import reference
 from cri.images.auth import Credentials
-from cri.images.content import ContentStore
+from cri.images.content import ContentStore, Writer
 from cri.images.index import ImageIndex, ImageRecord, LayerRef
 from cri.images.registry import Manifest, RegistryClient, Resolved
 from cri.log import event
 from cri.state import Store
-from cri.storage.layers import LayerStore, chain_ids, tree_usage
-from cri.storage.unpack import is_foreign
+from cri.storage.layers import LayerInfo, LayerStore, StagedLayer, chain_ids, tree_usage
+from cri.storage.unpack import UnpackError, UnpackResult, is_foreign
+from cri.storage.unpack_process import UnpackJob, UnpackProcess
 from cri.system import faults
 from cri.system.linux import mounts
 
 log = logging.getLogger(__name__)
 
-PARALLEL_DOWNLOADS = 3
 FS_USAGE_INTERVAL = 60.0
+T = TypeVar("T")
 
 
 class ImageInUse(Exception):
@@ -55,6 +66,41 @@ class FsUsage:
     used_bytes: int
     inodes_used: int
     timestamp: int
+
+
+@dataclass
+class _Flight(Generic[T]):
+    task: asyncio.Task[T]
+    waiters: int = 0
+
+
+@dataclass
+class _SharedWork(Generic[T]):
+    """One task per key, shared by every caller asking for that key; cancelled once all of them have gone."""
+
+    flights: dict[str, _Flight[T]] = field(default_factory=dict)
+
+    async def run(self, key: str, make: Callable[[], Coroutine[Any, Any, T]], name: str) -> T:
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = _Flight(asyncio.create_task(make(), name=name))
+            self.flights[key] = flight
+            flight.task.add_done_callback(lambda t: self._landed(key, t))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            if flight.waiters == 1 and not flight.task.done():
+                flight.task.cancel()  # the last caller gave up: nobody wants the result
+            raise
+        finally:
+            flight.waiters -= 1
+
+    def _landed(self, key: str, task: asyncio.Task[T]) -> None:
+        if key in self.flights and self.flights[key].task is task:
+            del self.flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone
 
 
 class _CountingSink:
@@ -82,7 +128,8 @@ class ImageManager:
         )
         self._config = config
         self._in_use = in_use
-        self._pulls: dict[str, asyncio.Task[ImageRecord]] = {}
+        self._pulls: _SharedWork[ImageRecord] = _SharedWork()
+        self._chains: _SharedWork[LayerInfo] = _SharedWork()  # layers being unpacked, by chain ID
         self._held: Counter[str] = Counter()  # blobs and chains of pulls in flight
         self._lock = asyncio.Lock()  # recording an image vs freeing layers
         self._fs: tuple[FsUsage, FsUsage] | None = None
@@ -126,30 +173,26 @@ class ImageManager:
     # ---- pull ---------------------------------------------------------------------------------
 
     async def pull(self, text: str, credentials: Credentials | None) -> ImageRecord:
-        """Pull (once: concurrent pulls of one reference share the work) and record the image."""
+        """Pull (once: concurrent pulls of one reference share the work) and record the image.
+
+        The pull goes on while any caller waits for it; when the last one is cancelled (the client
+        went, its deadline passed) the pull is cancelled too and frees what it had stored.
+        """
         ref = reference.parse(text)
         key = ref.string()
-        task = self._pulls.get(key)
-        if task is None:
-            task = asyncio.create_task(self._pull(ref, credentials), name=f"pull-{key}")
-            self._pulls[key] = task
-            task.add_done_callback(lambda _t: self._pulls.pop(key, None))
-        return await asyncio.shield(task)
+        return await self._pulls.run(key, lambda: self._pull(ref, credentials), name=f"pull-{key}")
 
     async def _pull(self, ref: reference.Reference, credentials: Credentials | None) -> ImageRecord:
         started = time.monotonic()
         try:
             record = await self._fetch_and_record(ref, credentials)
-        except BaseException as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             metrics.IMAGE_PULLS.labels(outcome="failure").inc()
-            event(log, logging.WARNING, "image pull failed", image=ref.string(), error=str(exc) or type(exc).__name__)
-            if isinstance(exc, Exception):
-                # Undone like a removal: the blobs and layers it stored that no image (nor other pull) holds.
-                async with self._lock:
-                    try:
-                        await asyncio.to_thread(self._free_unreferenced)
-                    except OSError as cleanup:  # the pull's own error is the one to answer with
-                        event(log, logging.WARNING, "freeing a failed pull's blobs failed", error=str(cleanup))
+            error = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc) or type(exc).__name__
+            event(log, logging.WARNING, "image pull failed", image=ref.string(), error=error)
+            # Undone like a removal: the blobs and layers it stored that no image (nor other pull) holds.
+            # Shielded: a cancelled pull frees its blobs and layers all the same.
+            await asyncio.shield(self._free_after_failure())
             raise
         seconds = time.monotonic() - started
         metrics.IMAGE_PULLS.labels(outcome="success").inc()
@@ -166,6 +209,13 @@ class ImageManager:
         self._fs_wakeup.set()
         return record
 
+    async def _free_after_failure(self) -> None:
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._free_unreferenced)
+            except OSError as cleanup:  # the pull's own error is the one to answer with
+                event(log, logging.WARNING, "freeing a failed pull's blobs failed", error=str(cleanup))
+
     async def _fetch_and_record(self, ref: reference.Reference, credentials: Credentials | None) -> ImageRecord:
         resolved = await self.client.resolve(ref, credentials)
         manifest = await self.client.platform_manifest(resolved)
@@ -180,9 +230,7 @@ class ImageManager:
             layers = _layer_refs(layer_descs, config, manifest.digest)
             self._hold(layer.chain_id for layer in layers)
             try:
-                await self._fetch_layers(resolved, layer_descs)
-                faults.point("image.pull.fetched")
-                await self._unpack(layers)
+                await self._pull_layers(resolved, layers)
                 faults.point("image.pull.unpacked")
                 await self.content.put_bytes(resolved.manifest_digest, resolved.body)
                 if manifest.digest != resolved.manifest_digest:
@@ -208,38 +256,92 @@ class ImageManager:
 
         await self.content.ensure(desc["digest"], int(desc["size"]), fetch)
 
-    async def _fetch_layers(self, resolved: Resolved, descs: list[dict[str, Any]]) -> None:
-        limit = asyncio.Semaphore(PARALLEL_DOWNLOADS)
+    async def _pull_layers(self, resolved: Resolved, layers: list[LayerRef]) -> None:
+        """Every layer's blob in the content store and its chain in the layer store."""
+        parents: list[str | None] = [None, *(layer.chain_id for layer in layers[:-1])]
+        limit = asyncio.Semaphore(self._config.image.max_concurrent_downloads)
+        if self.layers.driver == "vfs":
+            # A vfs layer starts as a copy of its parent: download in parallel, unpack in order.
+            await _all(self._bounded(limit, self._fetch(resolved, _descriptor(layer))) for layer in layers)
+            faults.point("image.pull.fetched")
+            for layer, parent in zip(layers, parents, strict=True):
+                await self.unpack_layer(layer, parent)
+            return
+        await _all(
+            self._bounded(limit, self._layer(resolved, layer, parent))
+            for layer, parent in zip(layers, parents, strict=True)
+        )
 
-        async def one(desc: dict[str, Any]) -> None:
-            async with limit:
-                await self._fetch(resolved, desc)
+    @staticmethod
+    async def _bounded(limit: asyncio.Semaphore, work: Coroutine[Any, Any, object]) -> None:
+        async with limit:
+            await work
+
+    async def _layer(self, resolved: Resolved, layer: LayerRef, parent: str | None) -> None:
+        """One overlay layer: streamed from the registry into the blob store and an unpack worker at once."""
+        if self.layers.exists(layer.chain_id):
+            if not self.content.has(layer.digest):  # the blob of a layer another image brought, freed since
+                await self._fetch(resolved, _descriptor(layer))
+            metrics.IMAGE_LAYER_CACHE_HITS.inc()
+            return
+        await self._chains.run(
+            layer.chain_id, lambda: self._stream_layer(resolved, layer, parent), name=f"unpack {layer.chain_id}"
+        )
+        metrics.IMAGE_LAYER_UNPACKS.inc()
+
+    async def _stream_layer(self, resolved: Resolved, layer: LayerRef, parent: str | None) -> LayerInfo:
+        if self.content.has(layer.digest):
+            return await self._unpack_blob(layer, parent)
+        sink = _UnpackingSink(self, layer, parent)
+
+        async def fetch(writer: Writer) -> None:
+            sink.writer = writer
+            await self.client.fetch_blob(resolved.endpoint, _descriptor(layer), sink)
+            await sink.finish()
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for desc in descs:
-                    if not is_foreign(desc["mediaType"]):
-                        group.create_task(one(desc))
-        except ExceptionGroup as group:
-            # The first layer's failure is the pull's error; the others were cancelled by it.
-            first: BaseException = group
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            await self.content.ensure(layer.digest, layer.size, fetch)
+            if sink.unpacked is None:  # another pull's fetch brought the blob: unpack it from the store
+                return await self._unpack_blob(layer, parent)
+            faults.point("image.pull.fetched")  # the blob is committed, its layer not yet visible
+            staged, result = sink.unpacked
+            sink.hand_over()
+            return await self._publish(layer, staged, result)
+        finally:
+            await asyncio.shield(sink.discard())
 
-    async def _unpack(self, layers: list[LayerRef]) -> None:
-        parent: str | None = None
-        for layer in layers:
-            info = await asyncio.to_thread(
-                self.layers.ensure,
-                layer.chain_id,
-                parent,
-                self.content.path(layer.digest),
-                layer.media_type,
-                layer.diff_id,
-            )
-            (metrics.IMAGE_LAYER_CACHE_HITS if info.cached else metrics.IMAGE_LAYER_UNPACKS).inc()
-            parent = layer.chain_id
+    async def unpack_layer(self, layer: LayerRef, parent: str | None) -> LayerInfo:
+        """The layer `layer.chain_id` unpacked from its blob in the content store (once, across callers).
+
+        For a caller whose blobs are stored already (an import); parent must be in the store for vfs.
+        """
+        info = await self._chains.run(
+            layer.chain_id, lambda: self._unpack_blob(layer, parent), name=f"unpack {layer.chain_id}"
+        )
+        (metrics.IMAGE_LAYER_CACHE_HITS if info.cached else metrics.IMAGE_LAYER_UNPACKS).inc()
+        return info
+
+    async def _unpack_blob(self, layer: LayerRef, parent: str | None) -> LayerInfo:
+        found = await asyncio.to_thread(self.layers.info, layer.chain_id)
+        if found is not None:
+            return found
+        staged = await asyncio.to_thread(self.layers.stage, layer.chain_id, parent, layer.diff_id)
+        worker: UnpackProcess | None = None
+        try:
+            with open(self.content.path(layer.digest), "rb") as blob:
+                worker = await UnpackProcess.start(_job(layer, staged), source=blob)
+            with no_space_in(self.layers.root, f"unpacking layer {layer.chain_id}"):
+                result = await worker.finish()
+        except BaseException:
+            await asyncio.shield(_abandon(self.layers, staged, worker))
+            raise
+        return await self._publish(layer, staged, result)
+
+    async def _publish(self, layer: LayerRef, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
+        try:
+            return await asyncio.to_thread(self.layers.publish, staged, result)
+        except UnpackError as exc:
+            raise UnpackError(f"layer {layer.digest}: {exc}") from exc
 
     async def _record(
         self,
@@ -423,3 +525,95 @@ def _mountpoint(path: Path) -> str:
         if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
             best = mp
     return best
+
+
+def _descriptor(layer: LayerRef) -> dict[str, Any]:
+    return {"digest": layer.digest, "size": layer.size, "mediaType": layer.media_type}
+
+
+def _job(layer: LayerRef, staged: StagedLayer) -> UnpackJob:
+    return UnpackJob(layer.media_type, staged.diff, staged.whiteout_mode, label=layer.digest)
+
+
+async def _all(works: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run every coroutine; the first failure cancels the rest and is raised itself (not as a group)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for work in works:
+                group.create_task(work)
+    except ExceptionGroup as failed:
+        first: BaseException = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def _abandon(layers: LayerStore, staged: StagedLayer | None, worker: UnpackProcess | None) -> None:
+    """A failed or cancelled unpack: stop its worker, then remove its temp dir."""
+    if worker is not None:
+        await worker.kill()
+    if staged is not None:
+        await asyncio.to_thread(layers.discard, staged)
+
+
+class _UnpackingSink:
+    """A blob download's sink: each chunk goes to the content store's writer and to an unpack worker's pipe.
+
+    The worker starts with the first chunk; a retried download (reset) starts a new one on a fresh stage.
+    """
+
+    def __init__(self, manager: ImageManager, layer: LayerRef, parent: str | None) -> None:
+        self._manager = manager
+        self._layer = layer
+        self._parent = parent
+        self.writer: Writer | None = None
+        self._staged: StagedLayer | None = None
+        self._worker: UnpackProcess | None = None
+        self.unpacked: tuple[StagedLayer, UnpackResult] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.writer is not None
+        metrics.IMAGE_PULL_BYTES.inc(len(chunk))
+        if self._worker is None:
+            await self._start()
+        assert self._worker is not None
+        await self.writer.write(chunk)
+        with self._no_space():
+            await self._worker.write(chunk)
+
+    async def reset(self) -> None:
+        assert self.writer is not None
+        await self.discard()
+        await self.writer.reset()
+
+    async def finish(self) -> None:
+        """The download is complete: wait for the worker to extract the rest."""
+        if self._worker is None:
+            await self._start()  # an empty blob: the worker says what is wrong with it
+        assert self._worker is not None and self._staged is not None
+        with self._no_space():
+            result = await self._worker.finish()
+        self.unpacked = (self._staged, result)
+
+    def hand_over(self) -> None:
+        """The caller publishes the stage now: discard() must no longer touch it (a rename may be under way)."""
+        self._staged = None
+
+    async def discard(self) -> None:
+        """Whatever this sink staged and did not hand over: its worker stopped, its temp dir removed."""
+        staged, worker = self._staged, self._worker
+        self._staged = self._worker = None
+        await _abandon(self._manager.layers, staged, worker)
+
+    async def _start(self) -> None:
+        layer = self._layer
+        self._staged = await asyncio.to_thread(self._manager.layers.stage, layer.chain_id, self._parent, layer.diff_id)
+        try:
+            self._worker = await UnpackProcess.start(_job(layer, self._staged))
+        except BaseException:
+            await asyncio.shield(_abandon(self._manager.layers, self._staged, None))
+            self._staged = None
+            raise
+
+    def _no_space(self) -> contextlib.AbstractContextManager[None]:
+        return no_space_in(self._manager.layers.root, f"unpacking layer {self._layer.chain_id}")

@@ -39,7 +39,7 @@ from typing import Literal
 
 from cri.errors import NotFound, no_space_in
 from cri.log import event
-from cri.storage.unpack import UnpackError, WhiteoutMode, unpack_layer
+from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, unpack_layer
 
 # Under the "cri" logger tree, so the daemon's log level applies (cri.log.OWN_LOGGERS).
 log = logging.getLogger(__name__)
@@ -88,6 +88,22 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     return chains
 
 
+@dataclass(frozen=True)
+class StagedLayer:
+    """An unpack in progress under layers/tmp-*: invisible until LayerStore.publish()."""
+
+    chain_id: str
+    parent: str | None
+    diff_id: str
+    tmp: Path
+    whiteout_mode: WhiteoutMode
+    started: float  # time.monotonic(), for the log line
+
+    @property
+    def diff(self) -> Path:
+        return self.tmp / "diff"
+
+
 class _ChainLock:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -113,6 +129,10 @@ class LayerStore:
     def exists(self, chain_id: str) -> bool:
         return self._info(chain_id) is not None
 
+    def info(self, chain_id: str) -> LayerInfo | None:
+        """The layer if it is in the store (cached=True), else None."""
+        return self._info(chain_id)
+
     def ensure(
         self, chain_id: str, parent: str | None, blob: Path, media_type: str, expected_diff_id: str
     ) -> LayerInfo:
@@ -132,6 +152,28 @@ class LayerStore:
             self._discard(self.dir / _hex_of(chain_id, "chain_id"))  # a half-present layer from tampering
             with no_space_in(self.root, f"unpacking layer {chain_id}"):
                 return self._unpack(chain_id, parent, blob, media_type, expected_diff_id)
+
+    def stage(self, chain_id: str, parent: str | None, expected_diff_id: str) -> StagedLayer:
+        """A temp dir to unpack the layer `chain_id` into, elsewhere (a worker process); publish() or discard() it.
+
+        Blocking. For the vfs driver the parent must be in the store (its copy is the start).
+        An unpack staged so becomes visible only through publish(), after its diffID is checked.
+        """
+        _check_chain(chain_id, parent, expected_diff_id)
+        with self._locked(chain_id):
+            if self._info(chain_id) is None:
+                self._discard(self.dir / _hex_of(chain_id, "chain_id"))  # a half-present layer from tampering
+        with no_space_in(self.root, f"unpacking layer {chain_id}"):
+            return self._stage(chain_id, parent, expected_diff_id)
+
+    def publish(self, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
+        """Check the unpack's diffID and move it into place atomically; UnpackError (and nothing left) if it differs."""
+        with self._locked(staged.chain_id), no_space_in(self.root, f"unpacking layer {staged.chain_id}"):
+            return self._publish_staged(staged, result)
+
+    def discard(self, staged: StagedLayer) -> None:
+        """Remove a staged unpack that will not be published (a failed or cancelled pull). Blocking."""
+        _rmtree(staged.tmp)
 
     def lower_dirs(self, chain_ids: Sequence[str]) -> list[Path]:
         """The diff dirs of a chain given base layer first, returned topmost first (overlay's lowerdir order).
@@ -196,15 +238,31 @@ class LayerStore:
         return info if info.path.is_dir() else None
 
     def _unpack(self, chain_id: str, parent: str | None, blob: Path, media_type: str, diff_id: str) -> LayerInfo:
+        staged = self._stage(chain_id, parent, diff_id)
+        try:
+            result = unpack_layer(blob, media_type, staged.diff, staged.whiteout_mode)
+        except BaseException:
+            _rmtree(staged.tmp)
+            raise
+        return self._publish_staged(staged, result)
+
+    def _stage(self, chain_id: str, parent: str | None, diff_id: str) -> StagedLayer:
         start = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.dir))
-        published = False
         try:
             whiteout_mode = self._prepare(tmp / "diff", parent)
-            result = unpack_layer(blob, media_type, tmp / "diff", whiteout_mode)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        return StagedLayer(chain_id, parent, diff_id, tmp, whiteout_mode, start)
+
+    def _publish_staged(self, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
+        chain_id, diff_id, tmp = staged.chain_id, staged.diff_id, staged.tmp
+        published = False
+        try:
             if result.diff_id != diff_id:
                 raise UnpackError(f"layer diffID mismatch: config says {diff_id}, blob gives {result.diff_id}")
-            meta = {"chain_id": chain_id, "diff_id": diff_id, "parent": parent, "size": result.size}
+            meta = {"chain_id": chain_id, "diff_id": diff_id, "parent": staged.parent, "size": result.size}
             (tmp / _META).write_text(json.dumps(meta))
             published = self._publish(tmp, chain_id)
         finally:
@@ -225,7 +283,7 @@ class LayerStore:
             size=result.size,
             entries=result.entries,
             xattrs_skipped=result.xattrs_skipped or None,
-            seconds=round(time.monotonic() - start, 3),
+            seconds=round(time.monotonic() - staged.started, 3),
         )
         if result.xattrs_skipped:
             # Not silent: a dropped security.capability, say, changes what the program may do.

@@ -95,6 +95,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("runtime:\n  runtimes:\n    runc:\n      pth: x\n", "runtime.runtimes.runc.pth", "unknown key"),
         ("image:\n  registries:\n  - location: x\n", "image.registries[0].prefix", "must not be empty"),
         ("root: relative/dir\n", "root", "must be an absolute path"),
+        ("image:\n  max_concurrent_downloads: 0\n", "image.max_concurrent_downloads", "must be at least 1"),
         ("streaming:\n  port: 70000\n", "streaming.port", "between 0 and 65535"),
         ("runtime:\n  default_sysctls: [net.ipv4.ip_forward]\n", "runtime.default_sysctls[0]", "expected key=value"),
         ("runtime:\n  default_ulimits: [files=10]\n", "runtime.default_ulimits[0]", "with a name among"),
