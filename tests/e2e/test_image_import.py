@@ -1,0 +1,170 @@
+"""`criopy images import|export` against the real daemon (root, real stack, loopback registry).
+
+The archives are built here without docker (tests/support/archive_builder.py),
+in the formats `docker save` and containerd write. With the daemon running, the
+CLI goes through its admin socket (the daemon holds the store's lock); stopped,
+the CLI takes the lock and writes the store itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api.runtime.v1 import api_pb2 as pb
+from tests.e2e.containers import Env, push_image, registries_yaml, running_env
+from tests.support import image_builder as ib
+from tests.support.archive_builder import docker_save, oci_archive
+from tests.support.daemon_harness import REPO, Daemon, clean_env
+from tests.support.registry_harness import Registry
+
+# A registry name that resolves nowhere: a pull of it cannot succeed, so what runs was imported.
+UNREACHABLE = "criopy-e2e.invalid"
+
+
+@pytest.fixture
+def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
+    with running_env(make_daemon, registry, [busybox]) as env:
+        yield env
+
+
+def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`criopy images ...` with the daemon's own flags, as an operator runs it."""
+    flags = ["--config", str(daemon.config_file), "--config-dir", str(daemon.base / "criopy.d")]
+    flags += ["--root", str(daemon.root), "--runroot", str(daemon.runroot), "--listen", daemon.socket]
+    return subprocess.run(
+        [sys.executable, "-m", "cri", "images", *args, *flags],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        env=clean_env(),
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+
+
+def marked_image(marker: str) -> ib.Image:
+    return ib.busybox_image([ib.Layer([ib.File("/marker", f"{marker}\n".encode())], created_by="marker")])
+
+
+def status(daemon: Daemon, name: str) -> pb.Image:
+    return daemon.images().ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=name)), timeout=10).image
+
+
+def listed(daemon: Daemon) -> dict[str, list[str]]:
+    images = daemon.images().ListImages(pb.ListImagesRequest(), timeout=10).images
+    return {image.id: sorted(image.repo_tags) for image in images}
+
+
+def test_a_docker_save_archive_runs_a_container_with_no_registry_reachable(env: Env, tmp_path: Path) -> None:
+    marker = secrets.token_hex(6)
+    image = marked_image(marker)
+    name = f"{UNREACHABLE}/e2e/imported-{marker}:v1"
+    archive = tmp_path / "saved.tar"
+    archive.write_bytes(docker_save([(image, [name])]))
+
+    done = cli(env.daemon, "import", str(archive))
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == f"imported {image.image_id} {name}\n"
+    assert "admin request done" in env.daemon.log()  # the running daemon did it, on its own store
+    assert listed(env.daemon)[image.image_id] == [name]
+    assert status(env.daemon, name).id == image.image_id
+    pod = env.pod()
+    cid = env.run(pod, env.container_config(image=name, command=["cat", "/marker"]))
+    assert env.wait_exited(cid).exit_code == 0
+    assert env.output(pod) == f"{marker}\n"
+
+
+def test_export_remove_import_gives_back_the_id_and_repo_digest_a_pull_gave(
+    env: Env, registry: Registry, tmp_path: Path
+) -> None:
+    pulled_name = push_image(registry, f"e2e/roundtrip-{secrets.token_hex(4)}", layers=[ib.Layer([ib.Dir("/r")])])
+    env.daemon.images().PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=pulled_name)), timeout=120)
+    pulled = status(env.daemon, pulled_name)
+    archive = tmp_path / "exported.tar"
+
+    exported = cli(env.daemon, "export", pulled_name, "-o", str(archive))
+    assert exported.returncode == 0, exported.stderr.decode()
+    with tarfile.open(archive) as tar:
+        assert {"oci-layout", "index.json", "manifest.json"} <= set(tar.getnames())
+    env.daemon.images().RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=pulled_name)), timeout=30)
+    assert pulled.id not in listed(env.daemon)
+
+    imported = cli(env.daemon, "import", str(archive))
+
+    assert imported.returncode == 0, imported.stderr.decode()
+    again = status(env.daemon, pulled_name)
+    assert again.id == pulled.id
+    assert list(again.repo_digests) == list(pulled.repo_digests)
+    assert list(again.repo_tags) == [pulled_name]
+
+
+def test_import_from_stdin_and_export_to_stdout(env: Env) -> None:
+    marker = secrets.token_hex(6)
+    image = marked_image(marker)
+    name = f"{UNREACHABLE}/e2e/stdin-{marker}:v1"
+
+    done = cli(env.daemon, "import", "-", stdin=oci_archive([(image, [name])]))
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert status(env.daemon, name).id == image.image_id
+    out = cli(env.daemon, "export", name, "-o", "-")
+    assert out.returncode == 0, out.stderr.decode()
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == [name]
+    assert index["manifests"][0]["digest"] == image.manifest_digest
+
+
+def test_a_corrupt_blob_is_refused_naming_it_and_nothing_is_left(env: Env, tmp_path: Path) -> None:
+    good, bad = marked_image("good-" + secrets.token_hex(4)), marked_image("bad-" + secrets.token_hex(4))
+    bad_layer = bad.layers[1].digest
+
+    def flip_last_byte(member: str, data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 1]) if member.endswith(bad_layer.removeprefix("sha256:")) else data
+
+    archive = tmp_path / "corrupt.tar"
+    archive.write_bytes(
+        oci_archive([(good, [f"{UNREACHABLE}/good:1"]), (bad, [f"{UNREACHABLE}/bad:1"])], mutate=flip_last_byte)
+    )
+    before_images, before_store = listed(env.daemon), env.daemon.stored()
+
+    done = cli(env.daemon, "import", str(archive))
+
+    assert done.returncode == 1
+    assert "digest mismatch" in done.stderr.decode()
+    assert bad_layer in done.stderr.decode()
+    assert listed(env.daemon) == before_images  # not even the good image of the archive
+    assert env.daemon.stored() == before_store
+
+
+def test_import_while_the_daemon_is_stopped_then_the_started_daemon_has_it(
+    make_daemon, registry: Registry, tmp_path: Path
+) -> None:
+    daemon = make_daemon(registries_yaml(registry.host), start=False)
+    marker = secrets.token_hex(6)
+    image = marked_image(marker)
+    name = f"{UNREACHABLE}/e2e/offline-{marker}:v1"
+    archive = tmp_path / "offline.tar"
+    archive.write_bytes(docker_save([(image, [name])], layout="oci"))
+
+    done = cli(daemon, "import", str(archive))
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert not (daemon.runroot / "admin.sock").exists()  # nobody served it: the CLI wrote the store itself
+    daemon.start()
+    found = status(daemon, name)
+    assert found.id == image.image_id
+    assert list(found.repo_tags) == [name]
+    exported = cli(daemon, "export", name, "-o", str(tmp_path / "back.tar"))
+    assert exported.returncode == 0, exported.stderr.decode()
