@@ -10,11 +10,16 @@ from podsandbox.spec import DnsConfig
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 
 
-def _write(path: Path, text: str) -> None:
+Owner = tuple[int, int] | None  # (uid, gid) on the host; None: whoever writes (root)
+
+
+def _write(path: Path, text: str, owner: Owner = None) -> None:
     """Write whole or not at all: containers bind-mount these files, a torn one is worse than none."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o644)
+    if owner is not None:
+        os.chown(tmp, *owner)
     os.replace(tmp, path)
 
 
@@ -27,19 +32,21 @@ def render_resolv_conf(dns: DnsConfig) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def write_resolv_conf(path: Path, dns: DnsConfig | None, host_resolv_conf: str = HOST_RESOLV_CONF) -> None:
+def write_resolv_conf(
+    path: Path, dns: DnsConfig | None, host_resolv_conf: str = HOST_RESOLV_CONF, owner: Owner = None
+) -> None:
     """From the pod's DNS config, or the host's resolv.conf when the kubelet gave none (host network)."""
     if dns is not None:
-        _write(path, render_resolv_conf(dns))
+        _write(path, render_resolv_conf(dns), owner)
         return
     try:
-        _write(path, Path(host_resolv_conf).read_text())
+        _write(path, Path(host_resolv_conf).read_text(), owner)
     except FileNotFoundError:
-        _write(path, "")
+        _write(path, "", owner)
 
 
-def write_hostname(path: Path, hostname: str) -> None:
-    _write(path, hostname + "\n")
+def write_hostname(path: Path, hostname: str, owner: Owner = None) -> None:
+    _write(path, hostname + "\n", owner)
 
 
 def render_hosts(hostname: str, ips: list[str]) -> str:
@@ -48,5 +55,5 @@ def render_hosts(hostname: str, ips: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_hosts(path: Path, hostname: str, ips: list[str]) -> None:
-    _write(path, render_hosts(hostname, ips))
+def write_hosts(path: Path, hostname: str, ips: list[str], owner: Owner = None) -> None:
+    _write(path, render_hosts(hostname, ips), owner)

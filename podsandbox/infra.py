@@ -66,8 +66,8 @@ def container_id(sandbox: Sandbox) -> str:
 
 def build_spec(sandbox: Sandbox, config: Config) -> dict[str, object]:
     """The runtime spec of the infra container (a plain OCI dict)."""
-    join = {kind: path for kind, path in sandbox.pins.items() if kind in ("net", "ipc", "uts")}
-    return bundle.minimal_spec(
+    join = {kind: path for kind, path in sandbox.pins.items() if kind in ("user", "net", "ipc", "uts")}
+    spec = bundle.minimal_spec(
         [INFRA_PATH, "-P"],
         root="rootfs",
         readonly_root=True,
@@ -85,6 +85,11 @@ def build_spec(sandbox: Sandbox, config: Config) -> dict[str, object]:
             "io.kubernetes.cri.sandbox-namespace": sandbox.spec.metadata.namespace,
         },
     )
+    userns = sandbox.spec.userns
+    if userns is not None:
+        # runc joins the pinned namespace by path and wants its maps too (it checks root is mapped).
+        spec["linux"].update(uidMappings=[userns.uids.to_oci()], gidMappings=[userns.gids.to_oci()])
+    return spec
 
 
 def _runtime(sandbox: Sandbox, config: Config, recorded: Runtime | None) -> Runtime:
@@ -103,6 +108,10 @@ def _prepare(sandbox: Sandbox, config: Config, paths: InfraPaths) -> None:
         shutil.rmtree(paths.bundle)
     Path(paths.bundle).mkdir(mode=0o700, parents=True)
     Path(paths.rootfs).mkdir(mode=0o755)
+    if sandbox.spec.userns is not None:
+        # runc's init runs inside the pod's user namespace: it must reach the rootfs and make mount points in it.
+        os.chmod(paths.bundle, 0o711)
+        os.chown(paths.rootfs, *sandbox.spec.userns.root)
     bundle.write(paths.bundle, build_spec(sandbox, config))
 
 

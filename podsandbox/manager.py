@@ -158,6 +158,8 @@ class SandboxManager:
         kinds = [] if spec.host_network else ["net", "uts"]
         if not spec.host_ipc:
             kinds.append("ipc")
+        if spec.userns is not None:
+            kinds.append("user")
         return {kind: str(self._runroot / "ns" / kind / sandbox_id) for kind in kinds}
 
     async def _build(self, sandbox: Sandbox, undo: AsyncExitStack) -> None:
@@ -178,9 +180,12 @@ class SandboxManager:
         )
         hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
         sysctls = _sysctls(config.runtime.default_sysctls, spec)
+        pod_hostname = hostname if "uts" in sandbox.pins else ""
         await concurrently.all_of(
             asyncio.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
-            namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls),
+            namespaces.create(sandbox.pins, pod_hostname, sysctls)
+            if spec.userns is None
+            else namespaces.create_with_userns(sandbox.pins, pod_hostname, sysctls, spec.userns.uids, spec.userns.gids),
         )
         faults.point("sandbox.run.namespaces")
 
@@ -198,7 +203,9 @@ class SandboxManager:
                 config.network,
             )
             faults.point("sandbox.run.cni-added")
-            await asyncio.to_thread(files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips))
+            await asyncio.to_thread(
+                files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips), _owner(spec)
+            )
 
         if spec.pid_mode is NamespaceMode.POD:
             # The pod shares one PID namespace: catatonit holds it as PID 1 (no pause image).
@@ -213,11 +220,14 @@ class SandboxManager:
         """Blocking: the sandbox dir, its hostname, resolv.conf and hosts files, and the pod's /dev/shm."""
         directory = Path(sandbox.dir)
         directory.mkdir(0o711, parents=True)
-        files.write_hostname(directory / "hostname", hostname)
-        files.write_resolv_conf(directory / "resolv.conf", sandbox.spec.dns)
-        files.write_hosts(directory / "hosts", hostname, [])
+        # In a user namespace the pod's root owns its files and /dev/shm, as the host's root does otherwise:
+        # chowned (they are the pod's own, unlike image layers), as cri-o does.
+        owner = _owner(sandbox.spec)
+        files.write_hostname(directory / "hostname", hostname, owner)
+        files.write_resolv_conf(directory / "resolv.conf", sandbox.spec.dns, owner=owner)
+        files.write_hosts(directory / "hosts", hostname, [], owner)
         if sandbox.shm:
-            shm.mount(sandbox.shm, shm_size)
+            shm.mount(sandbox.shm, shm_size, owner)
 
     async def _undo(self, sandbox_id: str, step: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Best effort: one failed undo must not stop the others, nor hide the error that caused them."""
@@ -376,6 +386,11 @@ def _release(shm_path: str, pins: list[str]) -> None:
 
 def _pins_alive(sandbox: Sandbox) -> bool:
     return all(namespaces.is_pinned(path) for path in sandbox.pins.values())
+
+
+def _owner(spec: SandboxSpec) -> tuple[int, int] | None:
+    """Who owns the pod's files on the host: the mapped root of its user namespace, or None (the host's root)."""
+    return None if spec.userns is None else spec.userns.root
 
 
 def _with_handler(spec: SandboxSpec, handler: str) -> SandboxSpec:

@@ -1,43 +1,47 @@
-"""Creating, pinning and releasing a pod's net, ipc and uts namespaces (no pause container).
+"""Creating, pinning and releasing a pod's namespaces (no pause container).
 
-A throwaway thread of the daemon (`cri.system.nsthread`) unshares them: Linux keeps
-these three namespaces per thread, so nothing else in the daemon moves. The
-thread brings `lo` up, sets the hostname and the namespaced sysctls, and
-bind-mounts its namespaces onto pin files; the pins keep the namespaces
-alive after the thread exits, and containers join them by path. A thread
-costs a few milliseconds where a child interpreter cost seventy.
+A throwaway thread of the daemon (`cri.system.nsthread`) unshares net, ipc and
+uts: Linux keeps these three namespaces per thread, so nothing else in the
+daemon moves. The thread brings `lo` up, sets the hostname and the namespaced
+sysctls, and bind-mounts its namespaces onto pin files; the pins keep the
+namespaces alive after the thread exits, and containers join them by path. A
+thread costs a few milliseconds where a child interpreter cost seventy.
+
+A pod with its own user namespace (userns_options mode POD) cannot be made by
+a thread: a multi-threaded process can neither unshare nor enter a user
+namespace, and the other three must be owned by it. A short child process
+(podsandbox.nschild) makes all four; the daemon writes the maps and pins them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import fcntl
 import functools
+import json
 import os
-import socket
-import struct
+import sys
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 from cri.errors import InvalidArgument
-from cri.system import linux, nsthread
+from cri.system import idmap, linux, nsthread
+from cri.system.idmap import IdMapping
+from podsandbox.nschild import SysctlRefused, sysctl_path, unshare_and_configure
 
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
-CLONE_FLAGS = {"net": linux.CLONE_NEWNET, "ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS}
+__all__ = ["SysctlRefused", "sysctl_path"]
+CHILD_TIMEOUT = 10.0  # seconds for each step of the user namespace child
+
+# The child interpreter: isolated, no site packages, the project's directory first on its path.
+_NSCHILD = """\
+import sys
+sys.path.insert(0, sys.argv[1])
+from podsandbox import nschild
+sys.exit(nschild.child_main(sys.argv[2]))
+"""
 
 
 class NamespaceError(Exception):
     pass
-
-
-class SysctlRefused(OSError):
-    """The kernel refused a pod's sysctl: no such key here, a value it does not take, a read-only one."""
-
-    def __init__(self, key: str, value: str, exc: OSError) -> None:
-        super().__init__(exc.errno, f"sysctl {key}={value}: {exc.strerror}")
-        self.key = key
 
 
 async def create(pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str]) -> None:
@@ -55,19 +59,7 @@ async def create(pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, s
 
 def _make(pins: dict[str, str], hostname: str, sysctls: dict[str, str]) -> None:
     """In a thread of its own, which is left in the new namespaces and then exits."""
-    flags = 0
-    for kind in pins:
-        flags |= CLONE_FLAGS[kind]
-    linux.unshare(flags)
-    if "net" in pins:
-        _loopback_up()
-    if hostname and "uts" in pins:
-        socket.sethostname(hostname)
-    for key, value in sysctls.items():
-        try:
-            sysctl_path(key).write_text(str(value))  # /proc/sys resolves in the calling thread's namespaces
-        except OSError as exc:
-            raise SysctlRefused(key, str(value), exc) from None
+    unshare_and_configure(pins, hostname, sysctls)
     made: list[str] = []
     try:
         for kind, path in pins.items():
@@ -78,28 +70,82 @@ def _make(pins: dict[str, str], hostname: str, sysctls: dict[str, str]) -> None:
         raise
 
 
-def sysctl_path(key: str) -> Path:
-    """net.ipv4.ip_forward -> /proc/sys/net/ipv4/ip_forward (both separators accepted, as sysctl(8) does)."""
-    parts = key.split("/") if "/" in key else key.split(".")
-    if not parts or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"sysctl {key!r} is not a valid name")
-    return Path("/proc/sys", *parts)
+async def create_with_userns(
+    pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str], uids: IdMapping, gids: IdMapping
+) -> None:
+    """Make a user namespace with these maps (pins['user']) and the other pins' namespaces owned by it."""
+    others = [kind for kind in pins if kind != "user"]
+    request = json.dumps({"kinds": others, "hostname": hostname, "sysctls": dict(sysctls)})
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _NSCHILD,
+            idmap.package_parent(),
+            request,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise NamespaceError(f"starting the user namespace child {sys.executable}: {exc}") from exc
+    made: list[str] = []
+    try:
+        await _expect(child, "unshared")
+        try:
+            idmap.write_maps(child.pid, uids, gids)
+        except OSError as exc:
+            raise NamespaceError(f"writing the user namespace maps: {exc}") from exc
+        assert child.stdin is not None
+        child.stdin.write(b"mapped\n")
+        await _expect(child, "ready")
+        for kind, path in pins.items():
+            _pin(kind, path, f"/proc/{child.pid}/ns/{kind}")
+            made.append(path)
+    except BaseException:
+        release_all(made)
+        raise
+    finally:
+        await _finish(child)
 
 
-def _pin(kind: str, path: str) -> None:
-    Path(path).parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+async def _expect(child: asyncio.subprocess.Process, wanted: str) -> None:
+    assert child.stdout is not None
+    try:
+        raw = await asyncio.wait_for(child.stdout.readline(), CHILD_TIMEOUT)
+    except TimeoutError:
+        raise NamespaceError(f"the user namespace child did not say {wanted!r} within {CHILD_TIMEOUT:g}s") from None
+    line = raw.decode(errors="replace").strip()
+    if line == wanted:
+        return
+    if line.startswith("sysctl\t"):
+        _, key, value, code = line.split("\t")
+        raise InvalidArgument(f"config.linux.sysctls[{key}]", f"sysctl {key}={value}: {os.strerror(int(code))}")
+    await _finish(child)
+    stderr = (await child.stderr.read()).decode(errors="replace").strip() if child.stderr else ""
+    raise NamespaceError(f"the user namespace child exited ({child.returncode}) before {wanted!r}: {stderr}")
+
+
+async def _finish(child: asyncio.subprocess.Process) -> None:
+    """Close the child's stdin (it exits then) and reap it; killed if it does not go in time."""
+    if child.stdin is not None and not child.stdin.is_closing():
+        child.stdin.close()
+    try:
+        await asyncio.wait_for(child.wait(), CHILD_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+
+
+def _pin(kind: str, path: str, source: str = "") -> None:
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     os.close(fd)
     # thread-self, not self: /proc/self is the main thread, which never left the host's namespaces.
-    linux.mount(f"/proc/thread-self/ns/{kind}", path, None, linux.MS_BIND)
-
-
-def _loopback_up() -> None:
-    """Bring `lo` up in the new network namespace: containers of a pod talk over 127.0.0.1 whatever CNI does."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+    linux.mount(source or f"/proc/thread-self/ns/{kind}", path, None, linux.MS_BIND)
 
 
 def release(path: str) -> None:

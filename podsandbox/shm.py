@@ -7,9 +7,11 @@ import os
 from cri.system import linux
 
 
-def mount(path: str, size: int) -> None:
+def mount(path: str, size: int, owner: tuple[int, int] | None = None) -> None:
+    """owner: the host (uid, gid) of the tmpfs root, the pod's root in its user namespace; None: root."""
     os.makedirs(path, mode=0o755, exist_ok=True)
-    linux.mount("shm", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, f"mode=1777,size={size}")
+    options = f"mode=1777,size={size}" + (f",uid={owner[0]},gid={owner[1]}" if owner else "")
+    linux.mount("shm", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, options)
 
 
 def unmount(path: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from cri.errors import InvalidArgument
+from cri.system.idmap import IdMapping
 
 
 class NamespaceMode(Enum):
@@ -53,6 +54,19 @@ class PortMapping:
 
 
 @dataclass(frozen=True)
+class UserNamespace:
+    """A pod's own user namespace (userns_options mode POD): one range each, container ID 0 mapped."""
+
+    uids: IdMapping
+    gids: IdMapping
+
+    @property
+    def root(self) -> tuple[int, int]:
+        """The host (uid, gid) of root inside: the owner of what the pod must own."""
+        return self.uids.host_id, self.gids.host_id
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     metadata: Metadata
     hostname: str = ""
@@ -69,6 +83,7 @@ class SandboxSpec:
     runtime_handler: str = ""
     # Containers may only be privileged in a privileged pod (the kubelet's and containerd's rule).
     privileged: bool = False
+    userns: UserNamespace | None = None  # None: the host's user namespace (mode NODE)
 
     @property
     def host_network(self) -> bool:
@@ -131,6 +146,18 @@ def _check_sysctls(spec: SandboxSpec) -> None:
             raise InvalidArgument(where, "IPC sysctls cannot be set on a host-IPC pod")
         if kind == "uts" and spec.host_network:
             raise InvalidArgument(where, "UTS sysctls cannot be set on a host-network pod (it shares the host UTS)")
+
+
+def _check_userns(spec: SandboxSpec) -> None:
+    """A user namespace owns the pod's namespaces: none of them may be the host's (the kubelet's rule too)."""
+    if spec.userns is None:
+        return
+    for name, shared in (("network", spec.host_network), ("ipc", spec.host_ipc), ("pid", spec.host_pid)):
+        if shared:
+            raise InvalidArgument(
+                f"config.linux.security_context.namespace_options.{name}",
+                "NODE cannot be combined with a user namespace of the pod (userns_options mode POD)",
+            )
 
 
 def _check_dns(dns: DnsConfig | None) -> None:
@@ -226,6 +253,7 @@ def validate(spec: SandboxSpec, cgroup_manager: str) -> None:
             raise InvalidArgument(
                 f"config.linux.security_context.namespace_options.{name}", f"{mode.value} is not POD or NODE"
             )
+    _check_userns(spec)
     _check_dns(spec.dns)
     _check_ports(spec.port_mappings)
     _check_sysctls(spec)

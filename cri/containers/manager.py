@@ -146,6 +146,7 @@ class ContainerManager:
             raise InvalidArgument(
                 "config.linux.security_context.privileged", f"pod sandbox {sandbox.id} is not privileged"
             )
+        validate.userns_agrees(config, sandbox.spec.userns, sandbox.id)
         image = self._find_image(config.image.image, "config.image.image")
         volumes = self._volume_images(config)
         name = rows.reservation(sandbox.name, config.metadata)
@@ -283,8 +284,9 @@ class ContainerManager:
         """Blocking: the image volumes, the bundle dir, the rootfs mount, the user, config.json, the log dir."""
         sources = self._mount_image_volumes(container, volumes)
         os.makedirs(container.bundle, 0o700)
-        root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver)
+        root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver, shift=_shift(sandbox))
         user = _resolve_user(root, container.config, image)
+        validate.user_mapped(user, sandbox.spec.userns)
         spec = ocispec.build(
             ocispec.SpecInputs(
                 container_id=container.id,
@@ -670,6 +672,14 @@ def _mark_running(container: Container) -> None:
     # A very short process may have exited (and been recorded) while `start` ran: keep that.
     if container.state is ContainerState.CREATED:
         container.state = ContainerState.RUNNING
+
+
+def _shift(sandbox: Sandbox) -> rootfs.IdShift | None:
+    """The pod's user namespace as the rootfs sees it; None when the pod runs in the host's."""
+    userns = sandbox.spec.userns
+    if userns is None:
+        return None
+    return rootfs.IdShift(sandbox.pins["user"], userns.root)
 
 
 def _log_path(sandbox: Sandbox, config: pb.ContainerConfig) -> str:

@@ -144,6 +144,12 @@ def build(inputs: SpecInputs) -> dict[str, Any]:
     apparmor = _apparmor(inputs)
     if apparmor:
         process["apparmorProfile"] = apparmor
+    userns = sandbox.spec.userns
+    if userns is not None:
+        # The container joins its pod's pinned user namespace (see _namespaces); runc 1.1.5 still wants
+        # its maps in the spec (it checks root is mapped, and chowns its exec fifo to the mapped root).
+        linux["uidMappings"] = [userns.uids.to_oci()]
+        linux["gidMappings"] = [userns.gids.to_oci()]
     return spec
 
 
@@ -171,7 +177,7 @@ def _capabilities(inputs: SpecInputs) -> list[str]:
 
 
 def _namespaces(inputs: SpecInputs) -> list[dict[str, str]]:
-    join = {kind: path for kind, path in inputs.sandbox.pins.items() if kind in ("net", "ipc", "uts")}
+    join = {kind: path for kind, path in inputs.sandbox.pins.items() if kind in ("user", "net", "ipc", "uts")}
     new = ["mnt"]
     if inputs.pid_namespace == "":
         new.append("pid")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.containers import capabilities, cdi
+from cri.containers.users import ProcessUser
 from cri.errors import InvalidArgument
 from cri.storage import imagevolumes
+from cri.system.idmap import IdMapping
+from podsandbox.spec import UserNamespace
 
 SC = "config.linux.security_context"
 RES = "config.linux.resources"
@@ -19,6 +23,7 @@ _PAGE_SIZE = re.compile(r"^\d+(KB|MB|GB|TB|PB)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MODES = (pb.POD, pb.CONTAINER, pb.NODE, pb.TARGET)
 MAX_CPU_SHARES = 262144
+MAX_ID = 2**32 - 1  # (uid_t)-1 is not an ID
 
 
 def _absolute(value: str, field: str) -> None:
@@ -174,8 +179,49 @@ def _namespaces(ns: pb.NamespaceOption) -> None:
             raise InvalidArgument(f"{SC}.namespace_options.{kind}", f"unknown namespace mode {getattr(ns, kind)}")
     if ns.pid == pb.TARGET and not ns.target_id:
         raise InvalidArgument(f"{SC}.namespace_options.target_id", "is required with pid mode TARGET")
-    if ns.HasField("userns_options") and ns.userns_options.mode not in (pb.NODE,):
-        raise InvalidArgument(f"{SC}.namespace_options.userns_options", "user namespaces are not supported here")
+    userns_of(ns, f"{SC}.namespace_options")
+
+
+def userns_of(ns: pb.NamespaceOption, where: str) -> UserNamespace | None:
+    """The user namespace userns_options asks for: None for the host's (NODE, or no options).
+
+    Mode POD with exactly one uid and one gid range that maps container ID 0 is what the kubelet sends
+    (hostUsers: false); anything else is refused naming the field, rather than silently run as host root.
+    """
+    if not ns.HasField("userns_options"):
+        return None
+    options, where = ns.userns_options, f"{where}.userns_options"
+    if options.mode == pb.NODE:
+        return None
+    if options.mode != pb.POD:
+        name = pb.NamespaceMode.Name(options.mode) if options.mode in pb.NamespaceMode.values() else options.mode
+        raise InvalidArgument(f"{where}.mode", f"{name} is not supported: a user namespace is per pod (POD) or NODE")
+    return UserNamespace(uids=_one_range(options.uids, f"{where}.uids"), gids=_one_range(options.gids, f"{where}.gids"))
+
+
+def _one_range(mappings: Sequence[pb.IDMapping], where: str) -> IdMapping:
+    if len(mappings) != 1:
+        raise InvalidArgument(where, f"exactly one mapping range is supported, got {len(mappings)}")
+    m = mappings[0]
+    if m.length == 0:
+        raise InvalidArgument(where, "the mapping range is empty (length 0)")
+    if m.container_id != 0:
+        raise InvalidArgument(where, f"container ID 0 is not mapped (the range starts at {m.container_id})")
+    if m.host_id + m.length > MAX_ID or m.container_id + m.length > MAX_ID:
+        raise InvalidArgument(where, f"the range {m.host_id}+{m.length} goes past the last ID {MAX_ID - 1}")
+    return IdMapping(m.container_id, m.host_id, m.length)
+
+
+def userns_agrees(config: pb.ContainerConfig, pod: UserNamespace | None, pod_id: str) -> None:
+    """A container runs in its pod's user namespace: it may repeat the pod's options, not ask for others."""
+    ns = config.linux.security_context.namespace_options
+    if not ns.HasField("userns_options"):
+        return  # joins whatever the pod has
+    where = f"{SC}.namespace_options"
+    asked = userns_of(ns, where)
+    if asked != pod:
+        said = "the host's" if pod is None else f"mode POD with uids {pod.uids.line().strip()!r}"
+        raise InvalidArgument(f"{where}.userns_options", f"does not agree with pod sandbox {pod_id}, which has {said}")
 
 
 def _identity(sc: pb.LinuxContainerSecurityContext) -> None:
@@ -214,3 +260,14 @@ def _profile(sc: pb.LinuxContainerSecurityContext, name: str) -> None:
                 raise InvalidArgument(f"{SC}.seccomp.localhost_ref", f"{profile.localhost_ref} does not exist")
         elif not profile.localhost_ref:
             raise InvalidArgument(f"{SC}.apparmor.localhost_ref", "must name a profile")
+
+
+def user_mapped(user: ProcessUser, userns: UserNamespace | None) -> None:
+    """The process's IDs (in the namespace's terms) must be mapped, or runc's setuid/setgroups fails with EINVAL."""
+    if userns is None:
+        return
+    if userns.uids.to_host(user.uid) is None:
+        raise InvalidArgument(f"{SC}.run_as_user", f"uid {user.uid} is not mapped in the pod's user namespace")
+    for gid in (user.gid, *user.additional_gids):
+        if userns.gids.to_host(gid) is None:
+            raise InvalidArgument(f"{SC}.supplemental_groups", f"gid {gid} is not mapped in the pod's user namespace")

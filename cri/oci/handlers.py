@@ -1,4 +1,10 @@
-"""Runtime handlers from config: the binary each resolves to and what it supports."""
+"""Runtime handlers from config: the binary each resolves to and what it supports.
+
+User namespaces do not depend on the handler's own idmapped-mount support (runc 1.1.5 has none and no
+`features` command): criopy joins the pod's pinned user namespace through the spec and makes the
+idmapped mounts itself (cri.system.idmap). So a handler supports them when its binary exists and the
+kernel does what criopy needs, which a probe at start tries for real on the storage root.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,12 @@ import asyncio
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cri.config import Config, RuntimeHandlerConfig
 from cri.log import event
+from cri.system import idmap
 from cri.system.process import CommandError, run
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,12 @@ async def probe(name: str, handler: RuntimeHandlerConfig) -> HandlerInfo:
     return HandlerInfo(name, binary, recursive_read_only_mounts=rro, user_namespaces=userns)
 
 
+def with_user_namespaces(info: HandlerInfo, kernel_problem: str) -> HandlerInfo:
+    """The handler as criopy runs it: user namespaces when its binary exists and the kernel probe passed."""
+    works = info.binary is not None and not kernel_problem
+    return replace(info, user_namespaces=works)
+
+
 class RuntimeHandlers:
     """The configured handlers, probed at start and after every config reload."""
 
@@ -60,6 +73,10 @@ class RuntimeHandlers:
     async def refresh(self, config: Config) -> None:
         names = list(config.runtime.runtimes)
         infos = await asyncio.gather(*(probe(n, config.runtime.runtimes[n]) for n in names))
+        userns_problem = await asyncio.to_thread(idmap.probe, config.root)
+        if userns_problem:
+            event(log, logging.WARNING, "user namespaces unavailable", reason=userns_problem)
+        infos = [with_user_namespaces(info, userns_problem) for info in infos]
         self.handlers = dict(zip(names, infos, strict=True))
         self.default = config.runtime.default_runtime
         for info in infos:

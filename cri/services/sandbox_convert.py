@@ -10,9 +10,10 @@ from google.protobuf import json_format
 from api.runtime.v1 import api_pb2 as pb
 from cri.containers import validate
 from cri.errors import InvalidArgument
+from cri.system.idmap import IdMapping
 from podsandbox.resources import Limits, PodResources
 from podsandbox.sandbox import Sandbox, SandboxState
-from podsandbox.spec import DnsConfig, Metadata, NamespaceMode, PortMapping, SandboxSpec
+from podsandbox.spec import DnsConfig, Metadata, NamespaceMode, PortMapping, SandboxSpec, UserNamespace
 
 _MODES = {
     pb.POD: NamespaceMode.POD,
@@ -64,6 +65,7 @@ def spec_of(request: pb.RunPodSandboxRequest) -> SandboxSpec:
         sysctls=dict(config.linux.sysctls),
         runtime_handler=request.runtime_handler,
         privileged=config.linux.security_context.privileged,
+        userns=validate.userns_of(ns, where),
     )
 
 
@@ -94,6 +96,8 @@ def status(sandbox: Sandbox) -> pb.PodSandboxStatus:
     options = pb.NamespaceOption(
         network=_MODE_VALUES[spec.network_mode], pid=_MODE_VALUES[spec.pid_mode], ipc=_MODE_VALUES[spec.ipc_mode]
     )
+    if spec.userns is not None:
+        options.userns_options.CopyFrom(_userns_message(spec.userns))
     return pb.PodSandboxStatus(
         id=sandbox.id,
         metadata=_metadata(sandbox),
@@ -105,6 +109,13 @@ def status(sandbox: Sandbox) -> pb.PodSandboxStatus:
         annotations=spec.annotations,
         runtime_handler=spec.runtime_handler,
     )
+
+
+def _userns_message(userns: UserNamespace) -> pb.UserNamespace:
+    def ranges(m: IdMapping) -> list[pb.IDMapping]:
+        return [pb.IDMapping(host_id=m.host_id, container_id=m.container_id, length=m.length)]
+
+    return pb.UserNamespace(mode=pb.POD, uids=ranges(userns.uids), gids=ranges(userns.gids))
 
 
 def verbose_info(sandbox: Sandbox) -> dict[str, str]:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _CNI_ENTRY = re.compile(r"^.+-([0-9a-f]{64})-[^-]+$")  # <network>-<sandbox id>-<ifname>, libcni's naming
-NAMESPACE_KINDS = ("net", "ipc", "uts")
+NAMESPACE_KINDS = ("net", "ipc", "uts", "user")
 SWEEP_INTERVAL = 600.0  # seconds between sweeps after the one at start
 
 

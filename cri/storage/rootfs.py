@@ -37,6 +37,15 @@ Image volumes (cri/storage/imagevolumes.py) use mount_read_only: the same layout
 work/, an overlay of lower dirs only (which the kernel makes read-only; it needs two lowers), or for a
 single layer a read-only bind mount of it; long chains go through the same short links.
 
+User namespaces (a pod with userns_options mode POD): the layers are shared with every other container and
+stay as they are on disk, owned by the host's IDs; no chowned copy is made. Each lower dir gets an idmapped,
+read-only bind mount `idmapped/<n>` in the container dir (cri.system.idmap: open_tree + mount_setattr with
+the pod's pinned user namespace + move_mount), which shows on-disk uid 0 as the pod's mapped root, and the
+overlay is built on those: an overlay mount itself cannot be idmapped (EINVAL). upper/ takes its owner from
+the topmost idmapped lower, i.e. the mapped root, so the container's writes (copy-ups included) land there
+with the container's host IDs. The container dir itself is then owned by the mapped root: runc's init runs
+inside the namespace and must reach merged/, while other host users still cannot.
+
 vfs: merged/ is `cp -a --reflink=auto` of the topmost lower dir, which with the vfs layer store is the
 whole image. There is no mount; the copy is the writable layer.
 """
@@ -59,7 +68,7 @@ import cri
 from cri.errors import Internal
 from cri.log import event
 from cri.storage.layers import CopyError, Driver, copy_tree, tree_usage
-from cri.system import linux
+from cri.system import idmap, linux
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +95,14 @@ class RootfsError(Internal):
 
 
 @dataclass(frozen=True)
+class IdShift:
+    """The user namespace a container runs in: its pinned ns file, and the host (uid, gid) of root inside."""
+
+    userns_path: str
+    root: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class RootfsPaths:
     dir: Path
     upper: Path
@@ -93,30 +110,40 @@ class RootfsPaths:
     merged: Path
     links: Path
     empty: Path
+    idmapped: Path
 
     @classmethod
     def of(cls, container_dir: Path) -> RootfsPaths:
         d = Path(os.path.abspath(container_dir))
-        return cls(d, d / "upper", d / "work", d / "merged", d / "l", d / "empty")
+        return cls(d, d / "upper", d / "work", d / "merged", d / "l", d / "empty", d / "idmapped")
 
 
 def create(
-    container_dir: Path, lower_dirs: Sequence[Path], driver: Driver, *, copy_timeout: float = COPY_TIMEOUT
+    container_dir: Path,
+    lower_dirs: Sequence[Path],
+    driver: Driver,
+    *,
+    copy_timeout: float = COPY_TIMEOUT,
+    shift: IdShift | None = None,
 ) -> Path:
     """Make the container's rootfs from lower_dirs (topmost first) and return merged/, the OCI root.path.
 
-    container_dir must not exist yet. Blocking: run it in a thread. On failure nothing is left (mount
+    container_dir must not exist yet. shift: the container's user namespace, whose mapping the layers are
+    seen through (overlay only). Blocking: run it in a thread. On failure nothing is left (mounts
     undone, directory removed) and RootfsError says what failed.
     """
     if driver not in ("overlay", "vfs"):
         raise ValueError(f"storage driver must be 'overlay' or 'vfs', not {driver!r}")
+    if shift is not None and driver != "overlay":
+        raise RootfsError("containers in a user namespace need the overlay storage driver (idmapped lower dirs)")
     paths = RootfsPaths.of(container_dir)
     lowers = [Path(os.path.abspath(p)) for p in lower_dirs]
     _check_lowers(lowers if driver == "overlay" else lowers[:1])
     start = time.monotonic()
     _make_container_dir(paths.dir)
     try:
-        how = _mount_overlay(paths, lowers) if driver == "overlay" else _copy_vfs(paths, lowers, copy_timeout)
+        overlay = driver == "overlay"
+        how = _mount_overlay(paths, lowers, shift) if overlay else _copy_vfs(paths, lowers, copy_timeout)
     except BaseException as exc:
         _discard_after_failure(paths)
         if isinstance(exc, RootfsError) or not isinstance(exc, OSError):
@@ -131,6 +158,7 @@ def create(
         driver=driver,
         layers=len(lowers),
         how=how,
+        idmapped=shift is not None,
         seconds=seconds,
     )
     return paths.merged
@@ -184,13 +212,31 @@ def _make_container_dir(path: Path) -> None:
         raise RootfsError(f"making container directory {path}: {exc}") from exc
 
 
-def _mount_overlay(paths: RootfsPaths, lowers: list[Path]) -> str:
+def _mount_overlay(paths: RootfsPaths, lowers: list[Path], shift: IdShift | None) -> str:
     """Mount the overlay on merged/; returns how: "absolute" (in-process) or "relative" (from a child)."""
     lowers = list(_lowers_or_empty(paths, lowers))
+    if shift is not None:
+        lowers = _idmapped_lowers(paths, lowers, shift)
+        os.chown(paths.dir, *shift.root)
     for d in (paths.upper, paths.work, paths.merged):
         d.mkdir(mode=0o755)
     _copy_owner_and_mode(lowers[0], paths.upper)
     return _overlay(paths, lowers, writable=True)
+
+
+def _idmapped_lowers(paths: RootfsPaths, lowers: list[Path], shift: IdShift) -> list[Path]:
+    """A read-only idmapped bind mount of each lower dir, idmapped/<n>; the layers themselves are not touched."""
+    paths.idmapped.mkdir(mode=0o700)
+    out = []
+    for n, lower in enumerate(lowers):
+        target = paths.idmapped / str(n)
+        target.mkdir(mode=0o755)
+        try:
+            idmap.mount_idmapped(str(lower), str(target), shift.userns_path, read_only=True)
+        except OSError as exc:
+            raise RootfsError(f"idmapped mount of layer {lower} on {target}: {exc}") from exc
+        out.append(target)
+    return out
 
 
 def mount_read_only(top: Path, lowers: Sequence[Path]) -> Path:
