@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import stat
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
+from cri.daemon import admin
 from tests.e2e.containers import Env, push_image, registries_yaml, running_env
 from tests.support import image_builder as ib
 from tests.support.archive_builder import docker_save, oci_archive
@@ -67,17 +69,23 @@ def listed(daemon: Daemon) -> dict[str, list[str]]:
 
 def test_a_docker_save_archive_runs_a_container_with_no_registry_reachable(env: Env, tmp_path: Path) -> None:
     marker = secrets.token_hex(6)
-    image = marked_image(marker)
+    image, other = marked_image(marker), marked_image(f"other-{marker}")
     name = f"{UNREACHABLE}/e2e/imported-{marker}:v1"
+    other_names = [f"{UNREACHABLE}/e2e/other-{marker}:a", f"{UNREACHABLE}/e2e/other-{marker}:b"]
     archive = tmp_path / "saved.tar"
-    archive.write_bytes(docker_save([(image, [name])]))
+    archive.write_bytes(docker_save([(image, [name]), (other, other_names)]))
 
     done = cli(env.daemon, "import", str(archive))
 
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.decode() == f"imported {image.image_id} {name}\n"
+    assert done.stdout.decode().splitlines() == [
+        f"imported {image.image_id} {name}",
+        f"imported {other.image_id} {' '.join(other_names)}",
+    ]
     assert "admin request done" in env.daemon.log()  # the running daemon did it, on its own store
-    assert listed(env.daemon)[image.image_id] == [name]
+    images = listed(env.daemon)
+    assert images[image.image_id] == [name]
+    assert images[other.image_id] == other_names
     assert status(env.daemon, name).id == image.image_id
     pod = env.pod()
     cid = env.run(pod, env.container_config(image=name, command=["cat", "/marker"]))
@@ -168,3 +176,19 @@ def test_import_while_the_daemon_is_stopped_then_the_started_daemon_has_it(
     assert list(found.repo_tags) == [name]
     exported = cli(daemon, "export", name, "-o", str(tmp_path / "back.tar"))
     assert exported.returncode == 0, exported.stderr.decode()
+
+
+def test_the_admin_socket_is_root_only_and_refuses_bad_requests(env: Env, tmp_path: Path) -> None:
+    path = env.daemon.runroot / "admin.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with (tmp_path / "out").open("wb") as out:
+        with pytest.raises(admin.AdminError, match="unknown op 'bogus'"):
+            admin.request(path, {"op": "bogus"}, out.fileno(), timeout=30)
+        with pytest.raises(admin.AdminError, match="refs, a non-empty list"):
+            admin.request(path, {"op": "export", "refs": []}, out.fileno(), timeout=30)
+    missing = f"{UNREACHABLE}/e2e/never-{secrets.token_hex(4)}:v1"
+    done = cli(env.daemon, "export", missing, "-o", str(tmp_path / "never.tar"))
+    assert done.returncode == 1
+    assert "is not in the store" in done.stderr.decode()
+    assert not (tmp_path / "never.tar").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no half-written temp file either
