@@ -28,10 +28,15 @@ import hashlib
 import io
 import json
 import posixpath
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+import zstandard
 
 from cri.images import reference
 from cri.images.platform import NoMatchingPlatform, Platform, choose
@@ -53,7 +58,7 @@ _MAX_JSON = 64 << 20  # manifests, configs, index.json: far below this
 _MAX_LINKS = 16
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class ArchiveError(Exception):
@@ -430,7 +435,7 @@ def _docker_layer(archive: TarArchive, path: str, what: str) -> Blob:
     media_type = _OCI_LAYER
     if head.startswith(_GZIP_MAGIC):
         media_type += "+gzip"
-    elif head.startswith(_ZSTD_MAGIC):
+    elif head.startswith(ZSTD_MAGIC):
         media_type += "+zstd"
     # The digest is the content's (checked again as the blob is stored); a path under blobs/ must agree.
     digest = archive.digest_of(path)
@@ -461,15 +466,26 @@ class ExportImage:
     manifest_size: int
     config_digest: str
     layer_digests: list[str]  # the kept (distributable) layers, base first
+    zstd_diff_ids: dict[str, str] = field(default_factory=dict)  # zstd layer digest -> its diff ID
+
+    def docker_layers(self) -> list[str]:
+        """What manifest.json lists: a zstd layer as its plain tar (blob named by the diff ID), for older docker."""
+        return [self.zstd_diff_ids.get(d, d) for d in self.layer_digests]
 
 
 def write_layout(
-    out: BinaryIO, images: list[ExportImage], blob_size: Callable[[str], int], open_blob: Callable[[str], BinaryIO]
+    out: BinaryIO,
+    images: list[ExportImage],
+    blob_size: Callable[[str], int],
+    open_blob: Callable[[str], BinaryIO],
+    spool_dir: Path,
 ) -> None:
     """Stream an OCI image layout tar of `images` into `out` (a pipe is fine), with docker's manifest.json.
 
     index.json has one entry per tag (containerd's way: both name annotations), or
     one unnamed entry for an image without tags. Blobs shared by images go in once.
+    docker before 23 cannot read zstd layers: manifest.json points those at a plain
+    copy, decompressed through a temp file in `spool_dir` (a tar needs sizes first).
     """
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
@@ -484,6 +500,10 @@ def write_layout(
                 info = _file_info(blob_path(digest), blob_size(digest))
                 with open_blob(digest) as blob:
                     tar.addfile(info, blob)
+            for digest, diff_id in image.zstd_diff_ids.items():
+                if diff_id not in written:
+                    written.add(diff_id)
+                    _add_decompressed(tar, blob_path(diff_id), open_blob(digest), spool_dir)
         _add_bytes(tar, "index.json", _index_json(images))
         _add_bytes(tar, "manifest.json", _docker_manifest_json(images))
 
@@ -509,7 +529,7 @@ def _docker_manifest_json(images: list[ExportImage]) -> bytes:
         {
             "Config": blob_path(image.config_digest),
             "RepoTags": [reference.parse(name).familiar() for name in image.names],
-            "Layers": [blob_path(d) for d in image.layer_digests],
+            "Layers": [blob_path(d) for d in image.docker_layers()],
         }
         for image in images
     ]
@@ -526,6 +546,16 @@ def _dir_info(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
     return info
+
+
+def _add_decompressed(tar: tarfile.TarFile, name: str, compressed: BinaryIO, spool_dir: Path) -> None:
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    with compressed, tempfile.TemporaryFile(dir=spool_dir) as plain:
+        with zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True) as reader:
+            shutil.copyfileobj(reader, plain, _CHUNK)
+        size = plain.tell()
+        plain.seek(0)
+        tar.addfile(_file_info(name, size), plain)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -26,7 +26,16 @@ from typing import BinaryIO
 
 from cri.errors import NotFound
 from cri.images import reference
-from cri.images.archive import ArchivedImage, ArchiveError, Blob, ExportImage, TarArchive, read_images, write_layout
+from cri.images.archive import (
+    ZSTD_MAGIC,
+    ArchivedImage,
+    ArchiveError,
+    Blob,
+    ExportImage,
+    TarArchive,
+    read_images,
+    write_layout,
+)
 from cri.images.index import ImageRecord, LayerRef
 from cri.images.manager import ImageManager
 from cri.images.platform import host_platform
@@ -218,7 +227,7 @@ async def export_images(manager: ImageManager, refs: list[str], out: BinaryIO) -
 
     manager._hold(held)
     try:
-        await asyncio.to_thread(write_layout, out, images, manager.content.size, open_blob)
+        await asyncio.to_thread(write_layout, out, images, manager.content.size, open_blob, manager.content.ingest_dir)
     finally:
         manager._release(held)
     event(log, logging.INFO, "images exported", images=len(images), refs=",".join(refs))
@@ -261,4 +270,11 @@ def _export_image(manager: ImageManager, record: ImageRecord, names: list[str]) 
         manifest_size=manager.content.size(record.manifest_digest),
         config_digest=record.id,
         layer_digests=[layer.digest for layer in record.layers],
+        zstd_diff_ids={layer.digest: layer.diff_id for layer in record.layers if _is_zstd(manager, layer)},
     )
+
+
+def _is_zstd(manager: ImageManager, layer: LayerRef) -> bool:
+    """By the bytes, as the unpacker decides: media types are not always right about compression."""
+    with manager.content.path(layer.digest).open("rb") as blob:
+        return blob.read(4) == ZSTD_MAGIC

@@ -248,3 +248,28 @@ def test_a_layer_whose_diff_id_differs_from_the_config_is_refused(manager: Image
     assert "diffID mismatch" in str(err.value)
     assert manager.images() == []
     assert stored(manager) == ([], [])
+
+
+def test_export_points_docker_at_a_plain_copy_of_a_zstd_layer(manager: ImageManager, tmp_path: Path) -> None:
+    """docker before 23 cannot read zstd: manifest.json names the plain tar; the OCI manifest keeps the blob."""
+    zstd_layer = ib.Layer([ib.File("/z", b"zstd\n")], compression="zstd")
+    img = ib.busybox_image([zstd_layer])
+    asyncio.run(import_archive(manager, io.BytesIO(oci_archive([(img, ["zs:1"])]))))
+    out = tmp_path / "out.tar"
+    with out.open("wb") as f:
+        asyncio.run(export_images(manager, ["zs:1"], f))
+    with tarfile.open(out) as tar:
+        docker_layers = json.loads(_member(tar, "manifest.json"))[0]["Layers"]
+        plain = _member(tar, docker_layers[1])
+        index = json.loads(_member(tar, "index.json"))
+        manifest = json.loads(_member(tar, "blobs/sha256/" + index["manifests"][0]["digest"][7:]))
+    assert docker_layers[1] == "blobs/sha256/" + zstd_layer.diff_id.removeprefix("sha256:")
+    assert ib.sha256_digest(plain) == zstd_layer.diff_id
+    assert manifest["layers"][1]["digest"] == zstd_layer.digest
+    assert os.listdir(manager.content.ingest_dir) == []
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes:
+    stream = tar.extractfile(name)
+    assert stream is not None, name
+    return stream.read()
