@@ -1,0 +1,298 @@
+"""User namespaces for pods (`hostUsers: false`, issue 18): root, real runc and conmon, over the socket.
+
+The kubelet sends `userns_options` mode POD with one uid and one gid range (container ID 0 at a host
+offset it picks); criopy makes the pod's user namespace once with exactly those maps, the pod's net,
+ipc and uts namespaces owned by it, and shows the shared image layers through idmapped mounts. Each
+test picks its own host offset far above any real user of the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.runtime.v1 import api_pb2 as pb
+from cri.system import linux
+from tests.e2e.containers import NOTHING, Env, running_env
+from tests.e2e.pods import info, pod_config
+from tests.e2e.streams import exec_url
+from tests.streamclients import remotecommand as rc
+from tests.support.registry_harness import Registry
+
+WIDTH = 65536
+SC = "config.linux.security_context.namespace_options"
+
+
+def host_offset() -> int:
+    """A 65536-aligned range of its own between 2^30 and 2^31: no real user, nor another test's pod."""
+    return (1 << 30) + secrets.randbelow(1 << 14) * WIDTH
+
+
+def userns_options(
+    host_id: int, *, mode: pb.NamespaceMode = pb.POD, ranges: int = 1, first: int = 0
+) -> pb.UserNamespace:
+    mappings = [
+        pb.IDMapping(container_id=first + i * WIDTH, host_id=host_id + i * WIDTH, length=WIDTH) for i in range(ranges)
+    ]
+    return pb.UserNamespace(mode=mode, uids=mappings, gids=mappings)
+
+
+def run_pod(env: Env, host_id: int | None, *, shared_pid: bool = False, **kwargs) -> tuple[str, pb.PodSandboxConfig]:
+    """A pod with its own user namespace at host_id (None: mode NODE), through env's cgroup parent bookkeeping."""
+    log_dir = env.daemon.base / "logs" / secrets.token_hex(4)
+    config = pod_config(shared_pid=shared_pid, log_directory=str(log_dir), **kwargs)
+    parent = f"/criopy-e2e-{secrets.token_hex(4)}"
+    config.linux.cgroup_parent = parent
+    env.cgroup_parents.append(parent)
+    env.log_dirs.append(log_dir)
+    if host_id is not None:
+        config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_id))
+    resp = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+    return str(resp.pod_sandbox_id), config
+
+
+def container(
+    env: Env, pod: tuple[str, pb.PodSandboxConfig], name: str, command: list[str], **kwargs
+) -> pb.ContainerConfig:
+    config = env.container_config(name, command, **kwargs)
+    # The kubelet repeats the pod's options for each container.
+    config.linux.security_context.namespace_options.CopyFrom(pod[1].linux.security_context.namespace_options)
+    return config
+
+
+def exec_sync(env: Env, cid: str, *cmd: str) -> str:
+    resp = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=20), timeout=30)
+    assert resp.exit_code == 0, (cmd, resp.stdout, resp.stderr)
+    return resp.stdout.decode()
+
+
+def container_pid(env: Env, cid: str) -> int:
+    return int(json.loads(env.status(cid, verbose=True).info["info"])["pid"])
+
+
+def owner(pid: int) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}")
+    return st.st_uid, st.st_gid
+
+
+@pytest.fixture
+def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
+    with running_env(make_daemon, registry, [busybox]) as env:
+        # runc's init runs as the pod's mapped root: it must traverse the daemon's directories, which
+        # a real node's /var/lib and /run allow; mkdtemp made this one 0700.
+        os.chmod(env.daemon.base, 0o711)
+        yield env
+
+
+def test_a_pod_in_its_own_user_namespace_runs_as_root_inside_and_a_mapped_user_outside(
+    env: Env, tmp_path: Path
+) -> None:
+    host_id = host_offset()
+    sysctls = {"net.ipv4.ip_unprivileged_port_start": "81", "kernel.shm_rmid_forced": "1"}
+    pod = run_pod(env, host_id, shared_pid=True, sysctls=sysctls)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chown(volume, host_id, host_id)
+    mounts = [pb.Mount(container_path="/data", host_path=str(volume))]
+    cid = env.run(pod, container(env, pod, "c", ["sleep", "3600"], mounts=mounts))
+
+    assert exec_sync(env, cid, "id").startswith("uid=0(root) gid=0(root)")
+    assert exec_sync(env, cid, "cat", "/proc/self/uid_map").split() == ["0", str(host_id), str(WIDTH)]
+    assert exec_sync(env, cid, "cat", "/proc/self/gid_map").split() == ["0", str(host_id), str(WIDTH)]
+    assert owner(container_pid(env, cid)) == (host_id, host_id)
+    # The image's files are root's inside; the pod's own files and /dev/shm too.
+    listing = exec_sync(
+        env,
+        cid,
+        "stat",
+        "-c",
+        "%u:%g %n",
+        "/bin/busybox",
+        "/etc/hostname",
+        "/etc/hosts",
+        "/etc/resolv.conf",
+        "/dev/shm",
+        "/data",
+    )
+    assert [line.split()[0] for line in listing.splitlines()] == ["0:0"] * 6, listing
+    exec_sync(env, cid, "sh", "-c", "echo written > /data/out && touch /dev/shm/x && touch /new-in-root")
+    written = os.stat(volume / "out")
+    assert (written.st_uid, written.st_gid) == (host_id, host_id)
+    assert (volume / "out").read_text() == "written\n"
+    assert exec_sync(env, cid, "hostname").strip() == pod[1].hostname
+    assert exec_sync(env, cid, "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start").strip() == "81"
+    assert exec_sync(env, cid, "cat", "/proc/sys/kernel/shm_rmid_forced").strip() == "1"
+
+    # A second container of the pod shares its user namespace (the pinned one), and so does the infra process.
+    second = env.run(pod, container(env, pod, "d", ["sh", "-c", "echo from the log; id -u; exec sleep 3600"]))
+    pin = str(info(env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
+    userns = os.readlink(pin.replace(pin, f"/proc/{container_pid(env, cid)}/ns/user"))
+    assert os.readlink(f"/proc/{container_pid(env, second)}/ns/user") == userns
+    assert os.stat(pin).st_ino == os.stat(f"/proc/{container_pid(env, cid)}/ns/user").st_ino
+    assert userns != os.readlink("/proc/self/ns/user")
+    infra_pid = int(info(env.daemon, pod[0])["infraPid"])  # type: ignore[call-overload]
+    assert os.readlink(f"/proc/{infra_pid}/ns/user") == userns and owner(infra_pid) == (host_id, host_id)
+
+    # Logs, exec and attach through the streaming server.
+    assert (
+        env.wait_for(second, lambda _: "0\n" in env.output(pod, "d"), 10)
+        and env.output(pod, "d") == "from the log\n0\n"
+    )
+    url = exec_url(env, cid, ["sh", "-c", "id -u; echo err >&2; exit 3"], stdout=True, stderr=True)
+    result = asyncio.run(asyncio.wait_for(rc.exec_spdy(url), 30))
+    assert (result.stdout, result.stderr, result.exit_code) == (b"0\n", b"err\n", 3)
+    attached = env.run(
+        pod, container(env, pod, "a", ["sh", "-c", "while read l; do echo got $l as $(id -u); done"], stdin=True)
+    )
+    url = str(env.rt.Attach(pb.AttachRequest(container_id=attached, stdin=True, stdout=True), timeout=10).url)
+    assert b"got hello as 0" in asyncio.run(asyncio.wait_for(_attach_line(url, b"hello\n", b"got hello as 0"), 30))
+
+
+async def _attach_line(url: str, line: bytes, wanted: bytes) -> bytes:
+    streams = await rc.open_exec_streams(url, stdin=True, stderr=False)
+    assert streams.stdin is not None and streams.stdout is not None
+    await streams.send_stdin(line)
+    seen = b""
+    while wanted not in seen:
+        chunk = await streams.stdout.read(10)
+        assert chunk, seen
+        seen += chunk
+    await streams.close()
+    return seen
+
+
+def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) -> None:
+    first_id, second_id = host_offset(), host_offset()
+    first, second = run_pod(env, first_id), run_pod(env, second_id)
+    a = env.run(first, container(env, first, "a", ["sleep", "3600"]))
+    b = env.run(second, container(env, second, "b", ["sleep", "3600"]))
+    a_pid, b_pid = container_pid(env, a), container_pid(env, b)
+    assert owner(a_pid) == (first_id, first_id) and owner(b_pid) == (second_id, second_id)
+    assert os.readlink(f"/proc/{a_pid}/ns/user") != os.readlink(f"/proc/{b_pid}/ns/user")
+    # Inside the second pod only its own processes exist: one sleep, not the first pod's.
+    assert exec_sync(env, b, "sh", "-c", "cat /proc/[0-9]*/comm").split().count("sleep") == 1
+    # Root of the second pod's user namespace may not signal the first pod's process; root of the first may.
+    refused = _signal_from(b_pid, a_pid)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, refused
+    assert _signal_from(a_pid, a_pid).returncode == 0
+    assert env.status(a).status.state == pb.CONTAINER_RUNNING
+
+
+def _signal_from(member: int, target: int) -> subprocess.CompletedProcess[str]:
+    """kill -0 target, run as root of member's user namespace (host PIDs: the pid namespace is not entered)."""
+    argv = ["nsenter", f"--user=/proc/{member}/ns/user", "--", "/bin/kill", "-0", str(target)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (userns_options(1 << 30, ranges=2), "uids"),
+        (userns_options(1 << 30, first=1), "uids"),
+        (userns_options(1 << 30, mode=pb.CONTAINER), "mode"),
+        (userns_options(1 << 30, mode=pb.TARGET), "mode"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_naming_the_field_and_nothing_is_made(
+    env: Env, options: pb.UserNamespace, field: str
+) -> None:
+    config = pod_config()
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(options)
+    with pytest.raises(grpc.RpcError) as err:
+        env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{SC}.userns_options.{field}: "), err.value.details()
+    assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+    assert _pins(env, "user") == []
+
+    # A container may not ask for another user namespace than its pod's.
+    pod = run_pod(env, None)
+    config = env.container_config("c", ["true"])
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{SC}.userns_options: does not agree with pod sandbox")
+
+
+def test_mode_node_runs_in_the_hosts_user_namespace_as_before(env: Env) -> None:
+    pod = run_pod(env, None)
+    config = env.container_config("c", ["sleep", "3600"])
+    config.linux.security_context.namespace_options.userns_options.mode = pb.NODE
+    cid = env.run(pod, config)
+    assert exec_sync(env, cid, "cat", "/proc/self/uid_map").split() == ["0", "0", "4294967295"]
+    assert owner(container_pid(env, cid)) == (0, 0)
+    assert os.readlink(f"/proc/{container_pid(env, cid)}/ns/user") == os.readlink("/proc/self/ns/user")
+    assert "user" not in info(env.daemon, pod[0])["namespaces"]  # type: ignore[operator]
+    assert _idmapped_mounts(env) == []
+
+
+def test_status_reports_user_namespaces_for_the_handler(env: Env) -> None:
+    handlers = env.rt.Status(pb.StatusRequest(), timeout=10).runtime_handlers
+    assert handlers and all(h.features.user_namespaces for h in handlers)
+
+
+def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_untouched(env: Env) -> None:
+    layers_before = _tree(env.daemon.root / "layers")
+    host_id = host_offset()
+    pod = run_pod(env, host_id)
+    cid = env.run(
+        pod,
+        container(env, pod, "c", ["sh", "-c", "echo changed > /bin/sh.txt; chown 5:5 /etc/passwd; exec sleep 3600"]),
+    )
+    assert env.wait_for(cid, lambda _: exec_sync(env, cid, "cat", "/bin/sh.txt") == "changed\n", 10)
+    pin = str(info(env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
+    userns = os.readlink(f"/proc/{container_pid(env, cid)}/ns/user")
+    assert _idmapped_mounts(env) != []
+
+    assert env.daemon.stop() == 0
+    env.daemon.start()
+    assert env.status(cid).status.state == pb.CONTAINER_RUNNING
+    assert linux.mounts_under(pin)[0].fstype == "nsfs"
+    assert env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod[0])).status.state == pb.SANDBOX_READY
+    # A container made after the restart joins the same namespace.
+    later = env.run(pod, container(env, pod, "later", ["sleep", "3600"]))
+    assert os.readlink(f"/proc/{container_pid(env, later)}/ns/user") == userns
+    assert exec_sync(env, later, "stat", "-c", "%u", "/etc/passwd").strip() == "0"  # its own copy-on-write layer
+
+    env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert _idmapped_mounts(env) == []
+    assert _pins(env, "user") == [] and not os.path.lexists(pin)
+    assert env.leftovers() == NOTHING
+    assert _tree(env.daemon.root / "layers") == layers_before
+
+
+def _tree(top: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every entry under top: owner, group, mode and a digest of the content (or the link target)."""
+    out = {}
+    for directory, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            else:
+                content = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+            out[os.path.relpath(path, top)] = (st.st_uid, st.st_gid, st.st_mode, content)
+    assert out, f"no layers under {top}"
+    return out
+
+
+def _pins(env: Env, kind: str) -> list[str]:
+    directory = env.daemon.runroot / "ns" / kind
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+def _idmapped_mounts(env: Env) -> list[str]:
+    return [m.mount_point for m in linux.mounts_under(str(env.daemon.base)) if "/idmapped/" in m.mount_point]
