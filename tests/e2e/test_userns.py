@@ -206,23 +206,27 @@ def _signal_from(member: int, target: int) -> subprocess.CompletedProcess[str]:
 def test_what_cannot_be_honoured_is_refused_naming_the_field_and_nothing_is_made(
     env: Env, options: pb.UserNamespace, field: str
 ) -> None:
-    config = pod_config()
-    config.linux.security_context.namespace_options.userns_options.CopyFrom(options)
+    refused = pod_config()
+    refused.linux.security_context.namespace_options.userns_options.CopyFrom(options)
     with pytest.raises(grpc.RpcError) as err:
-        env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+        env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=refused), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{SC}.userns_options.{field}: "), err.value.details()
     assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
     assert _pins(env, "user") == []
 
-    # A container may not ask for another user namespace than its pod's.
-    pod = run_pod(env, None)
-    config = env.container_config("c", ["true"])
-    config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
-    with pytest.raises(grpc.RpcError) as err:
-        env.create(pod, config)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{SC}.userns_options: does not agree with pod sandbox")
+
+def test_a_container_cannot_ask_for_another_user_namespace_than_its_pods(env: Env) -> None:
+    host_id = host_offset()
+    for pod_host_id, asked in ((None, userns_options(host_id)), (host_id, userns_options(0, mode=pb.NODE))):
+        pod = run_pod(env, pod_host_id)
+        config = env.container_config("c", ["true"])
+        config.linux.security_context.namespace_options.userns_options.CopyFrom(asked)
+        with pytest.raises(grpc.RpcError) as err:
+            env.create(pod, config)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{SC}.userns_options: does not agree with pod sandbox")
+    assert list(env.rt.ListContainers(pb.ListContainersRequest()).containers) == []
 
 
 def test_mode_node_runs_in_the_hosts_user_namespace_as_before(env: Env) -> None:
