@@ -71,6 +71,7 @@ class Blob:
     size: int
     media_type: str
     member: str  # the archive member holding it
+    expected_as: str = ""  # where the expected digest comes from, when not from a manifest (for errors)
 
 
 @dataclass
@@ -403,7 +404,10 @@ def _docker_image(archive: TarArchive, entry: Any, what: str) -> ArchivedImage:
     if not isinstance(config_json, dict):
         raise ArchiveError(f"{what}: config {config_path} is not a JSON object")
     diff_ids = _diff_ids(config_json, len(layer_paths), what)
-    layers = [_docker_layer(archive, path, f"{what} Layers[{i}]") for i, path in enumerate(layer_paths)]
+    layers = [
+        _docker_layer(archive, path, diff_id, f"{what} Layers[{i}]")
+        for i, (path, diff_id) in enumerate(zip(layer_paths, diff_ids, strict=True))
+    ]
     config = Blob(config_digest, len(config_data), OCI_CONFIG, config_path)
     manifest = _make_manifest(config, layers)
     return ArchivedImage(
@@ -427,22 +431,24 @@ def _digest_in_name(path: str) -> str | None:
     return None
 
 
-def _docker_layer(archive: TarArchive, path: str, what: str) -> Blob:
+def _docker_layer(archive: TarArchive, path: str, diff_id: str, what: str) -> Blob:
     if not archive.has(path):
         raise ArchiveError(f"{what}: layer {path} is missing from the archive")
     # docker saves plain tars, but a containerd-backed docker keeps the registry's compressed blobs.
     head = archive.head(path, 4)
-    media_type = _OCI_LAYER
-    if head.startswith(_GZIP_MAGIC):
-        media_type += "+gzip"
-    elif head.startswith(ZSTD_MAGIC):
-        media_type += "+zstd"
-    # The digest is the content's (checked again as the blob is stored); a path under blobs/ must agree.
-    digest = archive.digest_of(path)
+    if head.startswith((_GZIP_MAGIC, ZSTD_MAGIC)):
+        media_type = _OCI_LAYER + ("+gzip" if head.startswith(_GZIP_MAGIC) else "+zstd")
+        # A compressed blob's digest is only known from its bytes: one pass more for these.
+        digest = archive.digest_of(path)
+        expected_as = ""
+    else:
+        # A plain tar's digest is its diff ID by definition; the content store checks it as the blob lands.
+        media_type, digest = _OCI_LAYER, diff_id
+        expected_as = f"{what}: a plain layer, whose digest must be the config's diff ID"
     named = _digest_in_name(path) if path.startswith("blobs/") else None
     if named is not None and named != digest:
-        raise ArchiveError(f"digest mismatch of blob {path} ({what}): its content hashes to {digest}")
-    return Blob(digest, archive.size(path), media_type, path)
+        raise ArchiveError(f"layer {path} ({what}) is named by a digest other than its own, {digest}")
+    return Blob(digest, archive.size(path), media_type, path, expected_as)
 
 
 def _make_manifest(config: Blob, layers: Iterable[Blob]) -> bytes:

@@ -167,7 +167,8 @@ async def _copy_blob(manager: ImageManager, archive: TarArchive, blob: Blob) -> 
                 while chunk := await asyncio.to_thread(stream.read, _CHUNK):
                     await writer.write(chunk)
     except DigestMismatch as exc:
-        raise ArchiveError(f"digest mismatch of blob {blob.digest} ({blob.member}): {exc}") from exc
+        source = f"; {blob.expected_as}" if blob.expected_as else ""
+        raise ArchiveError(f"digest mismatch of blob {blob.digest} ({blob.member}{source}): {exc}") from exc
 
 
 async def _unpack(manager: ImageManager, image: ArchivedImage, layers: list[LayerRef]) -> None:

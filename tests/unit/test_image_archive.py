@@ -245,7 +245,8 @@ def test_a_layer_whose_diff_id_differs_from_the_config_is_refused(manager: Image
     }
     with pytest.raises(ArchiveError) as err:
         asyncio.run(import_archive(manager, io.BytesIO(_tar(entries))))
-    assert "diffID mismatch" in str(err.value)
+    assert "digest mismatch of blob sha256:" + "0" * 64 in str(err.value)
+    assert "Layers[1]: a plain layer, whose digest must be the config's diff ID" in str(err.value)
     assert manager.images() == []
     assert stored(manager) == ([], [])
 
@@ -273,3 +274,21 @@ def _member(tar: tarfile.TarFile, name: str) -> bytes:
     stream = tar.extractfile(name)
     assert stream is not None, name
     return stream.read()
+
+
+def test_a_compressed_layer_whose_diff_id_differs_from_the_config_is_refused(manager: ImageManager) -> None:
+    img = image()
+    config = img.config_json
+    config["rootfs"]["diff_ids"][1] = "sha256:" + "0" * 64
+    entries = {
+        "c.json": json.dumps(config).encode(),
+        "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["x:y"], "Layers": ["a", "b"]}]).encode(),
+        "a": img.layers[0].tar,
+        "b": img.layers[1].blob,  # gzip: stored under its own digest, the diff ID is checked as it unpacks
+    }
+    with pytest.raises(ArchiveError) as err:
+        asyncio.run(import_archive(manager, io.BytesIO(_tar(entries))))
+    assert f"layer {img.layers[1].digest}" in str(err.value)
+    assert "diffID mismatch" in str(err.value)
+    assert manager.images() == []
+    assert stored(manager) == ([], [])
