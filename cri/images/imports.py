@@ -43,6 +43,7 @@ from cri.images.registry import DigestMismatch
 from cri.log import event
 from cri.storage.layers import chain_ids
 from cri.storage.unpack import UnpackError
+from cri.system import faults
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
         for image, layers in planned:
             await _store_blobs(manager, archive, image)
             await _unpack(manager, image, layers)
+        faults.point("image.import.stored")
         entries = [(_record(manager, image, layers), _names(image)) for image, layers in planned]
         async with manager._lock:
             for record, _ in entries:
@@ -121,6 +123,7 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
                     record.pinned = record.pinned or existing.pinned
                     record.created_at = existing.created_at
             orphans = await asyncio.to_thread(manager.index.put_many, entries)
+            faults.point("image.import.recorded")
             if orphans:
                 await asyncio.to_thread(manager._free_unreferenced)
         return [record for record, _n in entries]

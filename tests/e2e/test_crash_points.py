@@ -38,7 +38,14 @@ from tests.support.registry_harness import Registry
 from tests.support.system import cgroup_dirs, conmon_pids, process_gone, remove_cgroup_parent
 
 # What a daemon keeps under its root and runroot when it holds no pod, container or image.
-KEPT_FILES = {"root/state.db", "root/state.db-wal", "root/state.db-shm", "root/criopy.lock", "run/criopy.sock"}
+KEPT_FILES = {
+    "root/state.db",
+    "root/state.db-wal",
+    "root/state.db-shm",
+    "root/criopy.lock",
+    "run/criopy.sock",
+    "run/admin.sock",  # image import/export (criopy images)
+}
 
 STEPS = [
     "image.pull.fetched",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.daemon import admin
+from cri.system import faults
 from tests.e2e.containers import Env, push_image, registries_yaml, running_env
 from tests.support import image_builder as ib
 from tests.support.archive_builder import docker_save, oci_archive
@@ -192,3 +194,31 @@ def test_the_admin_socket_is_root_only_and_refuses_bad_requests(env: Env, tmp_pa
     assert "is not in the store" in done.stderr.decode()
     assert not (tmp_path / "never.tar").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no half-written temp file either
+
+
+@pytest.mark.parametrize(("step", "kept"), [("image.import.stored", False), ("image.import.recorded", True)])
+def test_a_daemon_killed_during_an_import_has_the_images_whole_or_not_at_all(
+    make_daemon, registry: Registry, tmp_path: Path, step: str, kept: bool
+) -> None:
+    daemon = make_daemon(registries_yaml(registry.host), start=False)
+    daemon.env[faults.ENV] = step
+    daemon.start()
+    image = marked_image(secrets.token_hex(6))
+    name = f"{UNREACHABLE}/e2e/killed-{secrets.token_hex(4)}:v1"
+    archive = tmp_path / "killed.tar"
+    archive.write_bytes(oci_archive([(image, [name])]))
+
+    done = cli(daemon, "import", str(archive))
+
+    assert done.returncode == 1
+    assert "without an answer" in done.stderr.decode()
+    assert daemon.proc is not None and daemon.proc.wait(10) == -signal.SIGKILL
+    assert f"step={step}" in daemon.log()
+    daemon.env.pop(faults.ENV)
+    daemon.start()
+    if kept:
+        assert status(daemon, name).id == image.image_id
+        assert len(daemon.stored()["layers"]) == len(image.layers)
+    else:
+        assert listed(daemon) == {}
+        assert daemon.stored() == {"blobs": [], "layers": [], "temp": []}  # freed at the start
