@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -26,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from cri.errors import InvalidArgument
 from cri.system import idmap, linux, nsthread
 from cri.system.idmap import IdMapping
-from podsandbox.nschild import SysctlRefused, sysctl_path, unshare_and_configure
+from podsandbox.nschild import SysctlRefused, child_args, sysctl_path, unshare_and_configure
 
 __all__ = ["SysctlRefused", "sysctl_path"]
 CHILD_TIMEOUT = 10.0  # seconds for each step of the user namespace child
@@ -36,7 +35,7 @@ _NSCHILD = """\
 import sys
 sys.path.insert(0, sys.argv[1])
 from podsandbox import nschild
-sys.exit(nschild.child_main(sys.argv[2]))
+sys.exit(nschild.child_main(sys.argv[2:]))
 """
 
 
@@ -75,7 +74,6 @@ async def create_with_userns(
 ) -> None:
     """Make a user namespace with these maps (pins['user']) and the other pins' namespaces owned by it."""
     others = [kind for kind in pins if kind != "user"]
-    request = json.dumps({"kinds": others, "hostname": hostname, "sysctls": dict(sysctls)})
     try:
         child = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -84,7 +82,7 @@ async def create_with_userns(
             "-c",
             _NSCHILD,
             idmap.package_parent(),
-            request,
+            *child_args(others, hostname, sysctls),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

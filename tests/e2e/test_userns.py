@@ -216,6 +216,15 @@ def test_what_cannot_be_honoured_is_refused_naming_the_field_and_nothing_is_made
     assert _pins(env, "user") == []
 
 
+def test_a_sysctl_the_pods_namespaces_refuse_is_invalid_and_nothing_is_left(env: Env) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(env, host_offset(), sysctls={"net.ipv4.no_such_key": "1"})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("config.linux.sysctls[net.ipv4.no_such_key]: "), err.value.details()
+    assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+    assert all(_pins(env, kind) == [] for kind in ("user", "net", "ipc", "uts"))
+
+
 def test_a_container_cannot_ask_for_another_user_namespace_than_its_pods(env: Env) -> None:
     host_id = host_offset()
     for pod_host_id, asked in ((None, userns_options(host_id)), (host_id, userns_options(0, mode=pb.NODE))):
