@@ -34,7 +34,7 @@ from cri.config import Config
 from cri.log import event
 from cri.oci import monitor_cgroup
 from cri.system import fdwait, linux
-from cri.system.process import CommandError, run
+from cri.system.process import CommandError, Spawn, communicate, run
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            line = await _launch(argv, what, launch.bundle)
+            line = await _launch(argv, what, launch.bundle, timeout)
         if not line:
             raise OciRuntimeError(what, "conmon exited without reporting the container pid (see its syslog lines)")
         try:
@@ -348,39 +348,28 @@ def _prepare(launch: ConmonLaunch) -> None:
             os.unlink(stale)
 
 
-async def _launch(argv: list[str], what: str, cwd: str) -> bytes:
+async def _launch(argv: list[str], what: str, cwd: str, timeout: float = CREATE_TIMEOUT) -> bytes:
     """Run conmon's first process to its (quick) exit, then read the first sync pipe line."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    proc: asyncio.subprocess.Process | None = None
     try:
+        # As cri-o does: conmon's cgroup v1 OOM handler writes an `oom` marker into its cwd.
+        spawn = Spawn(argv, env=_conmon_env(write_fd), cwd=cwd, pass_fds=(write_fd,))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=_conmon_env(write_fd),
-                pass_fds=(write_fd,),
-                # As cri-o does: conmon's cgroup v1 OOM handler writes an `oom` marker into its cwd.
-                cwd=cwd,
-            )
+            done = await communicate(spawn, timeout=timeout)
         except OSError as exc:
             raise OciRuntimeError(what, f"cannot start {argv[0]}: {exc.strerror}") from exc
         finally:
             # Only conmon may hold the write end: EOF then means it is gone.
             os.close(write_fd)
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            said = (err or out).decode(errors="replace").strip()
-            raise OciRuntimeError(what, f"conmon exited with status {proc.returncode}: {said}")
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).decode(errors="replace").strip()
+            status = "was killed: timed out" if done.returncode is None else f"exited with status {done.returncode}"
+            raise OciRuntimeError(what, f"conmon {status}: {said}")
         fd, read_fd = read_fd, -1
         return await _read_sync_line(fd)
     finally:
         if read_fd >= 0:
             os.close(read_fd)
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _undo_create(runtime: Runtime, launch: ConmonLaunch) -> None:
