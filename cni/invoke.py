@@ -14,8 +14,11 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -120,56 +123,86 @@ def plugin_config(
     return conf
 
 
+# Plugins run in threads of this pool, not on the caller's event loop: a plugin's start (vfork and
+# exec, its pipes) and the wait for it would otherwise hold the loop for each of the three or four
+# plugins of every pod's ADD and DEL. The threads sleep in poll() and waitpid() with the GIL released.
+_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cni-plugin")
+
+
+class _Plugin:
+    """A plugin process a pool thread runs, for the event loop to kill (its group) when the call is given up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._given_up = False
+
+    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            if self._given_up:
+                return None
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+            return self._proc
+
+    def kill(self) -> None:
+        with self._lock:
+            self._given_up = True
+            if self._proc is not None and self._proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+
+
+def _communicate_blocking(
+    plugin: _Plugin, argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
+) -> tuple[int | None, bytes, bytes]:
+    proc = plugin.start(argv, env)
+    if proc is None:
+        return None, b"", b""
+    try:
+        # A plugin that exits without reading its config: its exit status says why (communicate
+        # ignores the broken pipe).
+        out, err = proc.communicate(stdin, timeout)
+    except subprocess.TimeoutExpired:
+        plugin.kill()
+        try:
+            out, err = proc.communicate(timeout=_KILL_GRACE)
+        except subprocess.TimeoutExpired:  # something outside the group holds the pipes
+            proc.wait()
+            out, err = b"", b""
+        return None, out, err
+    return proc.returncode, out, err
+
+
 async def _communicate(
     argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
 ) -> tuple[int | None, bytes, bytes]:
-    """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        start_new_session=True,
+    """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout,
+    and when the caller is cancelled."""
+    plugin = _Plugin()
+    running = asyncio.get_running_loop().run_in_executor(
+        _pool, _communicate_blocking, plugin, argv, env, stdin, timeout
     )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    writer = proc.stdin
-
-    async def feed() -> None:
-        try:
-            writer.write(stdin)
-            await writer.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the plugin exited without reading its config; its exit status says why
-        finally:
-            writer.close()
-
-    out = asyncio.ensure_future(proc.stdout.read())
-    err = asyncio.ensure_future(proc.stderr.read())
-    tasks = {out, err, asyncio.ensure_future(feed()), asyncio.ensure_future(proc.wait())}
-    timed_out = False
+    running.add_done_callback(_retrieved)
     try:
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        if pending:
-            timed_out = True
-            _kill_group(proc)
-            _, pending = await asyncio.wait(pending, timeout=_KILL_GRACE)
-    finally:
-        if proc.returncode is None:  # timed out, or our caller was cancelled
-            _kill_group(proc)
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-    stdout = out.result() if out.done() and not out.cancelled() else b""
-    stderr = err.result() if err.done() and not err.cancelled() else b""
-    return (None if timed_out else proc.returncode), stdout, stderr
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        plugin.kill()
+        raise
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+def _retrieved(future: asyncio.Future[tuple[int | None, bytes, bytes]]) -> None:
+    """The outcome of a call its caller left is nobody's: asyncio must not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _call(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:
