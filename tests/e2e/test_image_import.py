@@ -168,14 +168,20 @@ def test_import_while_the_daemon_is_stopped_then_the_started_daemon_has_it(
     archive = tmp_path / "offline.tar"
     archive.write_bytes(docker_save([(image, [name])], layout="oci"))
 
+    piped = marked_image(f"piped-{marker}")
+    piped_name = f"{UNREACHABLE}/e2e/offline-piped-{marker}:v1"
+
     done = cli(daemon, "import", str(archive))
+    from_stdin = cli(daemon, "import", "-", stdin=docker_save([(piped, [piped_name])]))
 
     assert done.returncode == 0, done.stderr.decode()
+    assert from_stdin.returncode == 0, from_stdin.stderr.decode()
     assert not (daemon.runroot / "admin.sock").exists()  # nobody served it: the CLI wrote the store itself
     daemon.start()
     found = status(daemon, name)
     assert found.id == image.image_id
     assert list(found.repo_tags) == [name]
+    assert status(daemon, piped_name).id == piped.image_id
     exported = cli(daemon, "export", name, "-o", str(tmp_path / "back.tar"))
     assert exported.returncode == 0, exported.stderr.decode()
 
