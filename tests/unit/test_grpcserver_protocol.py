@@ -367,3 +367,40 @@ def test_stop_twice(served: Served) -> None:
         served.run(served.server.stop(0.1))
     finally:
         c.close()
+
+
+# ---- header blocks of indexed fields only (the decoder's fast path) ---------------------------------
+
+COMPRESSION_ERROR = 0x9
+
+
+def test_a_request_repeated_as_indexed_fields_only_is_answered_like_the_first(served: Served) -> None:
+    """A client's second identical call refers to every header by index: decoded from the table."""
+    with Raw(served.path) as raw:
+        raw.request(1, "/t.S/Version", REQ, [("grpc-timeout", "5S")])
+        assert raw.status(1)["grpc-status"] == "0"
+        block = raw.block("/t.S/Version", [("grpc-timeout", "5S")])
+        assert block and all(0x80 < byte < 0xFF for byte in block)  # what this test is about
+        raw.send(HEADERS, END_HEADERS, 3, block)
+        raw.send(DATA, END_STREAM, 3, REQ)
+        assert raw.status(3)["grpc-status"] == "0"
+        raw.send(HEADERS, END_HEADERS, 5, raw.block("/t.S/Missing", [("grpc-timeout", "5S")]))
+        raw.send(DATA, END_STREAM, 5, REQ)
+        assert raw.status(5)["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+
+
+def test_an_index_past_the_dynamic_table_is_a_compression_error(served: Served) -> None:
+    with Raw(served.path) as raw:
+        raw.send(HEADERS, END_HEADERS | END_STREAM, 1, bytes([0x80 | 126]))
+        raw.quiet()
+        assert raw.goaway() == COMPRESSION_ERROR
+
+
+def test_indexed_fields_over_the_header_list_limit_are_enhance_your_calm(served: Served) -> None:
+    """Each reference to a 4 kB table entry costs the client one byte: the list limit still holds."""
+    with Raw(served.path) as raw:
+        raw.request(1, "/t.S/Version", REQ, [("x-big", "a" * 4000)])  # the entry fills the table alone
+        assert raw.status(1)["grpc-status"] == "0"
+        raw.send(HEADERS, END_HEADERS | END_STREAM, 3, bytes([0x80 | 62]) * 17)  # 17 x 4037 > 64 kB
+        raw.quiet()
+        assert raw.goaway() == ENHANCE_YOUR_CALM

@@ -148,6 +148,31 @@ class Stream:
 RequestHandler = Callable[["Http2Connection", Stream], None]
 
 
+def _indexed_only(decoder: hpack.Decoder, block: bytearray) -> list[tuple[bytes, bytes]] | None:
+    """The header list of a block made only of one-byte indexed fields (indexes 1 to 126), as a client
+    sends a call it has made before (the same method, authority, timeout): table lookups that change
+    nothing, the hpack decoder's answer at a fraction of its cost. None for any other block, and for
+    one over the header list limit: hpack decodes and judges those."""
+    if not block:
+        return None
+    table = decoder.header_table
+    limit = decoder.max_header_list_size
+    fields = []
+    size = 0
+    for byte in block:
+        if byte <= 0x80 or byte == 0xFF:
+            return None
+        try:
+            name, value = table.get_by_index(byte & 0x7F)
+        except hpack.InvalidTableIndex:
+            return None
+        size += len(name) + len(value) + 32  # RFC 7541 4.1, as hpack counts the list
+        if size > limit:
+            return None
+        fields.append((name, value))
+    return fields
+
+
 class Http2Connection(asyncio.Protocol):
     def __init__(self, on_request: RequestHandler, on_lost: Callable[[Http2Connection], None], limits: Limits) -> None:
         self._on_request = on_request
@@ -534,7 +559,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _headers_complete(self, stream: Stream) -> None:
         try:
-            fields = self._decoder.decode(bytes(stream.block), raw=True)
+            fields = _indexed_only(self._decoder, stream.block) or self._decoder.decode(bytes(stream.block), raw=True)
         except hpack.OversizedHeaderListError as exc:
             stream.block = bytearray()
             raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, f"header list too large: {exc}") from exc
