@@ -21,12 +21,17 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 def hierarchy_roots(mountinfo: str) -> list[Path]:
-    """One mount point per mounted cgroup hierarchy (v1 and v2) whose mount shows the hierarchy's root."""
+    """One mount point per writable cgroup hierarchy (v1 and v2) whose mount shows the hierarchy's root.
+
+    A read-only one is not ours to arrange: in a node container systemd keeps name=systemd read-only and
+    tracks its units on cgroup2."""
     roots: dict[str, Path] = {}
     for line in mountinfo.splitlines():
         head, sep, tail = line.partition(" - ")
         fields, fs = head.split(), tail.split()
-        if sep and len(fields) >= 5 and fs and fs[0] in ("cgroup", "cgroup2") and fields[3] == "/":
+        if not (sep and len(fields) >= 6 and fs and fs[0] in ("cgroup", "cgroup2") and fields[3] == "/"):
+            continue
+        if "ro" not in fields[5].split(","):
             roots.setdefault(fields[2], Path(fields[4]))  # keyed by the device: a hierarchy mounted twice counts once
     return list(roots.values())
 
