@@ -123,6 +123,9 @@ class AdminServer:
             return {"ok": False, "error": str(exc)}
         except OSError as exc:  # reading the caller's file or pipe, writing its output
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # a bug: the caller still gets an answer, the log the whole story
+            log.error("admin request failed", exc_info=exc, extra={"fields": {"op": op}})
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         event(
             log,
             logging.INFO,

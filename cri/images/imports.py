@@ -83,17 +83,11 @@ def source_file(fd: int, spool_dir: Path) -> BinaryIO:
 async def import_archive(manager: ImageManager, source: BinaryIO) -> list[ImageSummary]:
     """Import every image of the archive `source` (seekable), or none; ArchiveError says why not."""
     started = time.monotonic()
-    archive = await asyncio.to_thread(TarArchive, source)
     try:
-        images = await asyncio.to_thread(read_images, archive, host_platform())
-        try:
-            records = await _store(manager, archive, images)
-        except Exception as exc:
-            await _undo(manager)
-            event(log, logging.WARNING, "image import failed", error=str(exc) or type(exc).__name__)
-            raise
-    finally:
-        archive.close()
+        records = await _read_and_store(manager, source)
+    except Exception as exc:
+        event(log, logging.WARNING, "image import failed", error=str(exc) or type(exc).__name__)
+        raise
     for record in records:
         event(log, logging.INFO, "image imported", image_id=record.id, names=",".join(record.names) or None)
     event(
@@ -104,6 +98,19 @@ async def import_archive(manager: ImageManager, source: BinaryIO) -> list[ImageS
         duration_ms=round((time.monotonic() - started) * 1000, 1),
     )
     return [ImageSummary(r.id, r.names) for r in records]
+
+
+async def _read_and_store(manager: ImageManager, source: BinaryIO) -> list[ImageRecord]:
+    archive = await asyncio.to_thread(TarArchive, source)
+    try:
+        images = await asyncio.to_thread(read_images, archive, host_platform())
+        try:
+            return await _store(manager, archive, images)
+        except Exception:
+            await _undo(manager)
+            raise
+    finally:
+        archive.close()
 
 
 async def _store(manager: ImageManager, archive: TarArchive, images: list[ArchivedImage]) -> list[ImageRecord]:
