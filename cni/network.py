@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cni.cache import CacheEntry, ResultCache
 from cni.conf import NetworkConfigList, PluginConf
@@ -157,7 +157,8 @@ class CniNetwork:
                 result = await exec_with_result(self._inv(plugin.type, "ADD", att), self._stdin(plugin, prev, att.caps))
                 done += 1
             assert result is not None
-            self.cache.write(
+            await _off_loop(
+                self.cache.write,
                 CacheEntry(
                     network_name=self.network.name,
                     container_id=container_id,
@@ -166,7 +167,7 @@ class CniNetwork:
                     cni_args=att.args,
                     capability_args=att.caps,
                     result=result.raw,
-                )
+                ),
             )
         except (Exception, asyncio.CancelledError) as exc:
             # The plugin that failed may have allocated something before failing: undo it too.
@@ -195,7 +196,7 @@ class CniNetwork:
             except CniError as exc:  # logged by the invocation; the original error is what gets raised
                 error.add_note(f"while undoing: {exc}")
         try:
-            self.cache.remove(self.network.name, att.container_id, att.ifname)
+            await _off_loop(self.cache.remove, self.network.name, att.container_id, att.ifname)
         except OSError as exc:
             error.add_note(f"while undoing: cannot remove the cache entry: {exc}")
 
@@ -209,7 +210,7 @@ class CniNetwork:
     ) -> None:
         """DEL on every plugin in reverse order; args/capabilities default to the cached ones."""
         validate_attachment(container_id, ifname)
-        entry = self.cache.read(self.network.name, container_id, ifname)
+        entry = await _off_loop(self.cache.read, self.network.name, container_id, ifname)
         att = _Attachment.of(container_id, netns, ifname, args=args, capabilities=capabilities, entry=entry)
         format_args(att.args)
         # The cached result is passed on DEL from spec 0.4.0 on, as libcni does.
@@ -224,7 +225,7 @@ class CniNetwork:
             for other in errors[1:]:
                 errors[0].add_note(f"also: {other}")
             raise errors[0]
-        self.cache.remove(self.network.name, container_id, ifname)
+        await _off_loop(self.cache.remove, self.network.name, container_id, ifname)
 
     async def check(
         self,
@@ -269,3 +270,17 @@ class CniNetwork:
         except ResultError as exc:
             event(log, logging.WARNING, "cni cached result unusable", network=self.network.name, error=str(exc))
             return None
+
+
+T = TypeVar("T")
+
+
+async def _off_loop(blocking: Callable[..., T], *args: Any) -> T:
+    """A cache file operation (each write and removal ends in an fsync) in a thread, off the caller's event
+    loop. A cancelled caller still waits for it to end, so that an undo that follows never races it."""
+    job = asyncio.ensure_future(asyncio.to_thread(blocking, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise

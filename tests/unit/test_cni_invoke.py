@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -478,3 +479,34 @@ def test_cancelled_add_kills_the_plugin_and_undoes(tmp_path, plugins):
         time.sleep(0.05)
     assert not _alive(sleeper)
     assert net.cached_result(CID, "eth0") is None
+
+
+def test_add_cancelled_while_its_result_is_cached_undoes_after_the_write(tmp_path, plugins):
+    """The cache is written off the event loop: a cancellation then waits for the write, so the undo's
+    removal of the entry comes after it and no entry outlives the attachment."""
+    plugins.recording("only")
+    net = make_net(tmp_path, plugins, [{"type": "only"}])
+    writing, release = threading.Event(), threading.Event()
+    real_write = net.cache.write
+
+    def slow_write(entry: CacheEntry) -> Path:
+        writing.set()
+        release.wait(10)
+        return real_write(entry)
+
+    net.cache.write = slow_write  # type: ignore[method-assign]
+
+    async def cancel_mid_write() -> None:
+        task = asyncio.ensure_future(net.add(CID, "/run/netns/x", "eth0"))
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.1)  # the cancellation is in; the write is still held
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_mid_write())
+    assert plugins.log() == ["only ADD", "only DEL"]
+    assert net.cached_result(CID, "eth0") is None
+    assert os.listdir(net.cache.cache_dir / "results") == []
