@@ -494,7 +494,7 @@ def test_add_cancelled_while_its_result_is_cached_undoes_after_the_write(tmp_pat
         release.wait(10)
         return real_write(entry)
 
-    net.cache.write = slow_write  # type: ignore[method-assign]
+    net.cache.write = slow_write
 
     async def cancel_mid_write() -> None:
         task = asyncio.ensure_future(net.add(CID, "/run/netns/x", "eth0"))
