@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cri.errors import NotFound
+from cri.errors import InvalidArgument, NotFound
 from cri.images import reference
 from cri.images.archive import (
     ZSTD_MAGIC,
@@ -36,7 +36,7 @@ from cri.images.archive import (
     read_images,
     write_layout,
 )
-from cri.images.index import ImageRecord, LayerRef
+from cri.images.index import AmbiguousImage, ImageRecord, LayerRef
 from cri.images.manager import ImageManager
 from cri.images.platform import host_platform
 from cri.images.registry import DigestMismatch
@@ -253,6 +253,8 @@ def _resolve(manager: ImageManager, refs: list[str]) -> dict[str, tuple[ImageRec
             record = manager.find(text)
         except reference.ReferenceError as exc:
             raise ImageNotFound(f"{text!r} is neither an image reference nor an image ID: {exc}") from exc
+        except AmbiguousImage as exc:
+            raise InvalidArgument("refs", str(exc)) from exc
         if record is None:
             raise ImageNotFound(f"image {text!r} is not in the store")
         tags = [t for t in record.repo_tags if t == _tag_of(text)] or list(record.repo_tags)

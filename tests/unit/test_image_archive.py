@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cri.config import Config
+from cri.errors import InvalidArgument
 from cri.images.archive import ArchivedImage, ArchiveError, TarArchive, read_images
 from cri.images.imports import export_images, import_archive
 from cri.images.manager import ImageManager
@@ -292,3 +293,19 @@ def test_a_compressed_layer_whose_diff_id_differs_from_the_config_is_refused(man
     assert "diffID mismatch" in str(err.value)
     assert manager.images() == []
     assert stored(manager) == ([], [])
+
+
+def test_export_of_an_ambiguous_id_prefix_is_refused_naming_refs(manager: ImageManager, tmp_path: Path) -> None:
+    seen: dict[str, ib.Image] = {}
+    for i in range(17):  # 16 hex digits: by the 17th image two IDs share their first one
+        candidate = image(f"{i}\n".encode())
+        first = candidate.image_id[7]
+        if first in seen:
+            pair = [seen[first], candidate]
+            break
+        seen[first] = candidate
+    archive = oci_archive([(pair[0], ["one:1"]), (pair[1], ["two:2"])])
+    asyncio.run(import_archive(manager, io.BytesIO(archive)))
+    with (tmp_path / "out.tar").open("wb") as out, pytest.raises(InvalidArgument) as err:
+        asyncio.run(export_images(manager, [f"sha256:{first}"], out))
+    assert str(err.value).startswith("refs: image ID prefix")
