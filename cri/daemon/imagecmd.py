@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cri import log
 from cri.config import Config
 from cri.daemon import admin
 from cri.daemon.lock import AlreadyRunning, DaemonLock
@@ -41,6 +42,8 @@ def import_images(config: Config, source: str) -> list[ImageSummary]:
         if sys.stdin.isatty():
             raise ImageCommandError("refusing to read an image archive from a terminal: pipe one in or name a file")
         return _execute(config, {"op": "import"}, sys.stdin.fileno())
+    if os.path.isdir(source):
+        raise ImageCommandError(f"{source} is a directory: import takes an archive (tar it, e.g. tar -C DIR -cf - .)")
     try:
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -88,6 +91,8 @@ def _execute(config: Config, message: dict[str, Any], fd: int) -> list[ImageSumm
     except AlreadyRunning:
         path = admin.socket_path(config.runroot)
         return admin.connect_when_ready(path, lambda: admin.request(path, message, fd), DAEMON_STARTUP_WAIT)
+    # Only errors: the command reports its outcome itself, and a user's terminal is no daemon log.
+    log.setup("error", config.log.format)
     try:
         return asyncio.run(_locally(config, message, fd))
     finally:

@@ -105,11 +105,20 @@ class TarArchive:
     """Random access to the members of a (seekable) tar, with symlinks and hardlinks inside it followed."""
 
     def __init__(self, source: BinaryIO) -> None:
+        if source.seek(0, io.SEEK_END) == 0:
+            raise ArchiveError("the archive is empty (0 bytes)")
+        source.seek(0)
         try:
             self._tar = tarfile.open(fileobj=source, mode="r:*")  # noqa: SIM115 - closed by close()
-            self._members = {_clean(m.name): m for m in self._tar.getmembers()}
+        except tarfile.ReadError as exc:  # its text lists every method tried: nothing a user can act on
+            raise ArchiveError("not a tar archive (plain, or gzip, bzip2 or xz compressed)") from exc
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ArchiveError(f"not a readable tar archive: {exc}") from exc
+        try:
+            self._members = {_clean(m.name): m for m in self._tar.getmembers()}
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self._tar.close()
+            raise ArchiveError(f"truncated or corrupt tar archive: {exc}") from exc
         if not self._members:
             raise ArchiveError("the archive is empty")
 

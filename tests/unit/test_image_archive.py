@@ -119,7 +119,9 @@ def test_a_tag_given_to_two_images_stays_with_the_later() -> None:
 
 def test_refused_archives_say_what_is_wrong() -> None:
     img = image()
-    assert "not a readable tar" in refused(b"this is not a tar" * 100)
+    assert "not a tar archive" in refused(b"this is not a tar" * 100)
+    assert "the archive is empty" in refused(b"")
+    assert "truncated" in refused(docker_save([(img, ["busybox:latest"])])[:5000])
     assert "no manifest.json and no index.json" in refused(_tar({"README": b"hello"}))
     legacy = docker_save(
         [(img, ["busybox:latest"])], mutate=corrupt(img.config_digest.removeprefix("sha256:") + ".json")
