@@ -282,9 +282,11 @@ class ContainerManager:
         volumes: dict[int, ImageRecord],
     ) -> users.ProcessUser:
         """Blocking: the image volumes, the bundle dir, the rootfs mount, the user, config.json, the log dir."""
-        sources = self._mount_image_volumes(container, volumes)
         os.makedirs(container.bundle, 0o700)
-        root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver, shift=_shift(sandbox))
+        shift = _shift(sandbox)
+        root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver, shift=shift)
+        sources = self._mount_image_volumes(container, volumes, shift)
+        idmapped = _idmapped_volumes(container, shift)
         user = _resolve_user(root, container.config, image)
         validate.user_mapped(user, sandbox.spec.userns)
         spec = ocispec.build(
@@ -301,6 +303,7 @@ class ContainerManager:
                 pid_namespace=pid_namespace,
                 cgroups_path=container.cgroups_path,
                 image_volumes=sources,
+                idmapped_volumes=idmapped,
             )
         )
         bundle.write(container.bundle, spec)
@@ -308,17 +311,32 @@ class ContainerManager:
             os.makedirs(os.path.dirname(container.log_path), 0o755, True)
         return user
 
-    def _mount_image_volumes(self, container: Container, volumes: dict[int, ImageRecord]) -> dict[int, str]:
-        """Blocking: each image's shared read-only mount (held by the container), then its sub path in it."""
+    def _mount_image_volumes(
+        self, container: Container, volumes: dict[int, ImageRecord], shift: rootfs.IdShift | None
+    ) -> dict[int, str]:
+        """Blocking: each image's shared read-only mount (held by the container), then its sub path in it.
+
+        An idmapped one (uidMappings, in a pod's user namespace) is the container's own: an overlay cannot
+        be idmapped, so its layers are, under <container storage>/image-volumes/<i>, removed with the rootfs.
+        """
+        own = {i for i in volumes if shift is not None and validate.mount_mappings(container.config.mounts[i])}
         merged = {
             image.id: self._volumes.acquire(image.id, self._images.lower_dirs(image), container.id)
-            for image in volumes.values()
+            for i, image in volumes.items()
+            if i not in own
         }
         sources: dict[int, str] = {}
         for i, image in volumes.items():
             sub_path = container.config.mounts[i].image_sub_path
+            if i in own and shift is not None:
+                top = Path(container.storage) / "image-volumes" / str(i)
+                top.mkdir(mode=0o711, parents=True)  # runc's init, the mapped root, binds it from inside
+                top.parent.chmod(0o711)
+                base = rootfs.mount_read_only(top, self._images.lower_dirs(image), shift)
+            else:
+                base = merged[image.id]
             try:
-                sources[i] = str(imagevolumes.resolve_sub_path(merged[image.id], sub_path))
+                sources[i] = str(imagevolumes.resolve_sub_path(base, sub_path))
             except imagevolumes.SubPathError as exc:
                 raise InvalidArgument(f"config.mounts[{i}].image_sub_path", str(exc)) from exc
         return sources
@@ -680,6 +698,20 @@ def _shift(sandbox: Sandbox) -> rootfs.IdShift | None:
     if userns is None:
         return None
     return rootfs.IdShift(sandbox.pins["user"], userns.root)
+
+
+def _idmapped_volumes(container: Container, shift: rootfs.IdShift | None) -> dict[int, str]:
+    """Blocking: an idmapped bind of each host-path volume that asks for uidMappings; index -> what runc binds."""
+    out: dict[int, str] = {}
+    for i, mount in enumerate(container.config.mounts):
+        if shift is None or validate.is_image_volume(mount) or validate.mount_mappings(mount) is None:
+            continue
+        try:
+            os.makedirs(mount.host_path, mode=0o755, exist_ok=True)  # a missing host path: an empty dir, as plain
+            out[i] = str(rootfs.mount_idmapped_volume(Path(container.storage), i, mount.host_path, shift))
+        except OSError as exc:
+            raise InvalidArgument(f"config.mounts[{i}].uidMappings", f"{mount.host_path}: {exc}") from exc
+    return out
 
 
 def _log_path(sandbox: Sandbox, config: pb.ContainerConfig) -> str:

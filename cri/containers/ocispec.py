@@ -52,6 +52,8 @@ class SpecInputs:
     cgroups_path: str
     # Image volumes: config.mounts index -> the host dir to bind (the image's read-only mount or its sub path).
     image_volumes: Mapping[int, str] = field(default_factory=dict)
+    # Host-path volumes with uidMappings: config.mounts index -> the idmapped bind of the host path to bind.
+    idmapped_volumes: Mapping[int, str] = field(default_factory=dict)
 
 
 def process_args(config: pb.ContainerConfig, image: ImageRecord) -> list[str]:
@@ -210,7 +212,10 @@ def _mounts(inputs: SpecInputs) -> list[dict[str, Any]]:
             out.append(bundle.bind_mount(source, target, read_only=read_only))
     for i, m in enumerate(config.mounts):
         volume = inputs.image_volumes.get(i)
-        out.append(_user_mount(m, f"config.mounts[{i}]") if volume is None else _image_volume_mount(m, volume))
+        if volume is not None:
+            out.append(_image_volume_mount(m, volume))
+        else:
+            out.append(_user_mount(m, f"config.mounts[{i}]", inputs.idmapped_volumes.get(i, m.host_path)))
     return out
 
 
@@ -239,8 +244,7 @@ def _shm_mount(sandbox: Sandbox) -> dict[str, Any]:
     }
 
 
-def _user_mount(mount: pb.Mount, field: str) -> dict[str, Any]:
-    source = mount.host_path
+def _user_mount(mount: pb.Mount, field: str, source: str) -> dict[str, Any]:
     if not os.path.exists(source):
         # As containerd and cri-o do (and docker -v): a missing host path becomes an empty directory.
         try:

@@ -92,13 +92,31 @@ def _mounts(config: pb.ContainerConfig) -> None:
         else:
             _absolute(mount.host_path, f"{field}.host_path")
         if mount.uidMappings or mount.gidMappings:
-            raise InvalidArgument(f"{field}.uidMappings", "idmapped mounts are not supported by this runtime")
+            _mount_mappings(mount, field)
         if mount.propagation not in pb.MountPropagation.values():
             raise InvalidArgument(f"{field}.propagation", f"unknown propagation {mount.propagation}")
         if mount.recursive_read_only and not mount.readonly:
             raise InvalidArgument(f"{field}.recursive_read_only", "needs readonly too")
         if mount.recursive_read_only and mount.propagation != pb.PROPAGATION_PRIVATE:
             raise InvalidArgument(f"{field}.recursive_read_only", "needs private propagation")
+
+
+def _mount_mappings(mount: pb.Mount, field: str) -> None:
+    """An idmapped mount: one range each way, container ID 0 mapped, private (a fresh detached mount)."""
+    _one_range(mount.uidMappings, f"{field}.uidMappings")
+    _one_range(mount.gidMappings, f"{field}.gidMappings")
+    if mount.propagation != pb.PROPAGATION_PRIVATE:
+        raise InvalidArgument(f"{field}.propagation", "an idmapped mount (uidMappings) has private propagation only")
+
+
+def mount_mappings(mount: pb.Mount) -> UserNamespace | None:
+    """The idmapping a mount asks for, None for a plain one (validated by request() already)."""
+    if not mount.uidMappings:
+        return None
+    uids, gids = mount.uidMappings[0], mount.gidMappings[0]
+    return UserNamespace(
+        IdMapping(uids.container_id, uids.host_id, uids.length), IdMapping(gids.container_id, gids.host_id, gids.length)
+    )
 
 
 def is_image_volume(mount: pb.Mount) -> bool:
@@ -215,13 +233,18 @@ def _one_range(mappings: Sequence[pb.IDMapping], where: str) -> IdMapping:
 def userns_agrees(config: pb.ContainerConfig, pod: UserNamespace | None, pod_id: str) -> None:
     """A container runs in its pod's user namespace: it may repeat the pod's options, not ask for others."""
     ns = config.linux.security_context.namespace_options
-    if not ns.HasField("userns_options"):
-        return  # joins whatever the pod has
     where = f"{SC}.namespace_options"
-    asked = userns_of(ns, where)
-    if asked != pod:
-        said = "the host's" if pod is None else f"mode POD with uids {pod.uids.line().strip()!r}"
+    said = "the host's" if pod is None else f"mode POD with uids {pod.uids.line().strip()!r}"
+    if ns.HasField("userns_options") and userns_of(ns, where) != pod:
         raise InvalidArgument(f"{where}.userns_options", f"does not agree with pod sandbox {pod_id}, which has {said}")
+    # An idmapped mount is made with the pod's own namespace: it can only show the pod's mapping.
+    for i, mount in enumerate(config.mounts):
+        wanted = mount_mappings(mount)
+        if wanted is not None and wanted != pod:
+            raise InvalidArgument(
+                f"config.mounts[{i}].uidMappings",
+                f"an idmapped mount takes its pod's user namespace mapping; pod sandbox {pod_id} has {said}",
+            )
 
 
 def _identity(sc: pb.LinuxContainerSecurityContext) -> None:

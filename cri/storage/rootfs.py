@@ -224,6 +224,23 @@ def _mount_overlay(paths: RootfsPaths, lowers: list[Path], shift: IdShift | None
     return _overlay(paths, lowers, writable=True)
 
 
+def mount_idmapped_volume(container_dir: Path, index: int, source: str, shift: IdShift) -> Path:
+    """An idmapped bind of a volume's host path at <container_dir>/volumes/<index>, for the runtime to bind.
+
+    Under the container dir, so remove() unmounts it with the rest. The mount point is a directory or an
+    empty file, as the source is. Files there show host uid 0 as the mapped root, and what the container
+    writes lands on the host with unshifted IDs (the point of an idmapped volume).
+    """
+    target = Path(container_dir) / "volumes" / str(index)
+    target.parent.mkdir(mode=0o711, exist_ok=True)  # runc's init, the mapped root, binds it from inside
+    if os.path.isdir(source):
+        target.mkdir(mode=0o755)
+    else:
+        target.touch(mode=0o644)
+    idmap.mount_idmapped(source, str(target), shift.userns_path)
+    return target
+
+
 def _idmapped_lowers(paths: RootfsPaths, lowers: list[Path], shift: IdShift) -> list[Path]:
     """A read-only idmapped bind mount of each lower dir, idmapped/<n>; the layers themselves are not touched."""
     paths.idmapped.mkdir(mode=0o700)
@@ -239,17 +256,20 @@ def _idmapped_lowers(paths: RootfsPaths, lowers: list[Path], shift: IdShift) -> 
     return out
 
 
-def mount_read_only(top: Path, lowers: Sequence[Path]) -> Path:
+def mount_read_only(top: Path, lowers: Sequence[Path], shift: IdShift | None = None) -> Path:
     """Mount lowers (topmost first) read-only on top/merged, for an image volume; returns merged/.
 
     top must exist and be empty. Two or more lowers: an overlay without upper and work dirs, which the
     kernel makes read-only; a single one: a read-only bind mount of it (overlay wants two lowers when it
     has no upper). Long chains use the same short relative links as containers. Blocking; on failure
-    whatever was made under top is left for the caller's removal (remove(top)).
+    whatever was made under top is left for the caller's removal (remove(top)). shift: seen through a user
+    namespace's mapping, over idmapped lowers as for containers (one container's volume, not shared).
     """
     paths = RootfsPaths.of(top)
     lowers = [Path(os.path.abspath(p)) for p in _lowers_or_empty(paths, lowers)]
     _check_lowers(lowers)
+    if shift is not None:
+        lowers = _idmapped_lowers(paths, lowers, shift)
     paths.merged.mkdir(mode=0o755)
     if len(lowers) > 1:
         how = _overlay(paths, lowers, writable=False)

@@ -9,13 +9,17 @@ test picks its own host offset far above any real user of the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shutil
+import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,10 +27,12 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
-from tests.e2e.containers import NOTHING, Env, running_env
-from tests.e2e.pods import info, pod_config
+from tests.e2e.containers import NOTHING, Env, push_image, remove_all_containers, running_env
+from tests.e2e.pods import info, pod_config, remove_all_pods
 from tests.e2e.streams import exec_url
 from tests.streamclients import remotecommand as rc
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import Daemon
 from tests.support.registry_harness import Registry
 
 WIDTH = 65536
@@ -76,6 +82,10 @@ def exec_sync(env: Env, cid: str, *cmd: str) -> str:
     return resp.stdout.decode()
 
 
+def exec_sync_result(env: Env, cid: str, *cmd: str) -> pb.ExecSyncResponse:
+    return env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=20), timeout=30)
+
+
 def container_pid(env: Env, cid: str) -> int:
     return int(json.loads(env.status(cid, verbose=True).info["info"])["pid"])
 
@@ -85,12 +95,56 @@ def owner(pid: int) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
-@pytest.fixture
-def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
-    with running_env(make_daemon, registry, [busybox]) as env:
+@pytest.fixture(scope="module")
+def tools(registry: Registry) -> str:
+    """Two layers (busybox and /data), so as an image volume it is an overlay, not a bind of one layer."""
+    layer = ib.Layer([ib.Dir("/data"), ib.File("/data/a.txt", b"alpha\n")], created_by="data")
+    return push_image(registry, "e2e/userns-tools", layers=[layer])
+
+
+@contextlib.contextmanager
+def userns_env(make_daemon: Callable[..., Daemon], registry: Registry, images: list[str]) -> Iterator[Env]:
+    with running_env(make_daemon, registry, images) as env:
         # runc's init runs as the pod's mapped root: it must traverse the daemon's directories, which
         # a real node's /var/lib and /run allow; mkdtemp made this one 0700.
         os.chmod(env.daemon.base, 0o711)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def shared_env(registry: Registry, busybox: str, tools: str) -> Iterator[Env]:
+    """One daemon for the tests that leave it running (a daemon and two pulls cost seconds each)."""
+    if os.geteuid() != 0:
+        pytest.skip("e2e tests drive the real daemon as root")
+    made: list[Daemon] = []
+
+    def make(config_text: str = "", start: bool = True) -> Daemon:
+        base = Path(tempfile.mkdtemp(prefix="criopy-e2e-"))
+        (base / "criopy.yaml").write_text(config_text)
+        made.append(Daemon(base=base, config_file=base / "criopy.yaml"))
+        return made[-1].start() if start else made[-1]
+
+    try:
+        with userns_env(make, registry, [busybox, tools]) as env:
+            yield env
+    finally:
+        for daemon in made:
+            daemon.stop()
+            shutil.rmtree(daemon.base, ignore_errors=True)
+
+
+@pytest.fixture
+def env(shared_env: Env) -> Iterator[Env]:
+    """The shared daemon, emptied after each test whatever it left."""
+    yield shared_env
+    remove_all_containers(shared_env.daemon)
+    remove_all_pods(shared_env.daemon)
+
+
+@pytest.fixture
+def own_env(make_daemon, registry: Registry, busybox: str, tools: str) -> Iterator[Env]:
+    """A daemon of the test's own, for the tests that kill or restart it."""
+    with userns_env(make_daemon, registry, [busybox, tools]) as env:
         yield env
 
 
@@ -171,6 +225,52 @@ async def _attach_line(url: str, line: bytes, wanted: bytes) -> bytes:
     return seen
 
 
+def test_mounts_with_the_pods_mapping_are_idmapped_and_others_show_host_owners_shifted(
+    env: Env, tools: str, tmp_path: Path
+) -> None:
+    host_id = host_offset()
+    pod = run_pod(env, host_id)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "by-root").write_text("host root's\n")
+    mapping = userns_options(host_id)
+    mounts = [
+        pb.Mount(container_path="/plain", host_path=str(shared)),
+        pb.Mount(container_path="/idmapped", host_path=str(shared), uidMappings=mapping.uids, gidMappings=mapping.gids),
+        pb.Mount(container_path="/image-plain", image=pb.ImageSpec(image=tools), readonly=True),
+        pb.Mount(
+            container_path="/image-idmapped",
+            image=pb.ImageSpec(image=tools),
+            readonly=True,
+            uidMappings=mapping.uids,
+            gidMappings=mapping.gids,
+        ),
+    ]
+    cid = env.run(pod, container(env, pod, "c", ["sleep", "3600"], mounts=mounts))
+    paths = ["/plain/by-root", "/idmapped/by-root", "/image-plain/data/a.txt", "/image-idmapped/data/a.txt"]
+    owners = exec_sync(env, cid, "stat", "-c", "%u:%g", *paths).split()
+    # Without the mapping, host root is no one inside (the overflow ID); through the idmapped mounts, root.
+    assert owners == ["65534:65534", "0:0", "65534:65534", "0:0"], owners
+    assert exec_sync(env, cid, "cat", "/image-idmapped/data/a.txt") == "alpha\n"
+    exec_sync(env, cid, "sh", "-c", "echo via idmap > /idmapped/new")
+    assert (os.stat(shared / "new").st_uid, os.stat(shared / "new").st_gid) == (0, 0)  # unshifted on the host
+    refused = exec_sync_result(env, cid, "sh", "-c", "touch /image-idmapped/x")
+    assert refused.exit_code != 0 and b"Read-only file system" in refused.stderr
+    # The rootfs' one layer and the image volume's two (the host path's bind is under volumes/).
+    assert len(_idmapped_mounts(env)) == 1 + 2, _idmapped_mounts(env)
+
+    # A mount may only ask for its pod's mapping: another range is refused naming the mount.
+    other = userns_options(host_offset())
+    wrong = pb.Mount(container_path="/x", host_path=str(shared), uidMappings=other.uids, gidMappings=other.gids)
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, container(env, pod, "wrong", ["true"], mounts=[wrong]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("config.mounts[0].uidMappings: "), err.value.details()
+
+    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert _idmapped_mounts(env) == [] and env.leftovers() == NOTHING
+
+
 def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) -> None:
     first_id, second_id = host_offset(), host_offset()
     first, second = run_pod(env, first_id), run_pod(env, second_id)
@@ -194,26 +294,24 @@ def _signal_from(member: int, target: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
 
 
-@pytest.mark.parametrize(
-    ("options", "field"),
-    [
-        (userns_options(1 << 30, ranges=2), "uids"),
-        (userns_options(1 << 30, first=1), "uids"),
-        (userns_options(1 << 30, mode=pb.CONTAINER), "mode"),
-        (userns_options(1 << 30, mode=pb.TARGET), "mode"),
-    ],
-)
-def test_what_cannot_be_honoured_is_refused_naming_the_field_and_nothing_is_made(
-    env: Env, options: pb.UserNamespace, field: str
-) -> None:
-    refused = pod_config()
-    refused.linux.security_context.namespace_options.userns_options.CopyFrom(options)
-    with pytest.raises(grpc.RpcError) as err:
-        env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=refused), timeout=60)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{SC}.userns_options.{field}: "), err.value.details()
+REFUSED = [
+    (userns_options(1 << 30, ranges=2), "uids"),  # more than one range
+    (userns_options(1 << 30, first=1), "uids"),  # container ID 0 unmapped
+    (userns_options(1 << 30, mode=pb.CONTAINER), "mode"),
+    (userns_options(1 << 30, mode=pb.TARGET), "mode"),
+]
+
+
+def test_what_cannot_be_honoured_is_refused_naming_the_field_and_nothing_is_made(env: Env) -> None:
+    for options, field in REFUSED:
+        refused = pod_config()
+        refused.linux.security_context.namespace_options.userns_options.CopyFrom(options)
+        with pytest.raises(grpc.RpcError) as err:
+            env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=refused), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{SC}.userns_options.{field}: "), err.value.details()
     assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
-    assert _pins(env, "user") == []
+    assert all(_pins(env, kind) == [] for kind in ("user", "net", "ipc", "uts"))
 
 
 def test_a_sysctl_the_pods_namespaces_refuse_is_invalid_and_nothing_is_left(env: Env) -> None:
@@ -255,35 +353,61 @@ def test_status_reports_user_namespaces_for_the_handler(env: Env) -> None:
     assert handlers and all(h.features.user_namespaces for h in handlers)
 
 
-def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_untouched(env: Env) -> None:
-    layers_before = _tree(env.daemon.root / "layers")
+def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_untouched(own_env: Env) -> None:
+    layers_before = _tree(own_env.daemon.root / "layers")
     host_id = host_offset()
-    pod = run_pod(env, host_id)
-    cid = env.run(
+    pod = run_pod(own_env, host_id)
+    cid = own_env.run(
         pod,
-        container(env, pod, "c", ["sh", "-c", "echo changed > /bin/sh.txt; chown 5:5 /etc/passwd; exec sleep 3600"]),
+        container(
+            own_env, pod, "c", ["sh", "-c", "echo changed > /bin/sh.txt; chown 5:5 /etc/passwd; exec sleep 3600"]
+        ),
     )
-    assert env.wait_for(cid, lambda _: exec_sync(env, cid, "cat", "/bin/sh.txt") == "changed\n", 10)
-    pin = str(info(env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
-    userns = os.readlink(f"/proc/{container_pid(env, cid)}/ns/user")
-    assert _idmapped_mounts(env) != []
+    assert own_env.wait_for(
+        cid, lambda _: exec_sync_result(own_env, cid, "cat", "/bin/sh.txt").stdout == b"changed\n", 10
+    )
+    pin = str(info(own_env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
+    userns = os.readlink(f"/proc/{container_pid(own_env, cid)}/ns/user")
+    assert _idmapped_mounts(own_env) != []
 
-    assert env.daemon.stop() == 0
-    env.daemon.start()
-    assert env.status(cid).status.state == pb.CONTAINER_RUNNING
+    assert own_env.daemon.stop() == 0
+    own_env.daemon.start()
+    assert own_env.status(cid).status.state == pb.CONTAINER_RUNNING
     assert linux.mounts_under(pin)[0].fstype == "nsfs"
-    assert env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod[0])).status.state == pb.SANDBOX_READY
+    assert (
+        own_env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod[0])).status.state == pb.SANDBOX_READY
+    )
     # A container made after the restart joins the same namespace.
-    later = env.run(pod, container(env, pod, "later", ["sleep", "3600"]))
-    assert os.readlink(f"/proc/{container_pid(env, later)}/ns/user") == userns
-    assert exec_sync(env, later, "stat", "-c", "%u", "/etc/passwd").strip() == "0"  # its own copy-on-write layer
+    later = own_env.run(pod, container(own_env, pod, "later", ["sleep", "3600"]))
+    assert os.readlink(f"/proc/{container_pid(own_env, later)}/ns/user") == userns
+    assert exec_sync(own_env, later, "stat", "-c", "%u", "/etc/passwd").strip() == "0"  # its own copy-on-write layer
 
-    env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
-    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
-    assert _idmapped_mounts(env) == []
-    assert _pins(env, "user") == [] and not os.path.lexists(pin)
-    assert env.leftovers() == NOTHING
-    assert _tree(env.daemon.root / "layers") == layers_before
+    own_env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    own_env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert _idmapped_mounts(own_env) == []
+    assert _pins(own_env, "user") == [] and not os.path.lexists(pin)
+    assert own_env.leftovers() == NOTHING
+    assert _tree(own_env.daemon.root / "layers") == layers_before
+
+
+def test_the_orphan_sweep_removes_a_forgotten_pods_idmapped_mounts_and_pins(own_env: Env) -> None:
+    pod = run_pod(own_env, host_offset(), shared_pid=True)
+    cid = own_env.run(pod, container(own_env, pod, "c", ["sleep", "3600"]))
+    pid = container_pid(own_env, cid)
+    assert _idmapped_mounts(own_env) != [] and _pins(own_env, "user") == [pod[0]]
+    assert own_env.daemon.proc is not None
+    own_env.daemon.proc.kill()
+    own_env.daemon.proc.wait(10)
+    with sqlite3.connect(own_env.daemon.root / "state.db") as db:  # a lost database: no row explains the pod
+        for table in ("containers", "sandboxes", "name_reservations"):
+            db.execute(f"DELETE FROM {table}")
+
+    own_env.daemon.start()
+    assert "orphan removed" in own_env.daemon.log()
+    assert _idmapped_mounts(own_env) == []
+    assert all(_pins(own_env, kind) == [] for kind in ("user", "net", "ipc", "uts"))
+    assert own_env.leftovers() == NOTHING
+    assert not os.path.exists(f"/proc/{pid}")
 
 
 def _tree(top: Path) -> dict[str, tuple[int, int, int, str]]:

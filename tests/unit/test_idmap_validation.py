@@ -100,3 +100,36 @@ def test_the_process_ids_must_be_mapped_inside() -> None:
         validate.user_mapped(ProcessUser(1000, 0, (), "", "/"), userns)
     with pytest.raises(InvalidArgument, match=r"supplemental_groups: gid 4000 is not mapped"):
         validate.user_mapped(ProcessUser(0, 0, (0, 4000), "", "/"), userns)
+
+
+def test_a_mount_may_ask_for_an_idmapping_of_its_pods_mapping_only() -> None:
+    uids = [pb.IDMapping(container_id=0, host_id=100000, length=65536)]
+    mount = pb.Mount(container_path="/v", host_path="/srv/v", uidMappings=uids, gidMappings=uids)
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image="busybox"), mounts=[mount]
+    )
+    validate.request(config)
+    pod = validate.userns_of(options(), WHERE)
+    validate.userns_agrees(config, pod, "p1")
+    with pytest.raises(InvalidArgument, match=r"^config.mounts\[0\].uidMappings: an idmapped mount takes"):
+        validate.userns_agrees(config, None, "p1")
+    with pytest.raises(InvalidArgument, match=r"^config.mounts\[0\].uidMappings: "):
+        validate.userns_agrees(config, validate.userns_of(options(uids=[(0, 500000, 65536)]), WHERE), "p1")
+    for broken, field in (
+        (pb.Mount(container_path="/v", host_path="/v", uidMappings=uids), "gidMappings"),
+        (pb.Mount(container_path="/v", host_path="/v", uidMappings=uids * 2, gidMappings=uids), "uidMappings"),
+        (
+            pb.Mount(
+                container_path="/v",
+                host_path="/v",
+                uidMappings=uids,
+                gidMappings=uids,
+                propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "propagation",
+        ),
+    ):
+        config.mounts[0].CopyFrom(broken)
+        with pytest.raises(InvalidArgument) as err:
+            validate.request(config)
+        assert str(err.value).startswith(f"config.mounts[0].{field}: ")
