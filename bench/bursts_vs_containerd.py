@@ -115,8 +115,23 @@ class PySpy:
             self.proc.wait(10)
 
 
-def time_burst(run: Run, rt: Runtime, burst: Burst, profile: str | None) -> tuple[float, float]:
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (not idle, not waiting for I/O) since boot, all CPUs."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class BurstSample:
+    start_s: float
+    remove_s: float
+    machine_cpu_s: float  # busy CPU of the whole machine over start and removal (helpers, plugins, kernel)
+    daemon_cpu_s: float  # the daemon's own CPU (all its threads) over start and removal
+
+
+def time_burst(rt: Runtime, burst: Burst, profile: str | None) -> BurstSample:
     spy = PySpy(rt.daemon_pid(), profile) if profile else None
+    daemon, machine = cpu_seconds(rt.daemon_pid()), machine_busy_seconds()
     try:
         started = time.perf_counter()
         pods = start_burst(rt, burst)
@@ -127,7 +142,7 @@ def time_burst(run: Run, rt: Runtime, burst: Burst, profile: str | None) -> tupl
     finally:
         if spy is not None:
             spy.stop()
-    return start_s, remove_s
+    return BurstSample(start_s, remove_s, machine_busy_seconds() - machine, cpu_seconds(rt.daemon_pid()) - daemon)
 
 
 def bursts(run: Run, rounds: int, profile: str | None) -> None:
@@ -135,16 +150,22 @@ def bursts(run: Run, rounds: int, profile: str | None) -> None:
         print(f"bursts of {burst.label} x {rounds}, in turns", flush=True)
         profiled = False
 
-        def sample(rt: Runtime, burst: Burst = burst) -> tuple[float, float]:
+        def sample(rt: Runtime, burst: Burst = burst) -> BurstSample:
             nonlocal profiled
             want = profile if rt.name == "criopy" and burst.pods == 110 and not profiled else None
             profiled = profiled or want is not None
-            return time_burst(run, rt, burst, want)
+            return time_burst(rt, burst, want)
 
         for name, samples in run.interleaved(f"the {burst.label} burst", rounds, sample).items():
             figures = run.results[name].figures
-            figures[f"start {burst.label} (s)"] = statistics.median(s for s, _ in samples)
-            figures[f"remove {burst.label} (s)"] = statistics.median(r for _, r in samples)
+            figures[f"start {burst.label} (s)"] = statistics.median(s.start_s for s in samples)
+            figures[f"remove {burst.label} (s)"] = statistics.median(s.remove_s for s in samples)
+            figures[f"  machine CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
+                s.machine_cpu_s for s in samples
+            )
+            figures[f"  daemon CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
+                s.daemon_cpu_s for s in samples
+            )
 
 
 def version_calls_ms(rt: Runtime, calls: int) -> list[float]:
