@@ -60,10 +60,17 @@ def default_cgroup_parent(manager: str) -> str:
 
 
 class SandboxManager:
-    def __init__(self, live: LiveConfig, store: Store, handlers: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        live: LiveConfig,
+        store: Store,
+        handlers: Callable[[], Iterable[str]],
+        userns_problem: Callable[[str], str] = lambda handler: "",
+    ) -> None:
         self._live = live
         self._store = store
         self._handlers = handlers
+        self._userns_problem = userns_problem  # handler -> why it cannot run a pod's user namespace, "" if it can
         config = live.current
         self._runroot = Path(config.runroot)
         self._network = PodNetwork(Path(config.root) / "cni")
@@ -112,6 +119,12 @@ class SandboxManager:
         handler = spec.runtime_handler or config.runtime.default_runtime
         if handler not in set(self._handlers()):
             raise InvalidArgument("runtime_handler", f"no runtime handler {handler!r} is configured")
+        problem = self._userns_problem(handler) if spec.userns is not None else ""
+        if problem:
+            raise InvalidArgument(
+                "config.linux.security_context.namespace_options.userns_options",
+                f"runtime handler {handler!r} cannot run user namespaces on this node: {problem}",
+            )
         return await self._creations.create(
             spec.metadata.reservation, lambda sandbox_id: self._create(sandbox_id, spec, handler, config_blob)
         )

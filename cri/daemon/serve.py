@@ -60,7 +60,7 @@ async def serve(live: LiveConfig) -> None:
         handlers = RuntimeHandlers()
         await handlers.refresh(config)
         # A function, not the dict: a SIGHUP reload replaces the handler table.
-        sandboxes = SandboxManager(live, store, lambda: list(handlers.handlers))
+        sandboxes = SandboxManager(live, store, lambda: list(handlers.handlers), handlers.userns_problem)
         await sandboxes.recover()
 
         # A lambda, not the method: the container manager is made after (it needs the images).

@@ -69,11 +69,19 @@ class RuntimeHandlers:
     def __init__(self) -> None:
         self.handlers: dict[str, HandlerInfo] = {}
         self.default = ""
+        self._userns_problem = ""
+
+    def userns_problem(self, name: str) -> str:
+        """Why the handler cannot run a pod in its own user namespace; "" when it can."""
+        info = self.handlers.get(name)
+        if info is None or info.user_namespaces:
+            return ""  # an unknown handler is refused as such elsewhere
+        return self._userns_problem or info.problem or f"runtime binary of handler {name!r} not found"
 
     async def refresh(self, config: Config) -> None:
         names = list(config.runtime.runtimes)
         infos = await asyncio.gather(*(probe(n, config.runtime.runtimes[n]) for n in names))
-        userns_problem = await asyncio.to_thread(idmap.probe, config.root)
+        userns_problem = self._userns_problem = await asyncio.to_thread(idmap.probe, config.root)
         if userns_problem:
             event(log, logging.WARNING, "user namespaces unavailable", reason=userns_problem)
         infos = [with_user_namespaces(info, userns_problem) for info in infos]

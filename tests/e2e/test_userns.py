@@ -271,6 +271,29 @@ def test_mounts_with_the_pods_mapping_are_idmapped_and_others_show_host_owners_s
     assert _idmapped_mounts(env) == [] and env.leftovers() == NOTHING
 
 
+def test_users_and_groups_resolve_inside_and_are_the_mapped_ones_outside(env: Env) -> None:
+    host_id = host_offset()
+    pod = run_pod(env, host_id)
+    config = container(env, pod, "app", ["sleep", "3600"])
+    config.linux.security_context.run_as_username = "app"  # 1000:1000 in the image's /etc/passwd
+    config.linux.security_context.supplemental_groups.append(4000)
+    cid = env.run(pod, config)
+    assert exec_sync(env, cid, "id").split() == ["uid=1000(app)", "gid=1000(app)", "groups=1000(app),4000"]
+    status = Path(f"/proc/{container_pid(env, cid)}/status").read_text().splitlines()
+    fields = {line.split(":")[0]: line.split(":")[1].split() for line in status if ":" in line}
+    assert fields["Uid"] == [str(host_id + 1000)] * 4 and fields["Gid"] == [str(host_id + 1000)] * 4
+    assert fields["Groups"] == [str(host_id + 1000), str(host_id + 4000)]
+
+    # An ID outside the pod's range could not be set inside: refused naming the field, nothing left.
+    unmapped = container(env, pod, "unmapped", ["true"])
+    unmapped.linux.security_context.run_as_user.value = WIDTH + 5
+    with pytest.raises(grpc.RpcError) as err:
+        env.create(pod, unmapped)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("config.linux.security_context.run_as_user: uid 65541 is not mapped")
+    assert [c.id for c in env.rt.ListContainers(pb.ListContainersRequest()).containers] == [cid]
+
+
 def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) -> None:
     first_id, second_id = host_offset(), host_offset()
     first, second = run_pod(env, first_id), run_pod(env, second_id)
@@ -351,6 +374,33 @@ def test_mode_node_runs_in_the_hosts_user_namespace_as_before(env: Env) -> None:
 def test_status_reports_user_namespaces_for_the_handler(env: Env) -> None:
     handlers = env.rt.Status(pb.StatusRequest(), timeout=10).runtime_handlers
     assert handlers and all(h.features.user_namespaces for h in handlers)
+
+
+def test_status_reports_no_user_namespaces_where_the_storage_cannot_be_idmapped(make_daemon, tmp_path: Path) -> None:
+    daemon = make_daemon(start=False)
+    # The storage root on an overlay mount, which the kernel cannot idmap: the probe at start must fail there.
+    for name in ("lower", "upper", "work"):
+        (tmp_path / name).mkdir()
+    daemon.root.mkdir(parents=True, exist_ok=True)
+    options = f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    linux.mount("overlay", str(daemon.root), "overlay", 0, options)
+    try:
+        daemon.start()
+        handlers = daemon.runtime().Status(pb.StatusRequest(), timeout=10).runtime_handlers
+        assert handlers and not any(h.features.user_namespaces for h in handlers)
+        assert "user namespaces unavailable" in daemon.log() and "MOUNT_ATTR_IDMAP" in daemon.log()
+        # A pod asking for one anyway is refused with the reason, not run as host root.
+        config = pod_config()
+        config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
+        with pytest.raises(grpc.RpcError) as err:
+            daemon.runtime().RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{SC}.userns_options: runtime handler ")
+        assert "MOUNT_ATTR_IDMAP" in err.value.details()
+        daemon.stop()
+    finally:
+        daemon.stop()
+        linux.umount(str(daemon.root), linux.MNT_DETACH)
 
 
 def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_untouched(own_env: Env) -> None:
