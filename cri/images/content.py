@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from cri.errors import no_space_in
 from cri.images.reference import validate_digest
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 # Chunks are gathered into writes of this size, each done in a worker thread.
 WRITE_BUFFER = 1 << 20
 _BLOB_NAME = re.compile(r"[a-f0-9]+")
+
+
+T = TypeVar("T")
+
+
+async def made_in_thread(make: Callable[[], T], undo: Callable[[T], None]) -> T:
+    """`make()` in a worker thread, and if the caller is cancelled meanwhile, `undo()` what it made.
+
+    A cancelled to_thread() only stops waiting: the thread goes on and creates its file or directory,
+    which nobody would then remove (a cancelled pull must leave nothing behind).
+    """
+    made = asyncio.ensure_future(asyncio.to_thread(make))
+    try:
+        return await asyncio.shield(made)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # make() failed: nothing to undo
+            await asyncio.to_thread(undo, await made)
+        raise
 
 
 def _check_digest(digest: str) -> tuple[str, str]:
@@ -72,8 +91,12 @@ class Writer:
             fd, name = tempfile.mkstemp(prefix=self.digest.replace(":", "-") + ".", dir=self.store.ingest_dir)
             return fd, Path(name)
 
+        def remove(made: tuple[int, Path]) -> None:
+            os.close(made[0])
+            made[1].unlink(missing_ok=True)
+
         with self._no_space():
-            fd, temp = await asyncio.to_thread(create)
+            fd, temp = await made_in_thread(create, remove)
         self._fd, self._temp = fd, temp
         self.store._active.add(temp)
 

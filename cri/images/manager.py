@@ -35,7 +35,7 @@ from cri.config import Config
 from cri.errors import no_space_in
 from cri.images import reference
 from cri.images.auth import Credentials
-from cri.images.content import ContentStore, Writer
+from cri.images.content import ContentStore, Writer, made_in_thread
 from cri.images.index import ImageIndex, ImageRecord, LayerRef
 from cri.images.registry import Manifest, RegistryClient, Resolved
 from cri.log import event
@@ -325,7 +325,7 @@ class ImageManager:
         found = await asyncio.to_thread(self.layers.info, layer.chain_id)
         if found is not None:
             return found
-        staged = await asyncio.to_thread(self.layers.stage, layer.chain_id, parent, layer.diff_id)
+        staged = await self._stage(layer, parent)
         worker: UnpackProcess | None = None
         try:
             with open(self.content.path(layer.digest), "rb") as blob:
@@ -336,6 +336,11 @@ class ImageManager:
             await asyncio.shield(_abandon(self.layers, staged, worker))
             raise
         return await self._publish(layer, staged, result)
+
+    async def _stage(self, layer: LayerRef, parent: str | None) -> StagedLayer:
+        return await made_in_thread(
+            lambda: self.layers.stage(layer.chain_id, parent, layer.diff_id), self.layers.discard
+        )
 
     async def _publish(self, layer: LayerRef, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
         try:
@@ -607,7 +612,7 @@ class _UnpackingSink:
 
     async def _start(self) -> None:
         layer = self._layer
-        self._staged = await asyncio.to_thread(self._manager.layers.stage, layer.chain_id, self._parent, layer.diff_id)
+        self._staged = await self._manager._stage(layer, self._parent)
         try:
             self._worker = await UnpackProcess.start(_job(layer, self._staged))
         except BaseException:

@@ -47,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
@@ -106,13 +106,20 @@ class Fault:
 
 @dataclass
 class ProxyRecord:
-    """One request: appended on arrival; status and fault are set before the response headers go out."""
+    """One request: appended on arrival; status and fault are set before the response headers go out.
+
+    `started` and `ended` (time.monotonic(); ended None while it is served) show which requests overlapped;
+    `sent` counts the body bytes written to the client, so a client that hung up early is seen.
+    """
 
     method: str
     path: str
     authorization: bool
     status: int = 0
     fault: FaultKind | None = None
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -460,6 +467,27 @@ class FaultProxy:
     def manifest_gets(self, reference: str) -> int:
         return sum(n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(f"/manifests/{reference}"))
 
+    def blob_records(self, digest: str | None = None) -> list[ProxyRecord]:
+        """The blob GETs (of one digest, or all), in arrival order."""
+        with self._lock:
+            records = list(self.records)
+        return [
+            r
+            for r in records
+            if r.method == "GET" and BLOB_PATH.match(r.path) and (digest is None or r.path.endswith(f"/blobs/{digest}"))
+        ]
+
+    def max_concurrent_blob_gets(self) -> int:
+        """The most blob GETs that were being served at the same instant."""
+        edges = []
+        for r in self.blob_records():
+            edges += [(r.started, 1), (r.ended if r.ended is not None else float("inf"), -1)]
+        peak = current = 0
+        for _, step in sorted(edges, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
+            current += step
+            peak = max(peak, current)
+        return peak
+
     def reset_counts(self) -> None:
         with self._lock:
             self.counts.clear()
@@ -509,7 +537,10 @@ class FaultProxy:
                 proxy._arrived(self.record)
                 self.fault = proxy._take_fault(self.command, path)
                 self.record.fault = self.fault.kind if self.fault else None
-                self._serve(self.fault)
+                try:
+                    self._serve(self.fault)
+                finally:
+                    self.record.ended = time.monotonic()
 
             def _upstream_headers(self) -> dict[str, str]:
                 out = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -581,6 +612,7 @@ class FaultProxy:
                     return resp.status
                 if data is not None:
                     self.wfile.write(data)
+                    self.record.sent = len(data)
                     return resp.status
                 self._stream(resp, int(length_header or 0), fault)
                 return resp.status
@@ -603,6 +635,7 @@ class FaultProxy:
                         chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
                     self.wfile.write(chunk)
                     sent += len(chunk)
+                    self.record.sent = sent
                     if rate:
                         self.wfile.flush()
                         ahead = sent / rate - (time.monotonic() - started)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from cri.images.content import WRITE_BUFFER, ContentStore, Writer
+from cri.images.content import WRITE_BUFFER, ContentStore, Writer, made_in_thread
 from cri.images.registry import DigestMismatch
 
 
@@ -268,3 +271,26 @@ def test_cancelling_every_waiter_cancels_the_download(tmp_path):
     assert cancelled == [True]
     assert not store.has(d)
     assert ingest_files(store) == []
+
+
+def test_what_a_thread_makes_after_its_caller_was_cancelled_is_undone(tmp_path):
+    # A cancelled pull stops waiting for the thread creating its temp file; the file must not stay behind.
+    made = tmp_path / "made"
+    thread_started = threading.Event()
+
+    def make() -> Path:
+        thread_started.set()
+        time.sleep(0.3)  # still creating when the caller is cancelled
+        made.write_bytes(b"partial")
+        return made
+
+    async def main() -> None:
+        task = asyncio.create_task(made_in_thread(make, lambda path: path.unlink()))
+        await asyncio.to_thread(thread_started.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not made.exists()
+    assert asyncio.run(made_in_thread(lambda: 42, lambda _n: None)) == 42

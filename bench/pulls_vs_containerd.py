@@ -1,0 +1,354 @@
+"""Pull+unpack: criopy against Debian's containerd 1.6, interleaved in one run (a benchmark: prints, asserts nothing).
+
+    .venv/bin/python -m bench.pulls_vs_containerd [--runs 3] [--baseline 5cf5a2d] [--only large,small]
+
+Two images from a loopback registry (Debian's docker-registry):
+  large: busybox + 8 layers, ~150 MB, ~12k files, half of the bytes random, gzip level 6 (docker's default);
+  small: 3 layers of ~13.3k files each, 1-4 kB of text-like data (40k files), gzip level 6.
+Each pull goes to a fresh daemon on a fresh root (nothing cached), after `sync; echo 3 > drop_caches`
+(the registry reads its blobs from disk too), through the same client: the CRI PullImage on each
+runtime's socket. The runtimes take turns within each run. While criopy pulls, a thread calls Version
+every 5 ms and the p99 of those round trips is printed: the event loop must stay responsive.
+
+`--baseline REV` also measures criopy as of REV (default 5cf5a2d, main before this work) from a git
+worktree in /tmp, made single-stream: its PARALLEL_DOWNLOADS set to 1 (layers one after another, each
+downloaded then unpacked in the daemon). Run as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from api.runtime.v1 import api_pb2 as pb
+from api.runtime.v1 import api_pb2_grpc
+from bench.containerd_harness import Containerd, ensure_containerd
+from tests.support import image_builder as ib
+from tests.support.daemon_harness import REPO, Daemon
+from tests.support.registry_harness import Registry
+
+BASELINE_DIR = Path("/tmp/criopy-pull-baseline")
+VERSION_INTERVAL = 0.005
+
+
+# -- the images --
+
+
+def _entries(tar: bytes) -> int:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        return len(archive.getnames())
+
+
+def _text_corpus() -> bytes:
+    """Text as images hold it (source, docs): the standard library's own source files."""
+    out = bytearray()
+    for path in sorted(Path(tarfile.__file__).parent.glob("*.py"))[:200]:
+        out += path.read_bytes()
+    return bytes(out)
+
+
+def _text(corpus: bytes, rng: random.Random, size: int) -> bytes:
+    start = rng.randrange(0, len(corpus) - size)
+    return corpus[start : start + size]
+
+
+def _tar(files: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs: set[str] = set()
+        for name, data in files:
+            parent = name.rsplit("/", 1)[0]
+            parts = parent.split("/")
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    info = tarfile.TarInfo(d + "/")
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, ib.FIXED_MTIME
+                    tar.addfile(info)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, ib.FIXED_MTIME
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def large_image(seed: int = 1) -> ib.Image:
+    """busybox + 8 layers of 1500 files: ~9 MB of text in small files and ~9.4 MB random in 4 big ones each."""
+    rng, corpus = random.Random(seed), _text_corpus()
+    layers = []
+    for i in range(8):
+        files = [
+            (f"app/{i}/src/{j // 100}/f{j}.txt", _text(corpus, rng, rng.randint(2000, 10000))) for j in range(1496)
+        ]
+        files += [(f"app/{i}/data/blob{j}.bin", rng.randbytes(2_350_000)) for j in range(4)]
+        layers.append(ib.Layer.from_tar(_tar(files), "gzip", level=6))
+    return ib.busybox_image(layers)
+
+
+def small_files_image(seed: int = 2) -> ib.Image:
+    """3 layers of 13,334 files of 1-4 kB text each (40k files)."""
+    rng, corpus = random.Random(seed), _text_corpus()
+    layers = []
+    for i in range(3):
+        files = [(f"site/{i}/{j // 200}/p{j}.html", _text(corpus, rng, rng.randint(1024, 4096))) for j in range(13_334)]
+        layers.append(ib.Layer.from_tar(_tar(files), "gzip", level=6))
+    return ib.Image(layers=layers, config=ib.ImageConfig())
+
+
+# -- the runtimes --
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True, timeout=120)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class Runtime:
+    name = ""
+
+    def start(self) -> str:
+        """A fresh daemon on a fresh root; returns its socket."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class CriopyDaemon(Runtime):
+    registry_host: str
+    checkout: Path = REPO  # the source tree the daemon runs from
+    label: str = "criopy"
+    daemon: Daemon | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.label
+
+    def start(self) -> str:
+        base = Path(tempfile.mkdtemp(prefix="cp-pull-"))
+        config = base / "criopy.yaml"
+        config.write_text("image:\n  registries: " + json.dumps([{"prefix": self.registry_host, "insecure": True}]))
+        daemon = _CheckoutDaemon(base=base, config_file=config, extra_args=["--log-level", "info"])
+        daemon.checkout = self.checkout
+        daemon.env["PYTHONPATH"] = str(self.checkout)
+        self.daemon = daemon.start()
+        return daemon.socket
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            shutil.rmtree(self.daemon.base, ignore_errors=True)
+            self.daemon = None
+
+
+class _CheckoutDaemon(Daemon):
+    checkout: Path = REPO
+
+    def _launch(self) -> None:
+        self.cni_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=self.env, cwd=self.checkout)
+
+
+@dataclass
+class ContainerdDaemon(Runtime):
+    registry_host: str
+    name: str = "containerd"
+    daemon: Containerd | None = None
+    base: Path | None = None
+
+    def start(self) -> str:
+        self.base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+        # Its CRI plugin reports ready only with a network config; pulls never use it.
+        (self.base / "cni").mkdir()
+        (self.base / "cni" / "10-bench.conflist").write_text(
+            json.dumps({"cniVersion": "0.4.0", "name": "bench-pulls", "plugins": [{"type": "loopback"}]})
+        )
+        self.daemon = Containerd(
+            base=self.base / "c",
+            cni_dir=self.base / "cni",
+            registry_host=self.registry_host,
+            sandbox_image=f"{self.registry_host}/unused:v1",
+            binary=ensure_containerd(),
+        )
+        self.daemon.start()
+        return self.daemon.socket
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- one measured pull --
+
+
+@dataclass
+class VersionProbe:
+    """Version round trips on another connection while a pull runs."""
+
+    socket: str
+    latencies: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
+            stub = api_pb2_grpc.RuntimeServiceStub(channel)
+            stub.Version(pb.VersionRequest(), timeout=10)  # connected before the pull starts
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                stub.Version(pb.VersionRequest(), timeout=10)
+                self.latencies.append(time.perf_counter() - started)
+                time.sleep(VERSION_INTERVAL)
+
+    def stop(self) -> float | None:
+        """p99 in ms."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+        if len(self.latencies) < 2:
+            return None
+        return statistics.quantiles(self.latencies, n=100)[98] * 1000
+
+
+def one_pull(runtime: Runtime, ref: str, probe: bool) -> tuple[float, float | None]:
+    socket = runtime.start()
+    try:
+        drop_caches()
+        version = VersionProbe(socket) if probe else None
+        if version is not None:
+            version.start()
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            images = api_pb2_grpc.ImageServiceStub(channel)
+            started = time.monotonic()
+            images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=900)
+            seconds = time.monotonic() - started
+        return seconds, version.stop() if version is not None else None
+    finally:
+        runtime.stop()
+
+
+# -- the baseline checkout --
+
+
+@contextmanager
+def baseline_checkout(rev: str) -> Iterator[Path]:
+    _remove_worktree()
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(BASELINE_DIR), rev],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        manager = BASELINE_DIR / "cri/images/manager.py"
+        text = manager.read_text()
+        if "PARALLEL_DOWNLOADS = 3" not in text:
+            raise SystemExit(f"{rev}: no PARALLEL_DOWNLOADS = 3 in cri/images/manager.py to make single-stream")
+        manager.write_text(text.replace("PARALLEL_DOWNLOADS = 3", "PARALLEL_DOWNLOADS = 1"))
+        yield BASELINE_DIR
+    finally:
+        _remove_worktree()
+
+
+def _remove_worktree() -> None:
+    argv = ["git", "worktree", "remove", "--force", str(BASELINE_DIR)]
+    subprocess.run(argv, cwd=REPO, capture_output=True, check=False, timeout=60)  # absent is fine
+
+
+# -- the report --
+
+
+def fmt(values: list[float]) -> str:
+    return f"median {statistics.median(values):6.2f} s  (" + ", ".join(f"{v:.2f}" for v in values) + ")"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", default="5cf5a2d", help="git revision of the single-stream figure; '' for none")
+    parser.add_argument("--only", default="large,small", help="images to pull: large, small")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: dropping the page cache and containerd need it")
+    builders: dict[str, Callable[[], ib.Image]] = {"large": large_image, "small": small_files_image}
+    wanted = [name for name in args.only.split(",") if name]
+    print(f"building images: {', '.join(wanted)}", flush=True)
+    images = {name: builders[name]() for name in wanted}
+    with Registry() as registry, _maybe_baseline(args.baseline) as baseline:
+        runtimes: list[Runtime] = [CriopyDaemon(registry.host), ContainerdDaemon(registry.host)]
+        if baseline is not None:
+            runtimes.append(CriopyDaemon(registry.host, checkout=baseline, label=f"criopy@{args.baseline} 1-stream"))
+        refs = {}
+        for name, image in images.items():
+            ib.push(registry.url, f"bench/{name}", image, tag="v1")
+            refs[name] = f"{registry.host}/bench/{name}:v1"
+            files = sum(_entries(layer.tar) for layer in image.layers)
+            print(
+                f"image {name}: {image.size / 1e6:.1f} MB compressed, "
+                f"{sum(len(layer.tar) for layer in image.layers) / 1e6:.1f} MB of tar, "
+                f"{len(image.layers)} layers, {files} entries",
+                flush=True,
+            )
+        times: dict[tuple[str, str], list[float]] = {}
+        p99s: dict[str, list[float]] = {}
+        for run in range(args.runs):
+            for name in images:
+                for runtime in runtimes:
+                    seconds, p99 = one_pull(runtime, refs[name], probe=runtime.name == "criopy")
+                    times.setdefault((name, runtime.name), []).append(seconds)
+                    if p99 is not None:
+                        p99s.setdefault(name, []).append(p99)
+                    print(f"run {run + 1} {name:5} {runtime.name:28} {seconds:6.2f} s", flush=True)
+        print()
+        print(f"pull + unpack, page cache dropped before each, {args.runs} runs, {os.cpu_count()} cpus")
+        for name in images:
+            ctd = statistics.median(times[(name, "containerd")])
+            for runtime in runtimes:
+                values = times[(name, runtime.name)]
+                ratio = statistics.median(values) / ctd
+                print(f"  {name:5} {runtime.name:28} {fmt(values)}  x{ratio:.2f} of containerd")
+            if baseline is not None:
+                old = statistics.median(times[(name, runtimes[-1].name)])
+                new = statistics.median(times[(name, "criopy")])
+                print(f"  {name:5} criopy speed-up over the single-stream baseline: {old / new:.1f}x")
+            if name in p99s:
+                print(f"  {name:5} criopy Version p99 during the pull: " + ", ".join(f"{v:.1f} ms" for v in p99s[name]))
+
+
+@contextmanager
+def _maybe_baseline(rev: str) -> Iterator[Path | None]:
+    if not rev:
+        yield None
+        return
+    with baseline_checkout(rev) as path:
+        yield path
+
+
+if __name__ == "__main__":
+    main()
