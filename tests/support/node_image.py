@@ -67,6 +67,7 @@ class Dockerd:
     machines) when none answers, and stopped again by whoever started it."""
 
     started: bool = False
+    made_bridge: bool = False  # docker0 was not there before
 
     @classmethod
     def ensure(cls, timeout: float = 60) -> Dockerd:
@@ -74,9 +75,12 @@ class Dockerd:
             raise AssertionError("dockerd is missing: run `make test` (deploy/install.sh --test installs docker.io)")
         if docker_ready():
             return cls(started=False)
+        made_bridge = not Path("/sys/class/net/docker0").exists()
         with DOCKERD_LOG.open("ab") as log:
+            # --iptables=false: the nodes need no way out, and the host's firewall (the FORWARD policy docker
+            # would set, its chains, NAT) stays as the other tests and the machine had it.
             subprocess.Popen(
-                ["dockerd", "--pidfile", str(DOCKERD_PIDFILE)],
+                ["dockerd", "--pidfile", str(DOCKERD_PIDFILE), "--iptables=false", "--ip-masq=false"],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -87,7 +91,7 @@ class Dockerd:
             if time.monotonic() > deadline:
                 raise AssertionError(f"dockerd did not answer in {timeout:g}s; see {DOCKERD_LOG}")
             time.sleep(0.5)
-        return cls(started=True)
+        return cls(started=True, made_bridge=made_bridge)
 
     def stop(self, timeout: float = 30) -> None:
         if not self.started:
@@ -98,6 +102,8 @@ class Dockerd:
             deadline = time.monotonic() + timeout
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
+        if self.made_bridge:
+            sh("ip", "link", "del", "docker0", check=False)
 
 
 def remove_strays() -> None:
