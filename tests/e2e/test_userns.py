@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def exec_sync(env: Env, cid: str, *cmd: str) -> str:
     resp = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=20), timeout=30)
     assert resp.exit_code == 0, (cmd, resp.stdout, resp.stderr)
     return resp.stdout.decode()
+
+
+def eventually(done: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def exec_sync_result(env: Env, cid: str, *cmd: str) -> pb.ExecSyncResponse:
@@ -198,10 +208,8 @@ def test_a_pod_in_its_own_user_namespace_runs_as_root_inside_and_a_mapped_user_o
     assert os.readlink(f"/proc/{infra_pid}/ns/user") == userns and owner(infra_pid) == (host_id, host_id)
 
     # Logs, exec and attach through the streaming server.
-    assert (
-        env.wait_for(second, lambda _: "0\n" in env.output(pod, "d"), 10)
-        and env.output(pod, "d") == "from the log\n0\n"
-    )
+    assert eventually(lambda: "0\n" in env.output(pod, "d")), env.output(pod, "d")
+    assert env.output(pod, "d") == "from the log\n0\n"
     url = exec_url(env, cid, ["sh", "-c", "id -u; echo err >&2; exit 3"], stdout=True, stderr=True)
     result = asyncio.run(asyncio.wait_for(rc.exec_spdy(url), 30))
     assert (result.stdout, result.stderr, result.exit_code) == (b"0\n", b"err\n", 3)
@@ -297,7 +305,9 @@ def test_users_and_groups_resolve_inside_and_are_the_mapped_ones_outside(env: En
 def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) -> None:
     first_id, second_id = host_offset(), host_offset()
     first, second = run_pod(env, first_id), run_pod(env, second_id)
-    a = env.run(first, container(env, first, "a", ["sleep", "3600"]))
+    # Root inside may bind a privileged port: the pod's network namespace is its user namespace's.
+    httpd = "mkdir -p /www && echo served-in-userns > /www/index.html && exec busybox httpd -f -p 80 -h /www"
+    a = env.run(first, container(env, first, "a", ["sh", "-c", httpd]))
     b = env.run(second, container(env, second, "b", ["sleep", "3600"]))
     a_pid, b_pid = container_pid(env, a), container_pid(env, b)
     assert owner(a_pid) == (first_id, first_id) and owner(b_pid) == (second_id, second_id)
@@ -309,6 +319,17 @@ def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) ->
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, refused
     assert _signal_from(a_pid, a_pid).returncode == 0
     assert env.status(a).status.state == pb.CONTAINER_RUNNING
+
+    # Port-forward enters the pod's network namespace (owned by its user namespace) from the daemon.
+    probe = ["sh", "-c", "busybox wget -q -O - http://127.0.0.1/index.html"]
+    assert eventually(lambda: exec_sync_result(env, a, *probe).exit_code == 0, 20), "httpd did not come up"
+    url = str(env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=first[0], port=[80]), timeout=10).url)
+    assert b"served-in-userns" in asyncio.run(asyncio.wait_for(_fetch_forwarded(url), 30))
+
+
+async def _fetch_forwarded(url: str) -> bytes:
+    forward = await rc.portforward_websocket(url, [80])
+    return await rc.http_over(forward.channel(0), b"GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n")
 
 
 def _signal_from(member: int, target: int) -> subprocess.CompletedProcess[str]:
@@ -413,9 +434,7 @@ def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_u
             own_env, pod, "c", ["sh", "-c", "echo changed > /bin/sh.txt; chown 5:5 /etc/passwd; exec sleep 3600"]
         ),
     )
-    assert own_env.wait_for(
-        cid, lambda _: exec_sync_result(own_env, cid, "cat", "/bin/sh.txt").stdout == b"changed\n", 10
-    )
+    assert eventually(lambda: exec_sync_result(own_env, cid, "cat", "/bin/sh.txt").stdout == b"changed\n")
     pin = str(info(own_env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
     userns = os.readlink(f"/proc/{container_pid(own_env, cid)}/ns/user")
     assert _idmapped_mounts(own_env) != []
