@@ -120,14 +120,24 @@ def unpack_layer(blob: Path, media_type: str, dest: Path, whiteout_mode: Whiteou
 
 
 def unpack_stream(
-    raw: BinaryIO, media_type: str, dest: Path, whiteout_mode: WhiteoutMode = "overlay", *, label: str
+    raw: BinaryIO,
+    media_type: str,
+    dest: Path,
+    whiteout_mode: WhiteoutMode = "overlay",
+    *,
+    label: str,
+    umask: int | None = None,
 ) -> UnpackResult:
-    """unpack_layer() from a stream of the (compressed) blob, read once to its end; `label` names the layer."""
+    """unpack_layer() from a stream of the (compressed) blob, read once to its end; `label` names the layer.
+
+    `umask`: the process's, when the caller knows no thread changes it meanwhile (the unpack worker sets
+    it to 0): files are created with their permission bits and need no chmod. None: chmod every file.
+    """
     if whiteout_mode not in ("overlay", "apply"):
         raise ValueError(f"whiteout_mode must be 'overlay' or 'apply', not {whiteout_mode!r}")
     with _decompressed(raw, media_type) as stream:
         reader = _HashingReader(stream)
-        extractor = _Extractor(dest, whiteout_mode)
+        extractor = _Extractor(dest, whiteout_mode, umask)
         try:
             _extract_all(reader, extractor, label)
             # The diffID covers the whole uncompressed blob, padding after the tar end included.
@@ -321,9 +331,10 @@ class _DirMeta:
 class _Extractor:
     """Writes tar members under one root; all file-system access goes through directory fds."""
 
-    def __init__(self, dest: Path, whiteout_mode: WhiteoutMode) -> None:
+    def __init__(self, dest: Path, whiteout_mode: WhiteoutMode, umask: int | None = None) -> None:
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.whiteout_mode = whiteout_mode
+        self.umask = umask  # known for sure (no thread changes it), or None: chmod every file
         self.as_root = os.geteuid() == 0
         self.size = self.entries = self.xattrs_skipped = 0
         # Directory modes and mtimes are applied at the end: writing into a directory changes its
@@ -418,20 +429,32 @@ class _Extractor:
         source = tf.extractfile(member)
         if source is None:
             raise _Refused("regular file without content")
-        # Unlink first, never open the old path: it may be a symlink or a hardlink to another file.
-        self._remove(pfd, name)
-        fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        fd = self._create(pfd, name, member.mode & 0o777)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as out:
-                shutil.copyfileobj(source, out, _CHUNK)
+            while data := source.read(_CHUNK):
+                _write_all(fd, data)
             if self.as_root:
                 os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
+            if self._needs_chmod(member.mode):
+                os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
             self._set_xattrs(fd, member)  # after chown and the write, which both drop security.capability
             os.utime(fd, ns=_times(member))
         finally:
             os.close(fd)
         self.size += member.size
+
+    def _create(self, pfd: int, name: str, permissions: int) -> int:
+        """A new file `name`; whatever had the name is removed first, never opened (a symlink, a hardlink)."""
+        # Opening first saves a stat per file: O_EXCL fails on anything there, dangling symlinks included.
+        try:
+            return os.open(name, _FILE_FLAGS, permissions, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, name)
+            return os.open(name, _FILE_FLAGS, permissions, dir_fd=pfd)
+
+    def _needs_chmod(self, mode: int) -> bool:
+        """Whether the mode a file was created with is not yet `mode`: special bits, or bits the umask took."""
+        return self.umask is None or bool(mode & 0o7000) or bool(mode & 0o777 & self.umask)
 
     def _symlink(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
         self._remove(pfd, name)
@@ -630,6 +653,12 @@ class _Extractor:
         # Without root the trusted.* and security.* namespaces are closed to us.
         privileged = key.startswith(("trusted.", "security."))
         return not self.as_root and exc.errno == errno.EPERM and privileged
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _proc_path(pfd: int, name: str) -> str:

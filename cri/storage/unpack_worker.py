@@ -32,8 +32,10 @@ EXIT_FAILED = 1
 
 def run(source: BinaryIO, media_type: str, dest: Path, whiteout_mode: WhiteoutMode, label: str) -> dict[str, object]:
     """The answer line for one layer: its UnpackResult's fields, or the error and its kind."""
+    # One thread, so the umask is ours to set: files are created with their modes, no chmod each.
+    os.umask(0)
     try:
-        return dataclasses.asdict(unpack_stream(source, media_type, dest, whiteout_mode, label=label))
+        return dataclasses.asdict(unpack_stream(source, media_type, dest, whiteout_mode, label=label, umask=0))
     except UnpackError as exc:
         return {"error": str(exc), "kind": "layer"}
     except OSError as exc:

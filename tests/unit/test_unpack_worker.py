@@ -1,0 +1,115 @@
+"""The unpack worker process, driven as the daemon drives it (UnpackProcess): from a pipe and from a blob file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cri.storage.unpack import UnpackError, UnpackResult, unpack_layer
+from cri.storage.unpack_process import UnpackJob, UnpackProcess
+from tests.support.layer_tar import MEDIA_TYPES, build_layer, directory, file, hardlink, symlink
+
+# Modes the worker (umask 0, no chmod where the creation mode is right) must give back exactly.
+ENTRIES = [
+    directory("etc", 0o755),
+    directory("srv", 0o2775),
+    directory("usr", 0o755),
+    directory("usr/bin", 0o711),
+    file("etc/plain", b"a\n", 0o644),
+    file("etc/group-writable", b"b\n", 0o664),
+    file("etc/secret", b"c\n", 0o400),
+    file("etc/open", b"d\n", 0o777),
+    file("usr/bin/setuid", b"#!/bin/sh\n", 0o4755),
+    file("srv/sticky", b"e\n", 0o1644),
+    file("srv/big", os.urandom(3 << 20), 0o640),
+    symlink("bin", "usr/bin"),
+    hardlink("etc/plain-again", "etc/plain"),
+]
+
+
+def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
+    """path -> (kind, mode bits, uid, gid, mtime in ns, content or link target), as a user would compare them."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            kind = "symlink" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            data = os.readlink(path).encode() if kind == "symlink" else path.read_bytes() if kind == "file" else b""
+            out[str(path.relative_to(root))] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_mtime_ns,
+                data,
+            )
+    return out
+
+
+async def from_pipe(blob: bytes, media_type: str, dest: Path, piece: int = 65536) -> UnpackResult:
+    worker = await UnpackProcess.start(UnpackJob(media_type, dest, "overlay", label="sha256:feed"))
+    for i in range(0, len(blob), piece):
+        await worker.write(blob[i : i + piece])
+    return await worker.finish()
+
+
+async def from_file(path: Path, media_type: str, dest: Path) -> UnpackResult:
+    with open(path, "rb") as source:
+        worker = await UnpackProcess.start(UnpackJob(media_type, dest, "overlay", label="sha256:file"), source)
+    return await worker.finish()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_the_worker_gives_the_tree_and_result_of_an_unpack_in_process(tmp_path, compression):
+    layer = build_layer(ENTRIES, compression)
+    blob = tmp_path / "blob"
+    blob.write_bytes(layer.blob)
+    for name in ("in-process", "pipe", "file"):
+        (tmp_path / name).mkdir()
+    expected = unpack_layer(blob, layer.media_type, tmp_path / "in-process")
+    assert asyncio.run(from_pipe(layer.blob, layer.media_type, tmp_path / "pipe")) == expected
+    assert asyncio.run(from_file(blob, layer.media_type, tmp_path / "file")) == expected
+    assert expected.diff_id == layer.diff_id
+    reference = tree(tmp_path / "in-process")
+    assert reference["srv/sticky"][1] == 0o1644 and reference["etc/group-writable"][1] == 0o664
+    assert tree(tmp_path / "pipe") == reference
+    assert tree(tmp_path / "file") == reference
+    for name in ("pipe", "file"):
+        assert (tmp_path / name / "usr/bin/setuid").stat().st_mode & 0o7777 == 0o4755
+
+
+def test_a_corrupt_stream_is_refused_by_the_worker_while_it_is_fed(tmp_path):
+    layer = build_layer([file("data", os.urandom(1 << 20))], "gzip")
+    garbage = layer.blob + os.urandom(8 << 20)  # no gzip member where the next must start
+    (tmp_path / "d").mkdir()
+
+    async def feed() -> int:
+        worker = await UnpackProcess.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad"))
+        fed = 0
+        with pytest.raises(UnpackError, match=r"layer sha256:bad: corrupt or truncated archive") as err:
+            for i in range(0, len(garbage), 65536):
+                await worker.write(garbage[i : i + 65536])
+                fed += 65536
+            await worker.finish()
+        assert "sha256:bad" in str(err.value)
+        return fed
+
+    fed = asyncio.run(feed())
+    assert fed < len(garbage)  # refused on a write, before the input ended
+
+
+def test_a_worker_that_dies_is_reported_naming_the_layer(tmp_path):
+    (tmp_path / "d").mkdir()
+
+    async def killed() -> None:
+        worker = await UnpackProcess.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:dies"))
+        await worker.kill()
+        with pytest.raises(UnpackError, match=r"layer sha256:dies: the unpack worker"):
+            await worker.finish()
+
+    asyncio.run(killed())
