@@ -201,3 +201,22 @@ def test_two_images_sharing_a_layer_fetch_it_once(make_daemon, registry) -> None
         # One unpacked chain per layer: busybox and the shared layer once, each top layer once.
         assert len(daemon.stored()["layers"]) == 4
         assert daemon.stored()["temp"] == []
+
+
+def test_the_vfs_driver_downloads_in_parallel_and_applies_each_layer_on_a_copy_of_its_parent(
+    make_daemon, registry
+) -> None:
+    image = ib.whiteout_image()
+    ib.push(registry.url, "e2e/vfs", image, tag="v1")
+    with FaultProxy(registry.url) as proxy:
+        proxy.slow(2_000_000)  # the layers' downloads overlap
+        daemon = daemon_for(make_daemon, proxy.host, "storage:\n  driver: vfs\n")
+        assert pull(daemon, f"{proxy.host}/e2e/vfs:v1") == image.image_id
+        assert proxy.max_concurrent_blob_gets() == 3
+    (top,) = [p for p in (daemon.root / "layers").glob("*/diff") if (p / "opq/new").exists()]
+    assert (top / "data/keep").read_bytes() == b"keep" and (top / "data/replaced").read_bytes() == b"new"
+    assert not (top / "data/gone").exists() and not (top / "data/dir").exists()
+    assert sorted(os.listdir(top / "opq")) == ["new"]
+    assert (top / "dir-then-file").read_bytes() == b"now a file"
+    assert (top / "bin/sh").exists()  # the whole filesystem: busybox's layer copied up
+    assert daemon.stored()["temp"] == [] and not workers_of(daemon)
