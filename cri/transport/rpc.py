@@ -25,7 +25,16 @@ from api.runtime.v1 import api_pb2
 from cri import metrics
 from cri.errors import Unimplemented, status_of
 from cri.log import event
-from cri.transport.grpcserver import Encoded, Route, RpcError, cut_details, deadline_exceeded, encode
+from cri.transport.grpcserver import (
+    Encoded,
+    Route,
+    RpcError,
+    cut_details,
+    deadline_exceeded,
+    encode,
+    never_waits,
+    runs_to_completion,
+)
 
 __all__ = ["Encoded", "chunks", "routes", "service_handler"]
 
@@ -165,6 +174,17 @@ async def call_unary(
         return await impl(request)
 
 
+def call_inline(method: Method, impl: UnaryImpl, request: Message) -> Message:
+    """Runs one unary call whose implementation never waits (`never_waits`), to its end at once, instrumented
+    as `call_unary` is."""
+    with _instrumented(method, request, _never_expired):
+        return runs_to_completion(impl(request))
+
+
+def _never_expired() -> bool:
+    return False
+
+
 async def call_stream(
     method: Method, impl: StreamImpl | None, request: Message, expired: Expired = deadline_exceeded
 ) -> AsyncIterator[Message]:
@@ -201,7 +221,13 @@ def routes(servicers: Mapping[str, object | None]) -> dict[str, Route]:
                     subscription=method.name in SUBSCRIPTIONS,
                 )
             else:
-                table[method.path] = Route(parse=method.request.FromString, unary=partial(call_unary, method, impl))
+                table[method.path] = Route(
+                    parse=method.request.FromString,
+                    unary=partial(call_unary, method, impl),
+                    # Answered as the request arrives, without a task: Version, the status and list calls
+                    # the kubelet polls, answered from memory.
+                    inline=partial(call_inline, method, impl) if impl is not None and never_waits(impl) else None,
+                )
     return table
 
 

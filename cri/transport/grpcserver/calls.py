@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dis
+import inspect
 import logging
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -25,6 +27,8 @@ from cri.transport.grpcserver import frames as f
 from cri.transport.grpcserver.connection import Http2Connection, Stream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 
@@ -42,6 +46,7 @@ def encode(response: Message | Encoded) -> bytes:
 
 UnaryHandler = Callable[[Any], Awaitable[Message | Encoded]]
 StreamHandler = Callable[[Any], AsyncIterator[Message]]
+InlineHandler = Callable[[Any], Message | Encoded]
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,39 @@ class Route:
     parse: Callable[[bytes], Message]
     unary: UnaryHandler | None = None
     stream: StreamHandler | None = None
+    # A unary handler that never waits, answered as the request arrives: no task, no deadline timer,
+    # nothing scheduled. Preferred to `unary` when both are given.
+    inline: InlineHandler | None = None
     # A stream that lasts as long as the client wants (an event feed): at stop it is ended
     # at once rather than waited for.
     subscription: bool = False
+
+
+# What a coroutine's own bytecode holds where it may suspend (await, async for, async with).
+_SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_ANEXT", "BEFORE_ASYNC_WITH"})
+
+
+def never_waits(function: Callable[..., object]) -> bool:
+    """Whether `function` is a coroutine function whose body has no await, async for or async with: a
+    call of it then runs to its end in its first step, whatever it does (what it calls cannot suspend it)."""
+    target = getattr(function, "__func__", function)
+    code = getattr(target, "__code__", None)
+    if code is None or not inspect.iscoroutinefunction(target):
+        return False
+    return not any(instruction.opname in _SUSPENDING for instruction in dis.get_instructions(code))
+
+
+def runs_to_completion(coroutine: Awaitable[T]) -> T:
+    """The result of a coroutine of a `never_waits` function, run in one step (no event loop turn)."""
+    if not isinstance(coroutine, Coroutine):
+        raise TypeError(f"not a coroutine: {coroutine!r}")
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError(f"{coroutine!r} suspended, although its function never waits")
 
 
 class RpcError(Exception):
@@ -190,6 +225,9 @@ class Dispatcher:
             conn.finish(stream, trailers_only(exc.code, exc.details))
             return
         stream.body = bytearray()
+        if route.inline is not None:
+            _inline(conn, stream, request, path, handler=route.inline, max_send=self._max_send)
+            return
         check = partial(_sendable, conn, path, self._max_send)
         if route.unary is not None:
             run = _unary(
@@ -233,6 +271,20 @@ def _failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
     log.error("unexpected error in a call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _inline(
+    conn: Http2Connection, stream: Stream, request: Message, path: str, *, handler: InlineHandler, max_send: int
+) -> None:
+    """A call that cannot wait, answered at once: it cannot outlive its deadline or be cancelled either.
+    It runs in a context of its own, as a task would."""
+    try:
+        message = framed_message(encode(contextvars.copy_context().run(handler, request)))
+        _sendable(conn, path, max_send, message)
+    except Exception as exc:
+        _end(conn, stream, *_failure(exc), started=False)
+        return
+    conn.respond(stream, RESPONSE_HEADERS, message, _OK_TRAILERS)
 
 
 async def _unary(

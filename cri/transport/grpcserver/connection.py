@@ -28,6 +28,8 @@ HIGH_WATER = 256 * 1024
 # Seconds a closing connection has to write what is queued before it is cut off: a client that reads
 # nothing would otherwise keep it (and its buffers) forever.
 FLUSH_SECONDS = 1.0
+# Header blocks of indexed fields only whose decoding a connection keeps (a client's distinct calls).
+INDEXED_BLOCKS_KEPT = 64
 # The payload of the PING that follows the first GOAWAY of a graceful close.
 GOAWAY_PING = b"criopy\x00\x01"
 
@@ -182,6 +184,7 @@ class Http2Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._preface_seen = False
         self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_list_bytes)
+        self._indexed_blocks: dict[bytes, dict[bytes, bytes]] = {}  # see _decoded
         self.streams: dict[int, Stream] = {}
         self.last_stream_id = 0
         self._continuing: Stream | None = None  # stream whose header block awaits CONTINUATION
@@ -559,7 +562,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _headers_complete(self, stream: Stream) -> None:
         try:
-            fields = _indexed_only(self._decoder, stream.block) or self._decoder.decode(bytes(stream.block), raw=True)
+            headers = self._decoded(stream.block)
         except hpack.OversizedHeaderListError as exc:
             stream.block = bytearray()
             raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, f"header list too large: {exc}") from exc
@@ -577,13 +580,31 @@ class Http2Connection(asyncio.Protocol):
                 self._reset(stream, ErrorCode.PROTOCOL_ERROR)
                 return
         else:
-            stream.headers = {bytes(name): bytes(value) for name, value in fields}
+            stream.headers = headers
             if self._refuses_streams():
                 self._reset(stream, ErrorCode.REFUSED_STREAM)
                 return
         if stream.block_ends_stream:
             stream.remote_closed = True
             self._dispatch(stream)
+
+    def _decoded(self, block: bytearray) -> dict[bytes, bytes]:
+        """A header block as names to values. A block of indexed fields only leaves the table as it was,
+        so its answer is kept and reused until a block that may change the table: a client repeating a
+        call sends the same few bytes each time."""
+        key = bytes(block)
+        known = self._indexed_blocks.get(key)
+        if known is not None:
+            return dict(known)
+        fields = _indexed_only(self._decoder, block)
+        if fields is None:
+            self._indexed_blocks.clear()
+            return {bytes(name): bytes(value) for name, value in self._decoder.decode(key, raw=True)}
+        headers = dict(fields)
+        if len(self._indexed_blocks) >= INDEXED_BLOCKS_KEPT:
+            self._indexed_blocks.clear()
+        self._indexed_blocks[key] = headers
+        return dict(headers)
 
     def _refuses_streams(self) -> bool:
         """After the second GOAWAY, or at max_concurrent_streams: open streams (the new one among them), or
