@@ -164,14 +164,15 @@ def import_base(tarball: Path, tag: str) -> None:
     )
 
 
-def build_wheels(dest: Path, python: str) -> list[Path]:
-    """criopy's wheel from this checkout, and its dependencies' wheels (cached: only a new requirement needs PyPI)."""
+def build_wheels(dest: Path, python: str, source: Path = REPO) -> list[Path]:
+    """criopy's wheel from `source` (this checkout), and its dependencies' wheels (cached: only a new
+    requirement needs PyPI)."""
     cache = CACHE_DIR / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
     pip = (python, "-m", "pip")
     quiet = ("-q", "--disable-pip-version-check")
-    sh(*pip, "wheel", *quiet, "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest), str(REPO), timeout=300)
+    sh(*pip, "wheel", *quiet, "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest), str(source), timeout=300)
     (criopy_wheel,) = dest.glob("criopy-*.whl")
     offline = sh(*pip, "wheel", *quiet, "--no-index", "--find-links", str(cache), "--wheel-dir", str(cache),
                  str(criopy_wheel), timeout=300, check=False)  # fmt: skip
@@ -204,8 +205,9 @@ class NodeImage:
 
 
 @contextlib.contextmanager
-def node_image(python: str) -> Iterator[NodeImage]:
-    """The node image, built for one test module and removed after it (the base tarball and wheels stay cached)."""
+def node_image(python: str, source: Path = REPO) -> Iterator[NodeImage]:
+    """The node image with criopy from `source`, built for one test module and removed after it (the base
+    tarball and the dependencies' wheels stay cached)."""
     suffix = secrets.token_hex(4)
     base_tag, tag = f"criopy-test/node-base:{suffix}", f"criopy-test/node:{suffix}"
     started = time.monotonic()
@@ -215,7 +217,7 @@ def node_image(python: str) -> Iterator[NodeImage]:
     with tempfile.TemporaryDirectory(prefix="criopy-wheels-") as wheels:
         image = NodeImage(tag, base_tag, Path(wheels), base_seconds=base_seconds)
         try:
-            build_wheels(image.wheels, python)
+            build_wheels(image.wheels, python, source)
             started = time.monotonic()
             build_node_image(base_tag, tag, image.wheels)
             image.build_seconds = time.monotonic() - started
