@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import struct
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hpack
 import pytest
 
 from api.runtime.v1 import api_pb2 as pb
@@ -404,3 +406,27 @@ def test_indexed_fields_over_the_header_list_limit_are_enhance_your_calm(served:
         raw.send(HEADERS, END_HEADERS | END_STREAM, 3, bytes([0x80 | 62]) * 17)  # 17 x 4037 > 64 kB
         raw.quiet()
         assert raw.goaway() == ENHANCE_YOUR_CALM
+
+
+def test_a_kept_indexed_block_is_decoded_again_once_the_table_changed(served: Served) -> None:
+    """The same indexed bytes after a block that added a table entry refer to other headers (every
+    dynamic index moved by one): the server must read them so, not as it read them before."""
+    with Raw(served.path) as raw:
+        for sid in (1, 3):
+            raw.request(sid, "/t.S/Version", REQ)
+            assert raw.status(sid)["grpc-status"] == "0"
+        repeated = raw.block("/t.S/Version")
+        assert all(0x80 < byte < 0xFF for byte in repeated)
+        raw.send(HEADERS, END_HEADERS, 5, repeated)
+        raw.send(DATA, END_STREAM, 5, REQ)
+        assert raw.status(5)["grpc-status"] == "0"
+        raw.request(7, "/t.S/Version", REQ, [("x-new", "entry")])  # adds x-new: the dynamic indexes shift
+        assert raw.status(7)["grpc-status"] == "0"
+        mirror = hpack.Decoder()
+        mirror.header_table = copy.deepcopy(raw.enc.header_table)
+        assert {str(k): str(v) for k, v in mirror.decode(repeated)}.get(
+            ":path"
+        ) != "/t.S/Version"  # what the bytes now say
+        raw.send(HEADERS, END_HEADERS, 9, repeated)
+        raw.send(DATA, END_STREAM, 9, REQ)
+        assert raw.status(9).get("grpc-status") != "0"
