@@ -170,6 +170,8 @@ def test_a_pod_in_its_own_user_namespace_runs_as_root_inside_and_a_mapped_user_o
     mounts = [pb.Mount(container_path="/data", host_path=str(volume))]
     cid = env.run(pod, container(env, pod, "c", ["sleep", "3600"], mounts=mounts))
 
+    status = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod[0]), timeout=10).status
+    assert status.linux.namespaces.options.userns_options == userns_options(host_id)
     assert exec_sync(env, cid, "id").startswith("uid=0(root) gid=0(root)")
     assert exec_sync(env, cid, "cat", "/proc/self/uid_map").split() == ["0", str(host_id), str(WIDTH)]
     assert exec_sync(env, cid, "cat", "/proc/self/gid_map").split() == ["0", str(host_id), str(WIDTH)]

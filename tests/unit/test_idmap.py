@@ -6,6 +6,7 @@ Root only (the e2e and integration suites run as root too): mounts and maps need
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,39 @@ def test_the_probe_says_why_it_fails_on_a_file_system_without_idmapped_mounts(
     problem = idmap.probe(str(tmp_path / "merged"))
     assert "MOUNT_ATTR_IDMAP" in problem and "Invalid argument" in problem
     assert os.listdir(tmp_path / "merged") == []
+
+
+@pytest.mark.parametrize(("layers", "how"), [(2, "absolute"), (60, "relative")])
+def test_a_rootfs_over_idmapped_layers_shows_them_shifted_and_leaves_them_alone(
+    dirs: tuple[Path, Path], tmp_path: Path, layers: int, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cri.storage import rootfs
+
+    lowers = []
+    for n in range(layers):
+        layer = tmp_path / "layers" / f"{n:03d}-{'x' * 80}"  # long names: 60 of them overflow one page of options
+        layer.mkdir(parents=True)
+        (layer / f"file{n}").write_text(f"layer {n}\n")
+        os.chown(layer / f"file{n}", 0, 1000)
+        lowers.append(layer)
+    container_dir = tmp_path / "containers" / "c1"
+    with idmap.user_namespace(MAPPING, MAPPING) as userns:
+        pin = tmp_path / "userns"
+        pin.touch()
+        linux.mount(userns, str(pin), None, linux.MS_BIND)  # what the pod's pin is
+    caplog.set_level(logging.INFO, "cri.storage.rootfs")
+    shift = rootfs.IdShift(str(pin), (MAPPING.host_id, MAPPING.host_id))
+    merged = rootfs.create(container_dir, lowers, "overlay", shift=shift)
+    created = [r for r in caplog.records if r.getMessage() == "rootfs_created"]
+    assert [r.fields["how"] for r in created] == [how]  # type: ignore[attr-defined]
+    top, bottom = os.stat(merged / "file0"), os.stat(merged / f"file{layers - 1}")
+    assert (top.st_uid, top.st_gid) == (MAPPING.host_id, MAPPING.host_id + 1000)
+    assert (bottom.st_uid, bottom.st_gid) == (MAPPING.host_id, MAPPING.host_id + 1000)
+    assert os.stat(merged).st_uid == MAPPING.host_id  # upper/ took the mapped root from the topmost layer
+    assert os.stat(container_dir).st_uid == MAPPING.host_id  # runc's init, the mapped root, must reach merged/
+    (merged / "file0").write_text("changed\n")  # copied up; the layer keeps its own
+    assert (lowers[0] / "file0").read_text() == "layer 0\n" and os.stat(lowers[0] / "file0").st_uid == 0
+    rootfs.remove(container_dir)
+    assert not container_dir.exists()
+    assert linux.mounts_under(str(tmp_path / "containers")) == []
+    linux.umount(str(pin))
