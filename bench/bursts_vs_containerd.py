@@ -127,11 +127,12 @@ class BurstSample:
     remove_s: float
     machine_cpu_s: float  # busy CPU of the whole machine over start and removal (helpers, plugins, kernel)
     daemon_cpu_s: float  # the daemon's own CPU (all its threads) over start and removal
+    daemon_kernel_s: float  # of which in the kernel (namespaces, mounts, forks)
 
 
 def time_burst(rt: Runtime, burst: Burst, profile: str | None) -> BurstSample:
     spy = PySpy(rt.daemon_pid(), profile) if profile else None
-    daemon, machine = cpu_seconds(rt.daemon_pid()), machine_busy_seconds()
+    daemon, machine = cpu_split(rt.daemon_pid()), machine_busy_seconds()
     try:
         started = time.perf_counter()
         pods = start_burst(rt, burst)
@@ -142,7 +143,8 @@ def time_burst(rt: Runtime, burst: Burst, profile: str | None) -> BurstSample:
     finally:
         if spy is not None:
             spy.stop()
-    return BurstSample(start_s, remove_s, machine_busy_seconds() - machine, cpu_seconds(rt.daemon_pid()) - daemon)
+    user, kernel = (after - before for after, before in zip(cpu_split(rt.daemon_pid()), daemon, strict=True))
+    return BurstSample(start_s, remove_s, machine_busy_seconds() - machine, user + kernel, kernel)
 
 
 def bursts(run: Run, rounds: int, profile: str | None) -> None:
@@ -166,6 +168,8 @@ def bursts(run: Run, rounds: int, profile: str | None) -> None:
             figures[f"  daemon CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
                 s.daemon_cpu_s for s in samples
             )
+            kernel = statistics.median(s.daemon_kernel_s for s in samples)
+            figures[f"    of which kernel, {burst.pods} pods (s)"] = kernel
 
 
 def version_calls_ms(rt: Runtime, calls: int) -> list[float]:
@@ -226,13 +230,18 @@ def version_under_burst(run: Run, rounds: int) -> None:
         figures[f"Version max {where} (ms)"] = max(samples)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of pid, in seconds (0 once it is gone)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of every thread of pid, in seconds (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return 0.0, 0.0
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, in seconds (0 once it is gone)."""
+    return sum(cpu_split(pid))
 
 
 def overhead_pids(rt: Runtime, pods: list[Pod]) -> list[int]:
