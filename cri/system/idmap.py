@@ -8,8 +8,8 @@ itself (EINVAL); overlays are built on idmapped lower dirs instead.
 
 A user namespace is made by a short child process (a multi-threaded process such as the daemon
 cannot unshare one): it unshares, the parent writes its maps, and whoever needs it opens
-/proc/<pid>/ns/user while the child waits. Only the standard library and cri.system.linux are
-imported, so the same code runs in such children.
+/proc/<pid>/ns/user while the child waits. A pod's namespaces are made the same way by
+podsandbox/nschild.py, which also makes the net, ipc and uts namespaces the user namespace owns.
 """
 
 from __future__ import annotations
@@ -134,14 +134,12 @@ def mount_idmapped(source: str, target: str, userns_path: str, *, read_only: boo
 
 # A child that unshares a user namespace, says so, and waits for its stdin to close. The parent writes
 # its maps meanwhile; the namespace lives as long as the child or anything that holds it open or pinned.
+# Plain ctypes, no package import: the child's start is most of the probe's time.
 _HOLD_USERNS = """\
-import sys
-sys.path.insert(0, sys.argv[1])
-from cri.system import linux
-try:
-    linux.unshare(0x10000000)
-except OSError as exc:
-    sys.exit(str(exc))
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000) != 0:
+    sys.exit("unshare(CLONE_NEWUSER): " + os.strerror(ctypes.get_errno()))
 sys.stdout.write("unshared\\n")
 sys.stdout.flush()
 sys.stdin.read()
@@ -163,7 +161,7 @@ def write_maps(pid: int, uids: IdMapping, gids: IdMapping) -> None:
 @contextlib.contextmanager
 def user_namespace(uids: IdMapping, gids: IdMapping) -> Iterator[str]:
     """A new user namespace with these maps, for the duration of the block: yields its /proc/<pid>/ns/user."""
-    argv = [sys.executable, "-I", "-S", "-c", _HOLD_USERNS, package_parent()]
+    argv = [sys.executable, "-I", "-S", "-c", _HOLD_USERNS]
     child = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, close_fds=True
     )
