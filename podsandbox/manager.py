@@ -193,12 +193,9 @@ class SandboxManager:
         )
         hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
         sysctls = _sysctls(config.runtime.default_sysctls, spec)
-        pod_hostname = hostname if "uts" in sandbox.pins else ""
         await concurrently.all_of(
             asyncio.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
-            namespaces.create(sandbox.pins, pod_hostname, sysctls)
-            if spec.userns is None
-            else namespaces.create_with_userns(sandbox.pins, pod_hostname, sysctls, spec.userns.uids, spec.userns.gids),
+            namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls, spec.userns),
         )
         faults.point("sandbox.run.namespaces")
 

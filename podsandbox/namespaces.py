@@ -26,6 +26,7 @@ from cri.errors import InvalidArgument
 from cri.system import idmap, linux, nsthread
 from cri.system.idmap import IdMapping
 from podsandbox.nschild import SysctlRefused, child_args, sysctl_path, unshare_and_configure
+from podsandbox.spec import UserNamespace
 
 __all__ = ["SysctlRefused", "sysctl_path"]
 CHILD_TIMEOUT = 10.0  # seconds for each step of the user namespace child
@@ -43,8 +44,16 @@ class NamespaceError(Exception):
     pass
 
 
-async def create(pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str]) -> None:
-    """Make the namespaces named in pins ({'net': path, ...}) and pin them; all or nothing."""
+async def create(
+    pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str], userns: UserNamespace | None = None
+) -> None:
+    """Make the namespaces named in pins ({'net': path, ...}) and pin them; all or nothing.
+
+    With userns (pins then has 'user'), the others are made owned by a new user namespace with its maps.
+    """
+    if userns is not None:
+        await _create_with_userns(pins, hostname, sysctls, userns.uids, userns.gids)
+        return
     if not pins:
         return
     made = functools.partial(_make, dict(pins), hostname, dict(sysctls))
@@ -69,7 +78,7 @@ def _make(pins: dict[str, str], hostname: str, sysctls: dict[str, str]) -> None:
         raise
 
 
-async def create_with_userns(
+async def _create_with_userns(
     pins: Mapping[str, str], hostname: str, sysctls: Mapping[str, str], uids: IdMapping, gids: IdMapping
 ) -> None:
     """Make a user namespace with these maps (pins['user']) and the other pins' namespaces owned by it."""
