@@ -42,7 +42,7 @@ from cri.log import event
 from cri.state import Store
 from cri.storage.layers import LayerInfo, LayerStore, StagedLayer, chain_ids, tree_usage
 from cri.storage.unpack import UnpackError, UnpackResult, is_foreign
-from cri.storage.unpack_process import UnpackJob, UnpackProcess
+from cri.storage.unpack_process import UnpackJob, UnpackPool, UnpackProcess
 from cri.system import faults
 from cri.system.linux import mounts
 
@@ -130,6 +130,7 @@ class ImageManager:
         self._in_use = in_use
         self._pulls: _SharedWork[ImageRecord] = _SharedWork()
         self._chains: _SharedWork[LayerInfo] = _SharedWork()  # layers being unpacked, by chain ID
+        self.unpacks = UnpackPool(keep=config.image.max_concurrent_downloads)
         self._held: Counter[str] = Counter()  # blobs and chains of pulls in flight
         self._lock = asyncio.Lock()  # recording an image vs freeing layers
         self._fs: tuple[FsUsage, FsUsage] | None = None
@@ -151,6 +152,7 @@ class ImageManager:
         if self._fs_task is not None:
             self._fs_task.cancel()
             await asyncio.gather(self._fs_task, return_exceptions=True)
+        await self.unpacks.close()
         await self.client.aclose()
 
     def reconfigure(self, config: Config) -> None:
@@ -328,8 +330,7 @@ class ImageManager:
         staged = await self._stage(layer, parent)
         worker: UnpackProcess | None = None
         try:
-            with open(self.content.path(layer.digest), "rb") as blob:
-                worker = await UnpackProcess.start(_job(layer, staged), source=blob)
+            worker = await self.unpacks.start(_job(layer, staged), blob=self.content.path(layer.digest))
             with no_space_in(self.layers.root, f"unpacking layer {layer.chain_id}"):
                 result = await worker.finish()
         except BaseException:
@@ -614,7 +615,7 @@ class _UnpackingSink:
         layer = self._layer
         self._staged = await self._manager._stage(layer, self._parent)
         try:
-            self._worker = await UnpackProcess.start(_job(layer, self._staged))
+            self._worker = await self._manager.unpacks.start(_job(layer, self._staged))
         except BaseException:
             await asyncio.shield(_abandon(self._manager.layers, self._staged, None))
             self._staged = None

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol, cast
+from typing import Literal, Protocol, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -120,7 +120,7 @@ def unpack_layer(blob: Path, media_type: str, dest: Path, whiteout_mode: Whiteou
 
 
 def unpack_stream(
-    raw: BinaryIO,
+    raw: ByteSource,
     media_type: str,
     dest: Path,
     whiteout_mode: WhiteoutMode = "overlay",
@@ -190,6 +190,10 @@ class _Reader(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
 
+# What unpack_stream reads a blob from: a file, a pipe, the worker's frames.
+ByteSource = _Reader
+
+
 def _compression(media_type: str, head: bytes) -> str:
     declared = _LAYER_TYPES.get(media_type)
     if declared is None:
@@ -207,7 +211,7 @@ def _compression(media_type: str, head: bytes) -> str:
 class _Prepended(io.RawIOBase):
     """`head` (already read to sniff the compression) followed by the rest of a stream that cannot seek back."""
 
-    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+    def __init__(self, head: bytes, rest: _Reader) -> None:
         self._head = head
         self._rest = rest
 
@@ -226,7 +230,7 @@ class _Prepended(io.RawIOBase):
         return len(data)
 
 
-def _read_head(raw: BinaryIO, size: int) -> bytes:
+def _read_head(raw: _Reader, size: int) -> bytes:
     head = b""
     while len(head) < size:
         more = raw.read(size - len(head))
@@ -237,7 +241,7 @@ def _read_head(raw: BinaryIO, size: int) -> bytes:
 
 
 @contextmanager
-def _decompressed(raw: BinaryIO, media_type: str) -> Iterator[_Reader]:
+def _decompressed(raw: _Reader, media_type: str) -> Iterator[_Reader]:
     head = _read_head(raw, 4)
     compression = _compression(media_type, head)
     source = io.BufferedReader(_Prepended(head, raw), _CHUNK)

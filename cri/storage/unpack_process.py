@@ -1,10 +1,13 @@
-"""The daemon's side of an unpack worker (cri/storage/unpack_worker): start it, feed it, read its answer.
+"""The daemon's side of the unpack workers (cri/storage/unpack_worker): a small pool, jobs fed and answered.
 
-A layer's bytes reach the worker through a pipe as they arrive from the
-registry (write()), or straight from a blob file given as its stdin. The
-worker checks the stream as it goes: a corrupt blob makes it answer and exit
-early, which the next write() meets as a broken pipe and turns into the
-worker's UnpackError, naming the layer, while the download is still running.
+A layer's bytes reach a worker as they arrive from the registry (write()), or
+the worker reads a blob file itself. The worker checks the stream as it goes:
+a corrupt blob makes it answer and exit early, which the next write() meets
+as a broken pipe and turns into the worker's UnpackError, naming the layer,
+while the download is still running. A worker that answered a layer well goes
+back to the pool for the next one (start-up is paid per worker, not per layer);
+one that failed, was cancelled or timed out is killed. Idle workers exit after
+IDLE_SECONDS, so an idle daemon keeps none.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import errno
 import fcntl
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode
 
@@ -25,7 +27,9 @@ WORKER_MODULE = "cri.storage.unpack_worker"
 PIPE_SIZE = 1 << 20  # fewer wake-ups of the worker and the loop than the default 64 KiB
 # Extracting what is left once the input is complete (all of it, for a blob file).
 FINISH_TIMEOUT = 1800.0
+IDLE_SECONDS = 30.0
 _KILL_TIMEOUT = 10.0
+_END_FRAME = (0).to_bytes(4, "big")
 
 
 class UnpackWorkerError(UnpackError):
@@ -40,93 +44,189 @@ class UnpackJob:
     label: str  # names the layer in every message: its digest
 
 
-class UnpackProcess:
-    def __init__(self, job: UnpackJob, proc: asyncio.subprocess.Process) -> None:
-        self.job = job
-        self._proc = proc
+@dataclass(eq=False)
+class _Worker:
+    proc: asyncio.subprocess.Process
+    idle_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
-    @classmethod
-    async def start(cls, job: UnpackJob, source: IO[bytes] | None = None) -> UnpackProcess:
-        """A worker reading `source` (a blob file), or a pipe fed by write() when None."""
-        argv = [
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def kill(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), _KILL_TIMEOUT)
+
+
+class UnpackPool:
+    """Worker processes for unpacks; at most `keep` wait idle between jobs."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = keep
+        self._idle: list[_Worker] = []
+        self._leaving: set[asyncio.Task[None]] = set()  # workers told to exit, until they have
+
+    async def start(self, job: UnpackJob, blob: Path | None = None) -> UnpackProcess:
+        """A job on a worker: it reads `blob` (a file), or the bytes given to write() when None."""
+        header = {
+            "media_type": job.media_type,
+            "dest": str(job.dest),
+            "whiteout_mode": job.whiteout_mode,
+            "label": job.label,
+            "path": str(blob) if blob is not None else "",
+        }
+        line = (json.dumps(header) + "\n").encode()
+        while (worker := self._take()) is not None:
+            try:
+                await _send(worker, line)
+                return UnpackProcess(self, worker, job, streaming=blob is None)
+            except (BrokenPipeError, ConnectionResetError):
+                await worker.kill()  # died while idle: try the next one
+        worker = await self._spawn()
+        try:
+            await _send(worker, line)
+        except BaseException:
+            await asyncio.shield(worker.kill())
+            raise
+        return UnpackProcess(self, worker, job, streaming=blob is None)
+
+    async def close(self) -> None:
+        """Stop the idle workers (the daemon shuts down)."""
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            if worker.idle_timer is not None:
+                worker.idle_timer.cancel()
+            await worker.kill()
+        await asyncio.gather(*self._leaving, return_exceptions=True)
+
+    def idle_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._idle if w.alive]
+
+    def _take(self) -> _Worker | None:
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.idle_timer is not None:
+                worker.idle_timer.cancel()
+                worker.idle_timer = None
+            if worker.alive:
+                return worker
+        return None
+
+    def _give_back(self, worker: _Worker) -> None:
+        if not worker.alive or len(self._idle) >= self.keep:
+            self._retire(worker)
+            return
+        worker.idle_timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._retire, worker)
+        self._idle.append(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Let the worker go: it exits at the end of its input; reaped in a task."""
+        if worker in self._idle:
+            self._idle.remove(worker)
+        task = asyncio.get_running_loop().create_task(_leave(worker))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _spawn(self) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             WORKER_MODULE,
-            "--media-type",
-            job.media_type,
-            "--dest",
-            str(job.dest),
-            "--whiteout-mode",
-            job.whiteout_mode,
-            "--label",
-            job.label,
-        ]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if source is None else source,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        if proc.stdin is not None:
-            pipe = proc.stdin.get_extra_info("pipe")
-            with contextlib.suppress(OSError):  # a smaller pipe works too, only with more wake-ups
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        return cls(job, proc)
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # a smaller pipe works too, only with more wake-ups
+            fcntl.fcntl(proc.stdin.get_extra_info("pipe").fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        return _Worker(proc)
+
+
+class UnpackProcess:
+    """One layer's job on a worker: write() its bytes (when streaming), then finish() for the result."""
+
+    def __init__(self, pool: UnpackPool, worker: _Worker, job: UnpackJob, streaming: bool) -> None:
+        self.job = job
+        self._pool = pool
+        self._worker = worker
+        self._streaming = streaming
+        self._done = False
+        self._released = False  # the worker went back to the pool: it may serve another job now
+
+    @property
+    def pid(self) -> int:
+        return self._worker.proc.pid
 
     async def write(self, chunk: bytes) -> None:
         """Feed the next bytes; the worker's own error when it stopped reading because the layer is bad."""
-        stdin = self._proc.stdin
-        assert stdin is not None, "write() on a worker reading a file"
+        assert self._streaming and not self._done, "write() on a job reading a file, or finished"
+        if not chunk:
+            return  # an empty frame would end the layer
         try:
-            stdin.write(chunk)
-            await stdin.drain()
+            await _send(self._worker, len(chunk).to_bytes(4, "big"), chunk)
         except (BrokenPipeError, ConnectionResetError):
-            raise await self._answer_error() from None
+            raise await self._failure() from None
 
     async def finish(self, timeout: float = FINISH_TIMEOUT) -> UnpackResult:
         """End of input: the worker's result once it has extracted everything; its error otherwise."""
-        stdin = self._proc.stdin
-        if stdin is not None:
-            stdin.close()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                await stdin.wait_closed()
+        assert not self._done, "finish() twice"
+        self._done = True
+        stdout = self._worker.proc.stdout
+        assert stdout is not None
         try:
-            stdout, stderr = await asyncio.wait_for(self._proc.communicate(), timeout)
+            if self._streaming:
+                await _send(self._worker, _END_FRAME)
+            line = await asyncio.wait_for(stdout.readline(), timeout)
+        except (BrokenPipeError, ConnectionResetError):
+            raise await self._failure() from None
         except TimeoutError:
-            await self.kill()
+            await self._worker.kill()
             raise UnpackWorkerError(f"layer {self.job.label}: unpacking did not finish within {timeout:g}s") from None
-        return self._result(stdout, stderr)
+        except BaseException:
+            await asyncio.shield(self._worker.kill())
+            raise
+        result = await self._result(line)
+        self._released = True
+        self._pool._give_back(self._worker)
+        return result
 
     async def kill(self) -> None:
-        """Stop the worker (a cancelled or failed pull); safe to call when it is gone already."""
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._proc.wait(), _KILL_TIMEOUT)
+        """Stop the job's worker (a cancelled or failed pull); safe to call when it is gone or done already."""
+        self._done = True
+        if not self._released:
+            await self._worker.kill()
 
-    async def _answer_error(self) -> Exception:
+    async def _failure(self) -> Exception:
+        self._done = True
+        stdout = self._worker.proc.stdout
+        assert stdout is not None
         try:
-            stdout, stderr = await asyncio.wait_for(self._proc.communicate(), _KILL_TIMEOUT)
+            line = await asyncio.wait_for(stdout.readline(), _KILL_TIMEOUT)
         except TimeoutError:
-            await self.kill()
-            return UnpackWorkerError(f"layer {self.job.label}: the unpack worker stopped reading and did not exit")
+            await self._worker.kill()
+            return UnpackWorkerError(f"layer {self.job.label}: the unpack worker stopped reading and did not answer")
         try:
-            self._result(stdout, stderr)
+            await self._result(line)
         except Exception as exc:
             return exc
-        return UnpackWorkerError(f"layer {self.job.label}: the unpack worker finished before the layer's end")
+        await self._worker.kill()
+        return UnpackWorkerError(f"layer {self.job.label}: the unpack worker answered before the layer's end")
 
-    def _result(self, stdout: bytes, stderr: bytes) -> UnpackResult:
+    async def _result(self, line: bytes) -> UnpackResult:
         try:
-            answer = json.loads(stdout.decode(errors="replace").strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            detail = stderr.decode(errors="replace").strip()[-2000:] or "no output"
+            answer = json.loads(line)
+        except ValueError:
+            await self._worker.kill()
             raise UnpackWorkerError(
-                f"layer {self.job.label}: the unpack worker exited with status {self._proc.returncode}: {detail}"
+                f"layer {self.job.label}: the unpack worker exited with status {self._worker.proc.returncode}: "
+                + await self._stderr()
             ) from None
         if "error" not in answer:
             return UnpackResult(**answer)
+        await self._worker.kill()  # it exits after an error; this reaps it
         message = str(answer["error"])
         if answer.get("kind") == "layer":
             raise UnpackError(message)
@@ -134,3 +234,30 @@ class UnpackProcess:
             # As an in-process unpack would: the caller names its storage root (cri.errors.no_space_in).
             raise OSError(int(answer.get("errno") or errno.ENOSPC), message)
         raise UnpackWorkerError(message)
+
+    async def _stderr(self) -> str:
+        stderr = self._worker.proc.stderr
+        assert stderr is not None
+        try:
+            data = await asyncio.wait_for(stderr.read(), _KILL_TIMEOUT)
+        except TimeoutError:
+            return "no output"
+        return data.decode(errors="replace").strip()[-2000:] or "no output"
+
+
+async def _send(worker: _Worker, *parts: bytes) -> None:
+    stdin = worker.proc.stdin
+    assert stdin is not None
+    for part in parts:
+        stdin.write(part)
+    await stdin.drain()
+
+
+async def _leave(worker: _Worker) -> None:
+    stdin = worker.proc.stdin
+    if stdin is not None:
+        stdin.close()
+    try:
+        await asyncio.wait_for(worker.proc.wait(), _KILL_TIMEOUT)
+    except TimeoutError:
+        await worker.kill()

@@ -57,30 +57,45 @@ def random_layers(count: int, mb: float, tag: str) -> list[ib.Layer]:
 
 
 def workers_of(daemon: Daemon) -> list[int]:
-    """Unpack worker processes extracting under this daemon's root."""
+    """The daemon's unpack worker processes (busy or idle in its pool)."""
+    assert daemon.proc is not None
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if WORKER.encode() in argv and any(str(daemon.root).encode() in arg for arg in argv):
+        if WORKER.encode() in argv and parent == daemon.proc.pid:
             found.append(int(entry.name))
     return found
 
 
+def busy_workers(daemon: Daemon) -> list[int]:
+    """Workers holding anything under the daemon's root: an unpack going on (idle ones hold nothing)."""
+    busy = []
+    for pid in workers_of(daemon):
+        try:
+            targets = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue  # it exited meanwhile
+        if any(t.startswith(str(daemon.root)) for t in targets):
+            busy.append(pid)
+    return busy
+
+
 def nothing_stored(daemon: Daemon) -> bool:
     stored = daemon.stored()
-    return stored["layers"] == [] and stored["temp"] == [] and stored["blobs"] == [] and not workers_of(daemon)
+    return stored["layers"] == [] and stored["temp"] == [] and stored["blobs"] == [] and not busy_workers(daemon)
 
 
 def wait_until_nothing_stored(daemon: Daemon, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not nothing_stored(daemon):
         if time.monotonic() > deadline:
-            raise AssertionError(f"still there after {timeout}s: {daemon.stored()}, workers {workers_of(daemon)}")
+            raise AssertionError(
+                f"still there after {timeout}s: {daemon.stored()}, busy workers {busy_workers(daemon)}"
+            )
         time.sleep(0.05)
 
 
@@ -92,6 +107,7 @@ def test_layers_download_in_parallel_and_their_files_land_before_their_blobs(mak
         proxy.slow(4_000_000)  # each big layer takes ~1.5 s: long enough to watch
         daemon = daemon_for(make_daemon, proxy.host)
         seen_streaming: list[str] = []
+        busy_at_once = [0]  # the most worker processes seen unpacking at the same time
         done = threading.Event()
 
         def watch() -> None:
@@ -106,6 +122,7 @@ def test_layers_download_in_parallel_and_their_files_land_before_their_blobs(mak
                     layer = big[int(first.parent.name.removeprefix("par"))]
                     if not (blobs / layer.removeprefix("sha256:")).exists() and layer not in seen_streaming:
                         seen_streaming.append(layer)
+                busy_at_once[0] = max(busy_at_once[0], len(busy_workers(daemon)))
                 time.sleep(0.02)
 
         watcher = threading.Thread(target=watch)
@@ -116,11 +133,13 @@ def test_layers_download_in_parallel_and_their_files_land_before_their_blobs(mak
             done.set()
             watcher.join()
         assert sorted(seen_streaming) == sorted(big)
+        assert busy_at_once[0] >= 2  # layers unpack in parallel, each in its own process
         assert proxy.max_concurrent_blob_gets() == 3  # the default image.max_concurrent_downloads
         assert all(proxy.blob_gets(d) == 1 for d in big)
         top = daemon.root / "layers"
         assert daemon.stored()["temp"] == []
-        assert len(daemon.stored()["layers"]) == 4 and not workers_of(daemon)
+        assert len(daemon.stored()["layers"]) == 4 and not busy_workers(daemon)
+        assert 1 <= len(workers_of(daemon)) <= 3  # kept for the next pull, no more than the downloads at once
         assert [p.stat().st_size for p in top.glob("*/diff/par2/data")] == [6 << 20]
 
 
@@ -219,4 +238,4 @@ def test_the_vfs_driver_downloads_in_parallel_and_applies_each_layer_on_a_copy_o
     assert sorted(os.listdir(top / "opq")) == ["new"]
     assert (top / "dir-then-file").read_bytes() == b"now a file"
     assert (top / "bin/sh").exists()  # the whole filesystem: busybox's layer copied up
-    assert daemon.stored()["temp"] == [] and not workers_of(daemon)
+    assert daemon.stored()["temp"] == [] and not busy_workers(daemon)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
 from cri.storage.unpack import UnpackError, UnpackResult, unpack_layer
-from cri.storage.unpack_process import UnpackJob, UnpackProcess
+from cri.storage.unpack_process import UnpackJob, UnpackPool
 from tests.support.layer_tar import MEDIA_TYPES, build_layer, directory, file, hardlink, symlink
 
 # Modes the worker (umask 0, no chmod where the creation mode is right) must give back exactly.
@@ -52,16 +53,22 @@ def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
 
 
 async def from_pipe(blob: bytes, media_type: str, dest: Path, piece: int = 65536) -> UnpackResult:
-    worker = await UnpackProcess.start(UnpackJob(media_type, dest, "overlay", label="sha256:feed"))
-    for i in range(0, len(blob), piece):
-        await worker.write(blob[i : i + piece])
-    return await worker.finish()
+    pool = UnpackPool()
+    try:
+        job = await pool.start(UnpackJob(media_type, dest, "overlay", label="sha256:feed"))
+        for i in range(0, len(blob), piece):
+            await job.write(blob[i : i + piece])
+        return await job.finish()
+    finally:
+        await pool.close()
 
 
 async def from_file(path: Path, media_type: str, dest: Path) -> UnpackResult:
-    with open(path, "rb") as source:
-        worker = await UnpackProcess.start(UnpackJob(media_type, dest, "overlay", label="sha256:file"), source)
-    return await worker.finish()
+    pool = UnpackPool()
+    try:
+        return await (await pool.start(UnpackJob(media_type, dest, "overlay", label="sha256:file"), path)).finish()
+    finally:
+        await pool.close()
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
@@ -89,7 +96,8 @@ def test_a_corrupt_stream_is_refused_by_the_worker_while_it_is_fed(tmp_path):
     (tmp_path / "d").mkdir()
 
     async def feed() -> int:
-        worker = await UnpackProcess.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad"))
+        pool = UnpackPool()
+        worker = await pool.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad"))
         fed = 0
         with pytest.raises(UnpackError, match=r"layer sha256:bad: corrupt or truncated archive") as err:
             for i in range(0, len(garbage), 65536):
@@ -97,6 +105,7 @@ def test_a_corrupt_stream_is_refused_by_the_worker_while_it_is_fed(tmp_path):
                 fed += 65536
             await worker.finish()
         assert "sha256:bad" in str(err.value)
+        assert pool.idle_pids() == []  # a worker that failed is not used again
         return fed
 
     fed = asyncio.run(feed())
@@ -107,9 +116,40 @@ def test_a_worker_that_dies_is_reported_naming_the_layer(tmp_path):
     (tmp_path / "d").mkdir()
 
     async def killed() -> None:
-        worker = await UnpackProcess.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:dies"))
-        await worker.kill()
+        pool = UnpackPool()
+        worker = await pool.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:dies"))
+        os.kill(worker.pid, signal.SIGKILL)  # as the OOM killer would
         with pytest.raises(UnpackError, match=r"layer sha256:dies: the unpack worker"):
             await worker.finish()
+        await pool.close()
 
     asyncio.run(killed())
+
+
+def test_a_worker_serves_layer_after_layer_and_idle_ones_are_bounded(tmp_path):
+    layers = [build_layer([file(f"f{i}", f"{i}\n".encode(), 0o640)], "gzip") for i in range(4)]
+
+    async def main() -> None:
+        pool = UnpackPool(keep=1)
+        try:
+            pids = []
+            for i, layer in enumerate(layers):
+                (tmp_path / str(i)).mkdir()
+                job = await pool.start(UnpackJob(layer.media_type, tmp_path / str(i), "overlay", f"sha256:{i}"))
+                await job.write(layer.blob)
+                assert (await job.finish()).diff_id == layer.diff_id
+                pids += pool.idle_pids()
+            assert len(set(pids)) == 1 and len(pids) == 4  # one process, four layers
+            first = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "0", "overlay", "sha256:a"))
+            second = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "1", "overlay", "sha256:b"))
+            for job in (first, second):
+                await job.write(build_layer([file("again", b"x")], "gzip").blob)
+                await job.finish()
+            assert len(pool.idle_pids()) == 1  # the second worker went away: keep=1
+        finally:
+            await pool.close()
+        assert pool.idle_pids() == []
+
+    asyncio.run(main())
+    for i in range(4):
+        assert (tmp_path / str(i) / f"f{i}").stat().st_mode & 0o777 == 0o640
