@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -66,7 +65,7 @@ class Dockerd:
     """The docker daemon the node tests use; started here (a plain process: systemd may not run on these
     machines) when none answers, and stopped again by whoever started it."""
 
-    started: bool = False
+    proc: subprocess.Popen[bytes] | None = None  # set when this process started it
     made_bridge: bool = False  # docker0 was not there before
 
     @classmethod
@@ -74,34 +73,36 @@ class Dockerd:
         if shutil.which("dockerd") is None:
             raise AssertionError("dockerd is missing: run `make test` (deploy/install.sh --test installs docker.io)")
         if docker_ready():
-            return cls(started=False)
+            return cls()
         made_bridge = not Path("/sys/class/net/docker0").exists()
         with DOCKERD_LOG.open("ab") as log:
             # --iptables=false: the nodes need no way out, and the host's firewall (the FORWARD policy docker
             # would set, its chains, NAT) stays as the other tests and the machine had it.
-            subprocess.Popen(
+            proc = subprocess.Popen(
                 ["dockerd", "--pidfile", str(DOCKERD_PIDFILE), "--iptables=false", "--ip-masq=false"],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        started = cls(proc=proc, made_bridge=made_bridge)
         deadline = time.monotonic() + timeout
         while not docker_ready():
-            if time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                started.stop()
                 raise AssertionError(f"dockerd did not answer in {timeout:g}s; see {DOCKERD_LOG}")
             time.sleep(0.5)
-        return cls(started=True, made_bridge=made_bridge)
+        return started
 
-    def stop(self, timeout: float = 30) -> None:
-        if not self.started:
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(DOCKERD_PIDFILE.read_text().strip())
-            os.kill(pid, 15)
-            deadline = time.monotonic() + timeout
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         if self.made_bridge:
             sh("ip", "link", "del", "docker0", check=False)
 
