@@ -331,7 +331,7 @@ class ImageManager:
         worker: UnpackProcess | None = None
         try:
             worker = await self.unpacks.start(_job(layer, staged), blob=self.content.path(layer.digest))
-            with no_space_in(self.layers.root, f"unpacking layer {layer.chain_id}"):
+            with no_space_in(self.layers.root, f"unpacking layer {layer.digest}"):
                 result = await worker.finish()
         except BaseException:
             await asyncio.shield(_abandon(self.layers, staged, worker))
@@ -622,4 +622,4 @@ class _UnpackingSink:
             raise
 
     def _no_space(self) -> contextlib.AbstractContextManager[None]:
-        return no_space_in(self._manager.layers.root, f"unpacking layer {self._layer.chain_id}")
+        return no_space_in(self._manager.layers.root, f"unpacking layer {self._layer.digest}")
