@@ -146,20 +146,7 @@ class ImageIndex:
 
         Returns the images the new names left with no name, which are forgotten.
         """
-        losers: dict[str, ImageRecord] = {}
-        for record, names in entries:
-            current = self._images.get(record.id)
-            if current is not None:
-                record.repo_tags, record.repo_digests = list(current.repo_tags), list(current.repo_digests)
-            for name, kind in names:
-                owner = self._names.get(name)
-                if owner is not None and owner != record.id:
-                    other = self._images[owner]
-                    _drop_name(other, name)
-                    losers[other.id] = other
-                target = record.repo_tags if kind == "tag" else record.repo_digests
-                if name not in target:
-                    target.append(name)
+        losers = self._assign_names(entries)
         orphans = [image for image in losers.values() if not image.names and not image.pinned]
         with self._store.transaction() as conn:
             for record, names in entries:
@@ -179,6 +166,31 @@ class ImageIndex:
         for image in orphans:
             self._images.pop(image.id, None)
         return orphans
+
+    def _assign_names(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> dict[str, ImageRecord]:
+        """Give the batch's records their stored names and the new ones; image ID -> a stored image that lost one.
+
+        The records of the batch replace the stored ones: a name one of them takes from another image of the
+        batch is dropped from that new record, and an image of the batch is never a loser (forgotten as nameless).
+        """
+        batch = {record.id: record for record, _names in entries}
+        for record in batch.values():
+            current = self._images.get(record.id)
+            if current is not None:
+                record.repo_tags, record.repo_digests = list(current.repo_tags), list(current.repo_digests)
+        losers: dict[str, ImageRecord] = {}
+        for record, names in entries:
+            for name, kind in names:
+                owner = self._names.get(name)
+                if owner is not None and owner != record.id:
+                    other = batch.get(owner) or self._images[owner]
+                    _drop_name(other, name)
+                    if owner not in batch:
+                        losers[other.id] = other
+                target = record.repo_tags if kind == "tag" else record.repo_digests
+                if name not in target:
+                    target.append(name)
+        return losers
 
     def remove_name(self, record: ImageRecord, name: str) -> bool:
         """Drop one name; True when it was the last one and the image itself went too."""

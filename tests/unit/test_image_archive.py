@@ -22,6 +22,7 @@ from cri.config import Config
 from cri.errors import InvalidArgument
 from cri.images.archive import ArchivedImage, ArchiveError, TarArchive, read_images
 from cri.images.imports import export_images, import_archive
+from cri.images.index import ImageIndex
 from cri.images.manager import ImageManager
 from cri.images.platform import host_platform
 from cri.state import Store
@@ -311,3 +312,21 @@ def test_export_of_an_ambiguous_id_prefix_is_refused_naming_refs(manager: ImageM
     with (tmp_path / "out.tar").open("wb") as out, pytest.raises(InvalidArgument) as err:
         asyncio.run(export_images(manager, [f"sha256:{first}"], out))
     assert str(err.value).startswith("refs: image ID prefix")
+
+
+def test_an_import_that_retags_a_stored_image_keeps_both_images(manager: ImageManager) -> None:
+    """A stored image, re-imported under a new tag before the image that takes its old tag, stays (with its new one).
+
+    The batch once dropped the old tag from the stale record, found it nameless, and deleted the image it had
+    just recorded (and freed its layers).
+    """
+    first, second = image(b"first\n"), image(b"second\n")
+    asyncio.run(import_archive(manager, io.BytesIO(docker_save([(first, ["x:1"])]))))
+    asyncio.run(import_archive(manager, io.BytesIO(docker_save([(first, ["a:1"]), (second, ["x:1"])]))))
+    tags = {record.id: record.repo_tags for record in manager.images()}
+    assert tags == {first.image_id: ["docker.io/library/a:1"], second.image_id: ["docker.io/library/x:1"]}
+    kept = manager.find("a:1")
+    assert kept is not None and (manager.lower_dirs(kept)[0] / "hello").read_bytes() == b"first\n"
+    reloaded = ImageIndex(manager.index._store)
+    reloaded.load()
+    assert {record.id: record.repo_tags for record in reloaded.all()} == tags
