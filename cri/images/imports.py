@@ -129,7 +129,7 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
                 if existing is not None:
                     record.pinned = record.pinned or existing.pinned
                     record.created_at = existing.created_at
-            orphans = await asyncio.to_thread(manager.index.put_many, entries)
+            orphans = await asyncio.to_thread(manager.index.put_many, entries, manager._in_use)
             faults.point("image.import.recorded")
             if orphans:
                 await asyncio.to_thread(manager._free_unreferenced)

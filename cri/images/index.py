@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,13 +142,18 @@ class ImageIndex:
         """Record an image (new or existing) with extra names; returns the images left with no name."""
         return self.put_many([(record, names)])
 
-    def put_many(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> list[ImageRecord]:
+    def put_many(
+        self,
+        entries: list[tuple[ImageRecord, list[tuple[str, str]]]],
+        in_use: Callable[[str], bool] = lambda _image_id: False,
+    ) -> list[ImageRecord]:
         """Record several images in one transaction (an archive import is all or nothing).
 
-        Returns the images the new names left with no name, which are forgotten.
+        Returns the images the new names left with no name, which are forgotten; an image in_use (a
+        container's rootfs or volume is made of its layers) stays, untagged, as RemoveImage leaves it.
         """
         losers = self._assign_names(entries)
-        orphans = [image for image in losers.values() if not image.names and not image.pinned]
+        orphans = [image for image in losers.values() if not image.names and not image.pinned and not in_use(image.id)]
         with self._store.transaction() as conn:
             for record, names in entries:
                 _write(conn, record)

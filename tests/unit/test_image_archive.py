@@ -330,3 +330,25 @@ def test_an_import_that_retags_a_stored_image_keeps_both_images(manager: ImageMa
     reloaded = ImageIndex(manager.index._store)
     reloaded.load()
     assert {record.id: record.repo_tags for record in reloaded.all()} == tags
+
+
+def test_an_import_that_moves_the_last_tag_of_an_image_in_use_keeps_that_image(tmp_path: Path) -> None:
+    """A container's rootfs is an overlay of its image's layers: the image it runs must not be freed under it."""
+    if os.geteuid() != 0:
+        pytest.skip("unpacking layers owned by root needs root")
+    old, new = image(b"old\n"), image(b"new\n")
+    config = Config()
+    config.root = str(tmp_path / "root")
+    store = Store.open(config.root)
+    images = ImageManager(config, store, in_use=lambda image_id: image_id == old.image_id)
+    images.index.load()
+    try:
+        asyncio.run(import_archive(images, io.BytesIO(docker_save([(old, ["app:1"])]))))
+        asyncio.run(import_archive(images, io.BytesIO(docker_save([(new, ["app:1"])]))))
+        kept = images.index.get(old.image_id)
+        assert kept is not None and kept.repo_tags == []
+        assert (images.lower_dirs(kept)[0] / "hello").read_bytes() == b"old\n"
+        assert images.find("app:1") is not None and images.find("app:1").id == new.image_id  # type: ignore[union-attr]
+    finally:
+        asyncio.run(images.close())
+        store.close()
