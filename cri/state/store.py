@@ -1,12 +1,22 @@
-"""SQLite store: WAL journal, versioned schema, short transactions.
+"""SQLite store: WAL journal, versioned schema, short transactions, group commit.
 
 Calls are blocking; async code runs them through asyncio.to_thread so the
 event loop never waits on the disk. One connection, guarded by a lock, because
 SQLite serializes writers anyway and the daemon is one process.
+
+Group commit: SQLite commits with synchronous=NORMAL (the WAL is written, not
+synced) under the lock; a durable transaction then waits, outside the lock, for
+an fsync of the WAL that covers its commit. One fsync covers every commit written
+before it, so a burst of pods whose intents are recorded at once shares a few
+fsyncs instead of queueing one each behind the lock. Each durable transaction
+still returns only once it is on disk (what synchronous=FULL gives in WAL mode:
+the WAL synced after the commit); SQLite itself syncs the WAL before each
+checkpoint and when it starts reusing it.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -28,6 +38,11 @@ class Store:
         self._conn = conn
         self._lock = threading.Lock()
         self.path = path
+        self._sync_lock = threading.Lock()  # one fsync of the WAL at a time; the others wait for theirs
+        self._committed = 0  # commits written to the WAL (counted under _lock, after their COMMIT)
+        self._synced = 0  # commits known to be on disk
+        self._dir_synced = False
+        self.syncs = 0  # fsyncs of the WAL made (fewer than durable commits when they overlap)
 
     @classmethod
     def open(cls, root: str) -> Store:
@@ -36,7 +51,8 @@ class Store:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        # The WAL is synced by the store itself, once per group of durable commits (see _sync_through).
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         store = cls(conn, path)
         store._migrate()
@@ -50,37 +66,61 @@ class Store:
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """All statements inside commit together or not at all.
 
-        A durable commit returns once it is on disk (an fsync of the WAL, about 0.5 ms here). With
-        durable=False it returns once the OS has it: it survives a crash of the daemon, but a power cut
-        or a kernel crash may lose it, with any commit after it and never one before (the WAL is
-        written in order). That suits outcomes that recovery derives again after a reboot (a state
+        A durable commit returns once it is on disk (an fsync of the WAL, shared with the commits made
+        meanwhile). With durable=False it returns once the OS has it: it survives a crash of the daemon,
+        but a power cut or a kernel crash may lose it, with any commit after it and never one before (the
+        WAL is written in order). That suits outcomes that recovery derives again after a reboot (a state
         change, a removal); a record written before anything is made outside the database, which
         recovery needs to undo it, must be durable.
         """
         with self._lock, self._full_is_no_space():
-            if not durable:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    # SQLite has already rolled back after some failures (SQLITE_FULL in a statement or
-                    # at COMMIT): a second ROLLBACK would fail and hide the error that matters.
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-            finally:
-                if not durable:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # SQLite has already rolled back after some failures (SQLITE_FULL in a statement or
+                # at COMMIT): a second ROLLBACK would fail and hide the error that matters.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._committed += 1
+            mine = self._committed
+        if durable:
+            self._sync_through(mine)
+
+    def _sync_through(self, commit: int) -> None:
+        """Returns once commit number `commit` is on disk: by an fsync of the WAL made now, or by one that
+        another thread made meanwhile. Every commit counted before the fsync starts is covered by it (its
+        pages were written to the WAL before it was counted)."""
+        with self._sync_lock:
+            if self._synced >= commit:
+                return
+            target = self._committed
+            with self._full_is_no_space():
+                self._fsync(Path(f"{self.path}-wal"))
+                if not self._dir_synced:
+                    # The WAL's own directory entry, once: it is made at the first write and kept open.
+                    self._fsync(self.path.parent)
+                    self._dir_synced = True
+            self.syncs += 1
+            self._synced = target
+
+    @staticmethod
+    def _fsync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _full_is_no_space(self) -> Iterator[None]:
-        """SQLITE_FULL, from a statement or the COMMIT, as NoSpace naming the database; other errors pass unchanged."""
+        """SQLITE_FULL, from a statement or the COMMIT, or ENOSPC from the WAL's fsync, as NoSpace naming the
+        database; other errors pass unchanged."""
         try:
             yield
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             if is_no_space(exc):
                 raise NoSpace(self.path.parent, f"writing to the state database {self.path}") from exc
             raise
