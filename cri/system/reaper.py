@@ -107,13 +107,20 @@ def _is_zombie(pid: int) -> bool:
 
 
 class Sweeper:
-    """Reaps adopted orphans a moment after SIGCHLD says some child exited."""
+    """Reaps adopted orphans a moment after SIGCHLD says some child exited.
+
+    The zombies are looked for in a thread: that reads the children of every thread of the daemon and
+    the state of each child (a hundred conmons on a full node), milliseconds the event loop and every
+    RPC would otherwise wait. The reaping itself stays on the loop, where `wait_child` marks the pids
+    it waits for, so that a pid is never reaped under it."""
 
     def __init__(self, delay: float = SWEEP_DELAY) -> None:
         self._delay = delay
         self._pending: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen: set[int] = set()
+        self._looking: asyncio.Future[list[int]] | None = None
+        self._again = False  # SIGCHLD came while looking: look once more after
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -124,14 +131,36 @@ class Sweeper:
             self._loop.remove_signal_handler(signal.SIGCHLD)
         if self._pending is not None:
             self._pending.cancel()
+        if self._looking is not None:
+            self._looking.cancel()
 
     def _schedule(self) -> None:
-        if self._pending is None and self._loop is not None:
-            self._pending = self._loop.call_later(self._delay, self._sweep)
+        if self._looking is not None:
+            self._again = True
+        elif self._pending is None and self._loop is not None:
+            self._pending = self._loop.call_later(self._delay, self._look)
 
-    def _sweep(self) -> None:
+    def _look(self) -> None:
+        assert self._loop is not None
         self._pending = None
-        zombies = {pid for pid in _zombie_children() if pid not in _awaited}
+        self._looking = self._loop.run_in_executor(None, _zombie_children)
+        self._looking.add_done_callback(self._found)
+
+    def _found(self, looking: asyncio.Future[list[int]]) -> None:
+        self._looking = None
+        if looking.cancelled():
+            return
+        error = looking.exception()
+        if error is not None:
+            event(log, logging.WARNING, "looking for exited children failed", error=str(error))
+        else:
+            self._sweep(looking.result())
+        if self._again:
+            self._again = False
+            self._schedule()
+
+    def _sweep(self, found: list[int]) -> None:
+        zombies = {pid for pid in found if pid not in _awaited}
         for pid in zombies & self._seen:
             with contextlib.suppress(ChildProcessError):
                 reaped, status = os.waitpid(pid, os.WNOHANG)
