@@ -20,6 +20,7 @@ from typing import Any
 
 from cri import log
 from cri.config import Config
+from cri.containers import container as rows
 from cri.daemon import admin
 from cri.daemon.lock import AlreadyRunning, DaemonLock
 from cri.errors import CriError
@@ -105,7 +106,8 @@ async def _locally(config: Config, message: dict[str, Any], fd: int) -> list[Ima
         store = await asyncio.to_thread(Store.open, config.root)
     except StateError as exc:
         raise ImageCommandError(f"cannot open the state in {config.root}: {exc}") from exc
-    images = ImageManager(config, store)
+    used = await asyncio.to_thread(_images_in_use, store)
+    images = ImageManager(config, store, in_use=used.__contains__)
     try:
         # Also frees what a crashed import left: this process is the only writer now.
         await asyncio.to_thread(images._recover)
@@ -117,6 +119,13 @@ async def _locally(config: Config, message: dict[str, Any], fd: int) -> list[Ima
     finally:
         await images.close()
         store.close()
+
+
+def _images_in_use(store: Store) -> set[str]:
+    """The images the store's containers run or mount as volumes: their layers are under those rootfs mounts."""
+    with store.transaction() as conn:
+        containers = rows.load_all(conn)
+    return {image_id for c in containers for image_id in (c.image_id, *c.volume_images)}
 
 
 FAILURES = (ImageCommandError, admin.AdminError, ArchiveError, CriError, OSError)

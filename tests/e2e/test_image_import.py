@@ -186,6 +186,30 @@ def test_import_while_the_daemon_is_stopped_then_the_started_daemon_has_it(
     assert exported.returncode == 0, exported.stderr.decode()
 
 
+def test_an_import_while_stopped_that_moves_the_tag_of_a_containers_image_keeps_that_image(
+    env: Env, tmp_path: Path
+) -> None:
+    """With no daemon, the CLI still knows the containers of the store: their image is not freed under them."""
+    marker = secrets.token_hex(6)
+    used, newer = marked_image(marker), marked_image(f"newer-{marker}")
+    name = f"{UNREACHABLE}/e2e/moved-{marker}:v1"
+    assert cli(env.daemon, "import", "-", stdin=docker_save([(used, [name])])).returncode == 0
+    pod = env.pod()
+    cid = env.run(pod, env.container_config(image=name, command=["cat", "/marker"]))
+    assert env.wait_exited(cid).exit_code == 0
+    env.daemon.stop()
+
+    done = cli(env.daemon, "import", "-", stdin=docker_save([(newer, [name])]))
+
+    assert done.returncode == 0, done.stderr.decode()
+    env.daemon.start()
+    assert status(env.daemon, name).id == newer.image_id
+    kept = status(env.daemon, used.image_id)
+    assert kept.id == used.image_id
+    assert list(kept.repo_tags) == []
+    assert len(env.daemon.stored()["layers"]) >= len(used.layers) + 1  # its own layer, beside newer's
+
+
 def test_the_admin_socket_is_root_only_and_refuses_bad_requests(env: Env, tmp_path: Path) -> None:
     path = env.daemon.runroot / "admin.sock"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
