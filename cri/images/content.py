@@ -310,6 +310,7 @@ class ContentStore:
         except asyncio.CancelledError:
             if flight.waiters == 1 and not flight.task.done():
                 flight.task.cancel()
+                await asyncio.wait([flight.task])  # its temp file is gone before this caller fails
             raise
         finally:
             flight.waiters -= 1

@@ -92,6 +92,8 @@ class _SharedWork(Generic[T]):
         except asyncio.CancelledError:
             if flight.waiters == 1 and not flight.task.done():
                 flight.task.cancel()  # the last caller gave up: nobody wants the result
+                # Its clean-up (workers, temp dirs) is done before this caller reports its own failure.
+                await asyncio.wait([flight.task])
             raise
         finally:
             flight.waiters -= 1
