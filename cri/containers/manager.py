@@ -707,7 +707,8 @@ def _idmapped_volumes(container: Container, shift: rootfs.IdShift | None) -> dic
         if shift is None or validate.is_image_volume(mount) or validate.mount_mappings(mount) is None:
             continue
         try:
-            os.makedirs(mount.host_path, mode=0o755, exist_ok=True)  # a missing host path: an empty dir, as plain
+            if not os.path.exists(mount.host_path):  # a missing host path: an empty dir, as plain; a file stays one
+                os.makedirs(mount.host_path, mode=0o755, exist_ok=True)
             out[i] = str(rootfs.mount_idmapped_volume(Path(container.storage), i, mount.host_path, shift))
         except OSError as exc:
             raise InvalidArgument(f"config.mounts[{i}].uidMappings", f"{mount.host_path}: {exc}") from exc

@@ -281,6 +281,23 @@ def test_mounts_with_the_pods_mapping_are_idmapped_and_others_show_host_owners_s
     assert _idmapped_mounts(env) == [] and env.leftovers() == NOTHING
 
 
+def test_a_host_file_with_the_pods_mapping_is_an_idmapped_file_mount(env: Env, tmp_path: Path) -> None:
+    """A single file (a config file, a socket's directory's sibling) takes uidMappings as a directory does."""
+    host_id = host_offset()
+    pod = run_pod(env, host_id)
+    config_file = tmp_path / "app.conf"
+    config_file.write_text("setting=1\n")
+    mapping = userns_options(host_id)
+    mount = pb.Mount(
+        container_path="/etc/app.conf", host_path=str(config_file), uidMappings=mapping.uids, gidMappings=mapping.gids
+    )
+    cid = env.run(pod, container(env, pod, "c", ["sleep", "3600"], mounts=[mount]))
+    assert exec_sync(env, cid, "stat", "-c", "%u:%g", "/etc/app.conf").split() == ["0:0"]
+    assert exec_sync(env, cid, "cat", "/etc/app.conf") == "setting=1\n"
+    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
+    assert config_file.read_text() == "setting=1\n" and env.leftovers() == NOTHING
+
+
 def test_users_and_groups_resolve_inside_and_are_the_mapped_ones_outside(env: Env) -> None:
     host_id = host_offset()
     pod = run_pod(env, host_id)
