@@ -63,6 +63,14 @@ def with_user_namespaces(info: HandlerInfo, kernel_problem: str) -> HandlerInfo:
     return replace(info, user_namespaces=works)
 
 
+async def _userns_problem(config: Config) -> str:
+    """Why no pod can have its own user namespace here ("" if it can): the storage driver, then the kernel probe."""
+    if config.storage.driver != "overlay":
+        # A container's rootfs in a user namespace is an overlay of idmapped layers; a vfs copy cannot be one.
+        return f"the {config.storage.driver} storage driver cannot show layers through an idmapping (overlay can)"
+    return await asyncio.to_thread(idmap.probe, config.root)
+
+
 class RuntimeHandlers:
     """The configured handlers, probed at start and after every config reload."""
 
@@ -81,7 +89,7 @@ class RuntimeHandlers:
     async def refresh(self, config: Config) -> None:
         names = list(config.runtime.runtimes)
         infos = await asyncio.gather(*(probe(n, config.runtime.runtimes[n]) for n in names))
-        userns_problem = self._userns_problem = await asyncio.to_thread(idmap.probe, config.root)
+        userns_problem = self._userns_problem = await _userns_problem(config)
         if userns_problem:
             event(log, logging.WARNING, "user namespaces unavailable", reason=userns_problem)
         infos = [with_user_namespaces(info, userns_problem) for info in infos]

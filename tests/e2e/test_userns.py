@@ -443,6 +443,22 @@ def test_status_reports_no_user_namespaces_where_the_storage_cannot_be_idmapped(
         linux.umount(str(daemon.root), linux.MNT_DETACH)
 
 
+def test_the_vfs_storage_driver_reports_no_user_namespaces_and_refuses_such_a_pod(make_daemon) -> None:
+    """vfs copies are not overlays of idmappable layers: Status says so, and a pod is refused, not its containers."""
+    daemon = make_daemon("storage:\n  driver: vfs\n")
+    handlers = daemon.runtime().Status(pb.StatusRequest(), timeout=10).runtime_handlers
+    assert handlers and not any(h.features.user_namespaces for h in handlers)
+    assert "user namespaces unavailable" in daemon.log() and "vfs" in daemon.log()
+    config = pod_config()
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime().RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{SC}.userns_options: runtime handler "), err.value.details()
+    assert "vfs" in err.value.details()
+    assert list(daemon.runtime().ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+
+
 def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_untouched(own_env: Env) -> None:
     layers_before = _tree(own_env.daemon.root / "layers")
     host_id = host_offset()
