@@ -291,6 +291,8 @@ def user_mapped(user: ProcessUser, userns: UserNamespace | None) -> None:
         return
     if userns.uids.to_host(user.uid) is None:
         raise InvalidArgument(f"{SC}.run_as_user", f"uid {user.uid} is not mapped in the pod's user namespace")
-    for gid in (user.gid, *user.additional_gids):
+    if userns.gids.to_host(user.gid) is None:
+        raise InvalidArgument(f"{SC}.run_as_group", f"gid {user.gid} is not mapped in the pod's user namespace")
+    for gid in user.additional_gids:
         if userns.gids.to_host(gid) is None:
             raise InvalidArgument(f"{SC}.supplemental_groups", f"gid {gid} is not mapped in the pod's user namespace")

@@ -100,6 +100,9 @@ def test_the_process_ids_must_be_mapped_inside() -> None:
         validate.user_mapped(ProcessUser(1000, 0, (), "", "/"), userns)
     with pytest.raises(InvalidArgument, match=r"supplemental_groups: gid 4000 is not mapped"):
         validate.user_mapped(ProcessUser(0, 0, (0, 4000), "", "/"), userns)
+    # The primary group (run_as_group, or the user's own) is not a supplemental one: the error names its field.
+    with pytest.raises(InvalidArgument, match=r"security_context\.run_as_group: gid 4000 is not mapped"):
+        validate.user_mapped(ProcessUser(0, 4000, (4000,), "", "/"), userns)
 
 
 def test_a_mount_may_ask_for_an_idmapping_of_its_pods_mapping_only() -> None:
