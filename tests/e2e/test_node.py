@@ -166,6 +166,17 @@ def test_the_install_script_run_again_changes_nothing(node: ni.Node, image: ni.N
     assert ni.host_cgroup_view() == host_cgroups
 
 
+def test_the_images_the_base_held_in_containerd_moved_into_criopy_and_containerd_is_off(
+    node: ni.Node, image: ni.NodeImage, cri
+) -> None:
+    _, images = cri
+    listed = {img.id: list(img.repo_tags) for img in images.ListImages(pb.ListImagesRequest(), timeout=10).images}
+    assert listed.get(image.preloaded_id) == [f"docker.io/{image.preloaded}"], listed
+    assert node.exec("systemctl", "is-enabled", "containerd", check=False).stdout.strip() == "masked"
+    assert node.exec("systemctl", "is-active", "containerd", check=False).stdout.strip() == "inactive"
+    assert node.exec("test", "-e", "/var/lib/containerd", check=False).returncode == 1
+
+
 def test_a_pod_on_the_node_bridge_serves_its_ip_logs_exec_and_port_forward(node: ni.Node, busybox: str, cri) -> None:
     rt, _ = cri
     pod, cid = _web_server(rt, busybox)

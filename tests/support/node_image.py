@@ -36,8 +36,22 @@ MIRROR = "http://deb.debian.org/debian"
 # systemd as PID 1, and what deploy/install.sh --system installs, so that it finds them all installed.
 NODE_PACKAGES = (
     "systemd,systemd-sysv,dbus,iproute2,ca-certificates,procps,busybox-static,"
-    "runc,crun,conmon,containernetworking-plugins,iptables,catatonit,golang-github-containers-common,python3-venv"
+    "runc,crun,conmon,containernetworking-plugins,iptables,catatonit,golang-github-containers-common,python3-venv,"
+    # As in kindest/node: containerd enabled, with images preloaded (see preload_into_containerd).
+    "containerd"
 )
+# The base as kind ships it: containerd holding images in its k8s.io namespace, which the node image's build
+# (deploy/kind/switch-runtime.sh) must move into criopy. containerd runs for this step only.
+PRELOAD_DOCKERFILE = """\
+FROM {base}
+COPY preloaded.tar /tmp/preload/
+RUN set -eu; containerd >/tmp/preload/containerd.log 2>&1 & pid=$!; i=0; \\
+    until ctr version >/dev/null 2>&1; do \\
+      i=$((i + 1)); [ $i -lt 100 ] || {{ cat /tmp/preload/containerd.log; exit 1; }}; sleep 0.1; \\
+    done; \\
+    ctr -n k8s.io images import --no-unpack /tmp/preload/preloaded.tar; \\
+    kill $pid; wait $pid || true; rm -rf /tmp/preload
+"""
 LABEL = "criopy-test-node"  # on every container, image and volume made here, so a later run can find strays
 
 
@@ -108,12 +122,13 @@ class Dockerd:
 
 
 def remove_strays() -> None:
-    """Containers and volumes an earlier, killed run left (each carries the label)."""
+    """Containers, volumes and untagged images an earlier, killed run left (each carries the label)."""
     for kind in ("container", "volume"):
         listed = sh("docker", kind, "ls", "-aq" if kind == "container" else "-q", "--filter", f"label={LABEL}")
         ids = listed.stdout.split()
         if ids:
             sh("docker", kind, "rm", "-f" if kind == "container" else "--force", *ids, check=False)
+    sh("docker", "image", "prune", "--force", "--filter", f"label={LABEL}", check=False)
 
 
 # ---- the base and the image ----------------------------------------------------------------------------------
@@ -185,6 +200,14 @@ def build_wheels(dest: Path, python: str, source: Path = REPO) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
+def preload_into_containerd(base: str, tag: str, image: str) -> None:
+    """`tag`: `base` with docker image `image` in containerd's store, as kindest/node carries its images."""
+    with tempfile.TemporaryDirectory(prefix="criopy-preload-") as context:
+        (Path(context) / "preloaded.tar").write_bytes(docker_save(image))
+        (Path(context) / "Dockerfile").write_text(PRELOAD_DOCKERFILE.format(base=base))
+        sh("docker", "build", "--quiet", "--tag", tag, context, timeout=300)
+
+
 def build_node_image(base: str, tag: str, wheels: Path) -> None:
     sh(str(REPO / "deploy/kind/build.sh"), "--base", base, "--tag", tag, "--wheels", str(wheels), timeout=900)
 
@@ -196,31 +219,38 @@ def image_size(tag: str) -> int:
 @dataclass
 class NodeImage:
     tag: str
-    base_tag: str
     wheels: Path  # what the image was installed from, kept for a second run of the install script
+    preloaded: str  # the image the base held in containerd's store, as docker names it
+    preloaded_id: str = ""
     build_seconds: float = 0.0  # deploy/kind/build.sh
-    base_seconds: float = 0.0  # debootstrap (when not cached) and docker import
+    base_seconds: float = 0.0  # debootstrap (when not cached), docker import, the containerd preload
+    made: list[str] = field(default_factory=list)  # every image tag made on the way
 
     def remove(self) -> None:
-        sh("docker", "image", "rm", "--force", self.tag, self.base_tag, check=False)
+        sh("docker", "image", "rm", "--force", *reversed(self.made), check=False)
 
 
 @contextlib.contextmanager
 def node_image(python: str, source: Path = REPO) -> Iterator[NodeImage]:
-    """The node image with criopy from `source`, built for one test module and removed after it (the base
-    tarball and the dependencies' wheels stay cached)."""
+    """The node image with criopy from `source` over a kind-like base (containerd with a preloaded image),
+    built for one test module and removed after it (the base tarball and dependencies' wheels stay cached)."""
     suffix = secrets.token_hex(4)
-    base_tag, tag = f"criopy-test/node-base:{suffix}", f"criopy-test/node:{suffix}"
-    started = time.monotonic()
-    tarball = base_tarball()
-    import_base(tarball, base_tag)
-    base_seconds = time.monotonic() - started
+    plain, base, tag = (f"criopy-test/{name}:{suffix}" for name in ("node-base", "node-base-preloaded", "node"))
     with tempfile.TemporaryDirectory(prefix="criopy-wheels-") as wheels:
-        image = NodeImage(tag, base_tag, Path(wheels), base_seconds=base_seconds)
+        image = NodeImage(tag, Path(wheels), preloaded=f"criopy-test/preloaded:{suffix}")
         try:
+            started = time.monotonic()
+            image.made.append(plain)
+            import_base(base_tarball(), plain)
+            image.made.append(image.preloaded)
+            image.preloaded_id = build_busybox_image(image.preloaded, suffix)
+            image.made.append(base)
+            preload_into_containerd(plain, base, image.preloaded)
+            image.base_seconds = time.monotonic() - started
             build_wheels(image.wheels, python, source)
             started = time.monotonic()
-            build_node_image(base_tag, tag, image.wheels)
+            image.made.append(tag)
+            build_node_image(base, tag, image.wheels)
             image.build_seconds = time.monotonic() - started
             yield image
         finally:
