@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -149,8 +150,13 @@ class AdminServer:
 
 async def run_import(images: ImageManager, fd: int, spool_dir: Path) -> list[ImageSummary]:
     """Import the archive readable on `fd` (the daemon's way and the CLI's own, when no daemon runs)."""
-    with no_space_in(spool_dir, "spooling an image archive"):
-        source = await asyncio.to_thread(source_file, fd, spool_dir)
+    stop = threading.Event()
+    try:
+        with no_space_in(spool_dir, "spooling an image archive"):
+            source = await asyncio.to_thread(source_file, fd, spool_dir, stop)
+    except asyncio.CancelledError:
+        stop.set()  # the thread would wait for the pipe's writer, and the daemon's stop for the thread
+        raise
     with source:
         return await import_archive(images, source)
 

@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ from cri.system import faults
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_STOP_POLL_MS = 200  # how soon a spooling thread notices that the import was stopped
 
 
 class ImageNotFound(NotFound):
@@ -60,23 +63,36 @@ class ImageSummary:
     names: list[str]
 
 
-def source_file(fd: int, spool_dir: Path) -> BinaryIO:
+def source_file(fd: int, spool_dir: Path, stop: threading.Event | None = None) -> BinaryIO:
     """A seekable file to read an archive from: the file behind `fd`, or a spooled copy of a pipe's stream.
 
     The copy is an O_TMPFILE under the storage root: never visible, gone with
-    the last descriptor even after a crash. Blocking. The caller keeps `fd`.
+    the last descriptor even after a crash. Blocking; a pipe whose writer
+    never closes it is given up once `stop` is set (the daemon is stopping).
+    The caller keeps `fd`: the copy reads a duplicate, which the caller may close meanwhile.
     """
     if stat.S_ISREG(os.fstat(fd).st_mode):
         return os.fdopen(os.dup(fd), "rb")
     spool_dir.mkdir(parents=True, exist_ok=True)
     spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - the caller closes it
+    own = os.dup(fd)
     try:
-        while chunk := os.read(fd, _CHUNK):
+        poller = select.poll()
+        poller.register(own, select.POLLIN)
+        while True:
+            while not poller.poll(_STOP_POLL_MS):
+                if stop is not None and stop.is_set():
+                    raise InterruptedError("the import was stopped while the archive was still arriving")
+            chunk = os.read(own, _CHUNK)
+            if not chunk:
+                break
             spool.write(chunk)
         spool.seek(0)
     except BaseException:
         spool.close()
         raise
+    finally:
+        os.close(own)
     return spool
 
 

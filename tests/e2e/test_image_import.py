@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,12 +42,16 @@ def env(make_daemon, registry: Registry, busybox: str) -> Iterator[Env]:
         yield env
 
 
-def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def cli_argv(daemon: Daemon, *args: str) -> list[str]:
     """`criopy images ...` with the daemon's own flags, as an operator runs it."""
     flags = ["--config", str(daemon.config_file), "--config-dir", str(daemon.base / "criopy.d")]
     flags += ["--root", str(daemon.root), "--runroot", str(daemon.runroot), "--listen", daemon.socket]
+    return [sys.executable, "-m", "cri", "images", *args, *flags]
+
+
+def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "cri", "images", *args, *flags],
+        cli_argv(daemon, *args),
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
@@ -208,6 +214,47 @@ def test_an_import_while_stopped_that_moves_the_tag_of_a_containers_image_keeps_
     assert kept.id == used.image_id
     assert list(kept.repo_tags) == []
     assert len(env.daemon.stored()["layers"]) >= len(used.layers) + 1  # its own layer, beside newer's
+
+
+def test_a_daemon_stopped_while_an_import_waits_on_a_pipe_stops_and_the_cli_says_so(env: Env) -> None:
+    """A writer that never closes its end must not keep the daemon from stopping (SIGTERM, not the kill)."""
+    read_end, write_end = os.pipe()
+    try:
+        cli_proc = subprocess.Popen(
+            cli_argv(env.daemon, "import", "-"),
+            stdin=read_end,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            cwd=REPO,
+        )
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, b"not all of an archive")
+        pipe = f"pipe:[{os.fstat(write_end).st_ino}]"
+        assert env.daemon.proc is not None
+        daemon_fds = Path(f"/proc/{env.daemon.proc.pid}/fd")
+        deadline = time.monotonic() + 30
+        while not any(_link(fd) == pipe for fd in daemon_fds.iterdir()):  # the daemon holds our pipe now
+            assert time.monotonic() < deadline, "the daemon never received the pipe"
+            time.sleep(0.05)
+
+        assert env.daemon.stop(timeout=20) == 0
+
+        _out, err = cli_proc.communicate(timeout=30)
+        assert cli_proc.returncode == 1
+        assert b"images import: " in err
+    finally:
+        os.close(write_end)
+        if read_end >= 0:
+            os.close(read_end)
+
+
+def _link(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def test_the_admin_socket_is_root_only_and_refuses_bad_requests(env: Env, tmp_path: Path) -> None:
