@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from cri.errors import CriError, no_space_in
 from cri.images.archive import ArchiveError
-from cri.images.imports import ImageSummary, export_images, import_archive, source_file
+from cri.images.imports import ImageSummary, StoppableOutput, export_images, import_archive, source_file
 from cri.images.manager import ImageManager
 from cri.log import event
 
@@ -162,8 +162,15 @@ async def run_import(images: ImageManager, fd: int, spool_dir: Path) -> list[Ima
 
 
 async def run_export(images: ImageManager, refs: list[str], fd: int) -> list[ImageSummary]:
-    with os.fdopen(os.dup(fd), "wb") as out:
-        return await export_images(images, refs, out)
+    stop = threading.Event()
+    out = StoppableOutput(fd, stop)
+    try:
+        return await export_images(images, refs, cast(BinaryIO, out))  # write() is all tarfile uses
+    except asyncio.CancelledError:
+        stop.set()  # the thread would wait for the pipe's reader, and the daemon's stop for the thread
+        raise
+    finally:
+        out.close()
 
 
 def _check_peer(conn: socket.socket) -> None:

@@ -96,6 +96,45 @@ def source_file(fd: int, spool_dir: Path, stop: threading.Event | None = None) -
     return spool
 
 
+class StoppableOutput:
+    """Where an export writes: a duplicate of the caller's descriptor, written whole, that gives up once `stop` is set.
+
+    A pipe whose reader does not read would block the writing thread for good, and the daemon's stop with it:
+    so a pipe or socket is written PIPE_BUF bytes at a time, each once poll says it fits. close() waits for a
+    write in progress, so the descriptor is never closed (and its number reused) under it.
+    """
+
+    def __init__(self, fd: int, stop: threading.Event) -> None:
+        self._fd = os.dup(fd)
+        self._stop = stop
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLOUT)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        step = len(view) if self._regular else select.PIPE_BUF
+        done = 0
+        while done < len(view):
+            with self._lock:
+                if self._closed or self._stop.is_set():
+                    raise InterruptedError("the export was stopped before its reader took it all")
+                if self._regular or self._poller.poll(_STOP_POLL_MS):
+                    done += os.write(self._fd, view[done : done + step])
+        return done
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+
 async def import_archive(manager: ImageManager, source: BinaryIO) -> list[ImageSummary]:
     """Import every image of the archive `source` (seekable), or none; ArchiveError says why not."""
     started = time.monotonic()

@@ -250,6 +250,39 @@ def test_a_daemon_stopped_while_an_import_waits_on_a_pipe_stops_and_the_cli_says
             os.close(read_end)
 
 
+def test_a_daemon_stopped_while_an_export_waits_on_a_full_pipe_stops_and_the_cli_says_so(env: Env) -> None:
+    """A reader that never reads must not keep the daemon from stopping either."""
+    read_end, write_end = os.pipe()
+    try:
+        cli_proc = subprocess.Popen(
+            cli_argv(env.daemon, "export", env.image, "-o", "-"),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            cwd=REPO,
+        )
+        os.close(write_end)
+        write_end = -1
+        pipe = f"pipe:[{os.fstat(read_end).st_ino}]"
+        assert env.daemon.proc is not None
+        daemon_fds = Path(f"/proc/{env.daemon.proc.pid}/fd")
+        deadline = time.monotonic() + 30
+        while not any(_link(fd) == pipe for fd in daemon_fds.iterdir()):  # the daemon writes into our pipe now
+            assert time.monotonic() < deadline, "the daemon never received the pipe"
+            time.sleep(0.05)
+
+        assert env.daemon.stop(timeout=20) == 0
+
+        _out, err = cli_proc.communicate(timeout=30)
+        assert cli_proc.returncode == 1
+        assert b"images export: " in err
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
 def _link(path: Path) -> str:
     try:
         return os.readlink(path)
