@@ -128,7 +128,8 @@ async def _expect(child: asyncio.subprocess.Process, wanted: str) -> None:
     if line == wanted:
         return
     if line.startswith("sysctl\t"):
-        _, key, value, code = line.split("\t")
+        _, key, rest = line.split("\t", 2)
+        value, code = rest.rsplit("\t", 1)  # a value may hold tabs, as the kernel prints some ("32768\t60999")
         raise InvalidArgument(f"config.linux.sysctls[{key}]", f"sysctl {key}={value}: {os.strerror(int(code))}")
     await _finish(child)
     stderr = (await child.stderr.read()).decode(errors="replace").strip() if child.stderr else ""

@@ -386,6 +386,16 @@ def test_a_sysctl_the_pods_namespaces_refuse_is_invalid_and_nothing_is_left(env:
     assert all(_pins(env, kind) == [] for kind in ("user", "net", "ipc", "uts"))
 
 
+def test_a_refused_sysctl_whose_value_has_tabs_is_invalid_naming_it(env: Env) -> None:
+    """Values as the kernel prints them ("32768\t60999"): the child's report of the refusal must still parse."""
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(env, host_offset(), sysctls={"net.ipv4.ip_local_port_range": "2000\t1000"})  # low above high
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith("config.linux.sysctls[net.ipv4.ip_local_port_range]: "), err.value.details()
+    assert list(env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+    assert all(_pins(env, kind) == [] for kind in ("user", "net", "ipc", "uts"))
+
+
 def test_a_container_cannot_ask_for_another_user_namespace_than_its_pods(env: Env) -> None:
     host_id = host_offset()
     for pod_host_id, asked in ((None, userns_options(host_id)), (host_id, userns_options(0, mode=pb.NODE))):
