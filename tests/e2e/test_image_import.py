@@ -8,6 +8,7 @@ the CLI takes the lock and writes the store itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -218,69 +219,55 @@ def test_an_import_while_stopped_that_moves_the_tag_of_a_containers_image_keeps_
 
 def test_a_daemon_stopped_while_an_import_waits_on_a_pipe_stops_and_the_cli_says_so(env: Env) -> None:
     """A writer that never closes its end must not keep the daemon from stopping (SIGTERM, not the kill)."""
-    read_end, write_end = os.pipe()
-    try:
-        cli_proc = subprocess.Popen(
-            cli_argv(env.daemon, "import", "-"),
-            stdin=read_end,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=clean_env(),
-            cwd=REPO,
-        )
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, b"not all of an archive")
-        pipe = f"pipe:[{os.fstat(write_end).st_ino}]"
-        assert env.daemon.proc is not None
-        daemon_fds = Path(f"/proc/{env.daemon.proc.pid}/fd")
-        deadline = time.monotonic() + 30
-        while not any(_link(fd) == pipe for fd in daemon_fds.iterdir()):  # the daemon holds our pipe now
-            assert time.monotonic() < deadline, "the daemon never received the pipe"
-            time.sleep(0.05)
-
+    with cli_on_a_stalled_pipe(env, "import", "-") as cli_proc:
         assert env.daemon.stop(timeout=20) == 0
-
         _out, err = cli_proc.communicate(timeout=30)
-        assert cli_proc.returncode == 1
-        assert b"images import: " in err
-    finally:
-        os.close(write_end)
-        if read_end >= 0:
-            os.close(read_end)
+    assert cli_proc.returncode == 1
+    assert b"images import: " in err
 
 
 def test_a_daemon_stopped_while_an_export_waits_on_a_full_pipe_stops_and_the_cli_says_so(env: Env) -> None:
     """A reader that never reads must not keep the daemon from stopping either."""
+    with cli_on_a_stalled_pipe(env, "export", env.image, "-o", "-") as cli_proc:
+        assert env.daemon.stop(timeout=20) == 0
+        _out, err = cli_proc.communicate(timeout=30)
+    assert cli_proc.returncode == 1
+    assert b"images export: " in err
+
+
+@contextlib.contextmanager
+def cli_on_a_stalled_pipe(env: Env, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The CLI reading (import -) or writing (-o -) a pipe whose other end this test holds and leaves idle.
+
+    Yields once the daemon holds the pipe; the CLI is killed and the pipe closed whatever happens."""
+    reads = args[0] == "import"
     read_end, write_end = os.pipe()
+    ours, theirs = (write_end, read_end) if reads else (read_end, write_end)
+    proc = subprocess.Popen(
+        cli_argv(env.daemon, *args),
+        stdin=theirs if reads else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if reads else theirs,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=REPO,
+    )
     try:
-        cli_proc = subprocess.Popen(
-            cli_argv(env.daemon, "export", env.image, "-o", "-"),
-            stdin=subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            env=clean_env(),
-            cwd=REPO,
-        )
-        os.close(write_end)
-        write_end = -1
-        pipe = f"pipe:[{os.fstat(read_end).st_ino}]"
+        os.close(theirs)
+        if reads:
+            os.write(ours, b"not all of an archive")
+        pipe = f"pipe:[{os.fstat(ours).st_ino}]"
         assert env.daemon.proc is not None
         daemon_fds = Path(f"/proc/{env.daemon.proc.pid}/fd")
         deadline = time.monotonic() + 30
-        while not any(_link(fd) == pipe for fd in daemon_fds.iterdir()):  # the daemon writes into our pipe now
+        while not any(_link(fd) == pipe for fd in daemon_fds.iterdir()):
             assert time.monotonic() < deadline, "the daemon never received the pipe"
             time.sleep(0.05)
-
-        assert env.daemon.stop(timeout=20) == 0
-
-        _out, err = cli_proc.communicate(timeout=30)
-        assert cli_proc.returncode == 1
-        assert b"images export: " in err
+        yield proc
     finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        os.close(ours)
 
 
 def _link(path: Path) -> str:
