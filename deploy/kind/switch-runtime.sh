@@ -1,11 +1,17 @@
 #!/bin/sh
 # Build step of deploy/kind/Dockerfile, after install.sh --system: containerd off, criopy on, and the
 # images the base preloads into containerd's store moved into criopy's (a kind node must boot without
-# pulling its control-plane images). A base without containerd (the tests' Debian base) skips both.
+# pulling its control-plane images). A base without containerd skips both.
 set -eu
 
-if [ -e /etc/systemd/system/multi-user.target.wants/containerd.service ] ||
-   [ -e /lib/systemd/system/containerd.service ] || [ -e /etc/systemd/system/containerd.service ]; then
+etc_unit=/etc/systemd/system/containerd.service
+if [ -e "$etc_unit" ] || [ -e /lib/systemd/system/containerd.service ] || [ -e /usr/lib/systemd/system/containerd.service ]; then
+  systemctl disable containerd.service 2>/dev/null || true
+  # kind ships its unit as a file in /etc/systemd/system, where `systemctl mask` refuses to put its link:
+  # kept aside under a name systemd does not load.
+  if [ -f "$etc_unit" ] && [ ! -L "$etc_unit" ]; then
+    mv "$etc_unit" "$etc_unit.before-criopy"
+  fi
   # Masked, not only disabled: kind's units and the kubelet's drop-ins may still name it.
   systemctl mask containerd.service
   echo "switch-runtime: containerd masked"
