@@ -184,7 +184,9 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
                 if existing is not None:
                     record.pinned = record.pinned or existing.pinned
                     record.created_at = existing.created_at
-            orphans = await asyncio.to_thread(manager.index.put_many, entries, manager._in_use)
+            # Asked here, on the loop: the containers' table changes there, not under a thread's iteration.
+            in_use = frozenset(image.id for image in manager.index.all() if manager._in_use(image.id))
+            orphans = await asyncio.to_thread(manager.index.put_many, entries, in_use.__contains__)
             faults.point("image.import.recorded")
             if orphans:
                 await asyncio.to_thread(manager._free_unreferenced)
