@@ -17,6 +17,13 @@ if [ -e "$etc_unit" ] || [ -e /lib/systemd/system/containerd.service ] || [ -e /
   echo "switch-runtime: containerd masked"
 fi
 
+# The base's crictl config names containerd's socket (kind writes one); install.sh leaves an existing file
+# alone, but this one is part of the runtime being replaced.
+if grep -q "containerd.sock" /etc/crictl.yaml 2>/dev/null; then
+  install -m 0644 "$(dirname "$0")/../../conf/crictl.yaml" /etc/crictl.yaml
+  echo "switch-runtime: /etc/crictl.yaml points at criopy"
+fi
+
 if ! command -v containerd >/dev/null || ! command -v ctr >/dev/null; then
   echo "switch-runtime: no containerd in the base, no preloaded images to move"
   exit 0

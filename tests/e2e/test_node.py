@@ -175,6 +175,7 @@ def test_the_images_the_base_held_in_containerd_moved_into_criopy_and_containerd
     assert node.exec("systemctl", "is-enabled", "containerd", check=False).stdout.strip() == "masked"
     assert node.exec("systemctl", "is-active", "containerd", check=False).stdout.strip() == "inactive"
     assert node.exec("test", "-e", "/var/lib/containerd", check=False).returncode == 1
+    assert node.exec("cat", "/etc/crictl.yaml").stdout == (ni.REPO / "conf" / "crictl.yaml").read_text()
 
 
 def test_a_pod_on_the_node_bridge_serves_its_ip_logs_exec_and_port_forward(node: ni.Node, busybox: str, cri) -> None:

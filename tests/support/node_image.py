@@ -45,9 +45,10 @@ NODE_PACKAGES = (
 PRELOAD_DOCKERFILE = """\
 FROM {base}
 COPY preloaded.tar /tmp/preload/
-# kind ships its containerd unit as a file in /etc/systemd/system, enabled.
+# kind ships its containerd unit as a file in /etc/systemd/system, enabled, and a crictl config for it.
 RUN cp /lib/systemd/system/containerd.service /etc/systemd/system/containerd.service && \\
-    systemctl enable containerd.service
+    systemctl enable containerd.service && \\
+    echo "runtime-endpoint: unix:///run/containerd/containerd.sock" > /etc/crictl.yaml
 RUN set -eu; containerd >/tmp/preload/containerd.log 2>&1 & pid=$!; i=0; \\
     until ctr version >/dev/null 2>&1; do \\
       i=$((i + 1)); [ $i -lt 100 ] || {{ cat /tmp/preload/containerd.log; exit 1; }}; sleep 0.1; \\
