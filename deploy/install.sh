@@ -15,9 +15,10 @@
 #        files stay; container data under /var/lib/criopy stays unless --purge, which is refused while
 #        containers run (their conmon) and then removes /var/lib/criopy and /run/criopy.
 #
-# Idempotent: a second run changes nothing. It never overwrites a file that is already there, except the
-# ones it owns outright (/opt/criopy, the unit under /usr/local/lib/systemd/system); operators override
-# the unit with a drop-in or a copy in /etc/systemd/system.
+# Idempotent: a second run (with the same wheels) changes nothing. It never overwrites a file that is
+# already there, except the ones it owns outright (/opt/criopy, the unit under
+# /usr/local/lib/systemd/system); operators override the unit with a drop-in or a copy in
+# /etc/systemd/system.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
