@@ -86,10 +86,18 @@ class ArchivedImage:
     layers: list[Blob]  # foreign layers are left out (never fetched, never unpacked)
     diff_ids: list[str]  # of the kept layers, in order
     annotations: dict[str, str] = field(default_factory=dict)
+    # (digest, bytes) of the image index the archive names the image by, when it does (docker 25's save,
+    # containerd's export of a multi-platform image): a pull of that name records name@<index digest>.
+    named_by: tuple[str, bytes] | None = None
 
     @property
     def id(self) -> str:
         return self.config.digest
+
+    @property
+    def repo_digest(self) -> str:
+        """The digest name@digest pulls this image by: its index's when it came through one."""
+        return self.named_by[0] if self.named_by is not None else self.manifest_digest
 
 
 def sha256(data: bytes) -> str:
@@ -306,7 +314,9 @@ def _image_at(archive: TarArchive, desc: dict[str, Any], names: list[str], host:
             chosen = choose(body, host)
         except NoMatchingPlatform as exc:
             raise ArchiveError(f"{what}: image index {digest}: {exc}") from exc
-        return _image_at(archive, chosen, names, host, f"{what} (index {digest}, platform {host})")
+        image = _image_at(archive, chosen, names, host, f"{what} (index {digest}, platform {host})")
+        image.named_by = (digest, data)  # set last by the outermost index, the one the archive names
+        return image
     if media_type not in _MANIFESTS and not (not media_type and "layers" in body):
         raise ArchiveError(f"{what}: manifest {digest} has unsupported media type {media_type!r}")
     return _from_manifest(archive, data, digest, media_type or OCI_MANIFEST, body, names=names)

@@ -217,11 +217,15 @@ def _keys(image: ArchivedImage, layers: list[LayerRef]) -> list[str]:
 
 
 def _blob_digests(image: ArchivedImage) -> list[str]:
-    return list(dict.fromkeys([image.manifest_digest, image.config.digest, *(b.digest for b in image.layers)]))
+    """Every blob the image holds in the content store: its index (as a pull keeps it), manifest, config, layers."""
+    digests = [image.repo_digest, image.manifest_digest, image.config.digest, *(b.digest for b in image.layers)]
+    return list(dict.fromkeys(digests))
 
 
 async def _store_blobs(manager: ImageManager, archive: TarArchive, image: ArchivedImage) -> None:
     await manager.content.put_bytes(image.manifest_digest, image.manifest)
+    if image.named_by is not None:
+        await manager.content.put_bytes(*image.named_by)
     for blob in [image.config, *image.layers]:
         if not manager.content.has(blob.digest):
             await _copy_blob(manager, archive, blob)
@@ -260,7 +264,7 @@ def _names(image: ArchivedImage) -> list[tuple[str, str]]:
     if image.manifest_in_archive:
         # A manifest that came with the archive is the one a registry serves: name@digest pulls it.
         repos = dict.fromkeys(reference.parse(name).name for name in image.names)
-        names += [(f"{repo}@{image.manifest_digest}", "digest") for repo in repos]
+        names += [(f"{repo}@{image.repo_digest}", "digest") for repo in repos]
     return names
 
 

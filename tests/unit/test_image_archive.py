@@ -352,3 +352,16 @@ def test_an_import_that_moves_the_last_tag_of_an_image_in_use_keeps_that_image(t
     finally:
         asyncio.run(images.close())
         store.close()
+
+
+def test_an_image_named_through_an_index_gets_the_repo_digest_a_pull_of_that_name_gives(manager: ImageManager) -> None:
+    """docker 25's save and containerd's export name a multi-platform image by its index: a pull records
+    name@<index digest> (what a pod pinned by digest asks for), so an import must too, and keep the index."""
+    index = ib.multi_arch_index()
+    [summary] = asyncio.run(import_archive(manager, io.BytesIO(oci_archive([(index, ["multi:latest"])]))))
+    assert summary.id == index.manifests[0].image_id
+    record = manager.find(f"docker.io/library/multi@{index.manifest_digest}")
+    assert record is not None and record.id == index.manifests[0].image_id
+    assert record.repo_digests == [f"docker.io/library/multi@{index.manifest_digest}"]
+    assert manager.content.has(index.manifest_digest)
+    assert record.manifest_digest == index.manifests[0].manifest_digest  # what runs: the host's manifest
