@@ -89,6 +89,7 @@ class ArchivedImage:
     # (digest, bytes) of the image index the archive names the image by, when it does (docker 25's save,
     # containerd's export of a multi-platform image): a pull of that name records name@<index digest>.
     named_by: tuple[str, bytes] | None = None
+    digest_repos: list[str] = field(default_factory=list)  # repositories named by repo@digest alone, no tag
 
     @property
     def id(self) -> str:
@@ -228,6 +229,7 @@ def _merge(found: dict[str, ArchivedImage], image: ArchivedImage) -> None:
         found[image.id] = image
         return
     existing.names = list(dict.fromkeys([*existing.names, *image.names]))
+    existing.digest_repos = list(dict.fromkeys([*existing.digest_repos, *image.digest_repos]))
 
 
 def _json(archive: TarArchive, name: str, what: str) -> Any:
@@ -278,11 +280,14 @@ def _layout_images(archive: TarArchive, host: Platform) -> Iterator[ArchivedImag
         what = f"index.json manifests[{position}]"
         if not isinstance(entry, dict):
             raise ArchiveError(f"{what} is not a descriptor")
-        names = _names_of(entry.get("annotations") or {}, what)
-        yield _image_at(archive, entry, names, host, what)
+        names, digest_repos = _names_of(entry.get("annotations") or {}, what, entry.get("digest"))
+        image = _image_at(archive, entry, names, host, what)
+        image.digest_repos = digest_repos
+        yield image
 
 
-def _names_of(annotations: Any, what: str) -> list[str]:
+def _names_of(annotations: Any, what: str, digest: Any) -> tuple[list[str], list[str]]:
+    """(tags, repositories named by digest alone) of an index.json entry whose descriptor has `digest`."""
     if not isinstance(annotations, dict):
         raise ArchiveError(f"{what}: annotations is not an object")
     full = annotations.get(NAME_ANNOTATION)
@@ -290,8 +295,15 @@ def _names_of(annotations: Any, what: str) -> list[str]:
     # The OCI spec lets ref.name be just a tag ("latest"): it names no repository, so it is no name here.
     text = full or (ref_name if isinstance(ref_name, str) and ("/" in ref_name or ":" in ref_name) else None)
     if not text:
-        return []
-    return [_tag_name(str(text), what)]
+        return [], []
+    with contextlib.suppress(reference.ReferenceError):
+        ref = reference.parse(str(text))
+        if ref.tag is None and ref.digest is not None:
+            # containerd's name of an image pulled by digest: a repo digest, no tag (_tag_name refuses it).
+            if ref.digest != digest:
+                raise ArchiveError(f"{what}: image name {text!r} names digest {ref.digest}, the entry is {digest}")
+            return [], [ref.name]
+    return [_tag_name(str(text), what)], []
 
 
 def _tag_name(text: str, what: str) -> str:

@@ -263,7 +263,7 @@ def _names(image: ArchivedImage) -> list[tuple[str, str]]:
     names = [(name, "tag") for name in image.names]
     if image.manifest_in_archive:
         # A manifest that came with the archive is the one a registry serves: name@digest pulls it.
-        repos = dict.fromkeys(reference.parse(name).name for name in image.names)
+        repos = dict.fromkeys([*(reference.parse(name).name for name in image.names), *image.digest_repos])
         names += [(f"{repo}@{image.repo_digest}", "digest") for repo in repos]
     return names
 

@@ -365,3 +365,30 @@ def test_an_image_named_through_an_index_gets_the_repo_digest_a_pull_of_that_nam
     assert record.repo_digests == [f"docker.io/library/multi@{index.manifest_digest}"]
     assert manager.content.has(index.manifest_digest)
     assert record.manifest_digest == index.manifests[0].manifest_digest  # what runs: the host's manifest
+
+
+def test_a_layout_entry_named_by_digest_alone_imports_with_that_repo_digest(manager: ImageManager) -> None:
+    """containerd names an image pulled by digest `repo@sha256:…` (no tag): its export is imported, untagged."""
+    img = image()
+    data = _renamed(oci_archive([(img, ["app:v1"])]), f"registry.example/team/app@{img.manifest_digest}")
+    [summary] = asyncio.run(import_archive(manager, io.BytesIO(data)))
+    assert summary.id == img.image_id
+    record = manager.find(f"registry.example/team/app@{img.manifest_digest}")
+    assert record is not None and record.repo_tags == []
+    assert record.repo_digests == [f"registry.example/team/app@{img.manifest_digest}"]
+    other = "sha256:" + "0" * 64
+    assert f"names digest {other}" in refused(_renamed(oci_archive([(img, ["app:v1"])]), f"app@{other}"))
+
+
+def _renamed(data: bytes, name: str) -> bytes:
+    """The layout with its one index.json entry named `name` (containerd's annotation only)."""
+    entries = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            stream = tar.extractfile(member)
+            if stream is not None:
+                entries[member.name] = stream.read()
+    index = json.loads(entries["index.json"])
+    index["manifests"][0]["annotations"] = {"io.containerd.image.name": name}
+    entries["index.json"] = json.dumps(index).encode()
+    return _tar(entries)
