@@ -436,17 +436,7 @@ def test_status_reports_no_user_namespaces_where_the_storage_cannot_be_idmapped(
     linux.mount("overlay", str(daemon.root), "overlay", 0, options)
     try:
         daemon.start()
-        handlers = daemon.runtime().Status(pb.StatusRequest(), timeout=10).runtime_handlers
-        assert handlers and not any(h.features.user_namespaces for h in handlers)
-        assert "user namespaces unavailable" in daemon.log() and "MOUNT_ATTR_IDMAP" in daemon.log()
-        # A pod asking for one anyway is refused with the reason, not run as host root.
-        config = pod_config()
-        config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
-        with pytest.raises(grpc.RpcError) as err:
-            daemon.runtime().RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(f"{SC}.userns_options: runtime handler ")
-        assert "MOUNT_ATTR_IDMAP" in err.value.details()
+        assert_no_user_namespaces(daemon, because="MOUNT_ATTR_IDMAP")
         daemon.stop()
     finally:
         daemon.stop()
@@ -455,17 +445,22 @@ def test_status_reports_no_user_namespaces_where_the_storage_cannot_be_idmapped(
 
 def test_the_vfs_storage_driver_reports_no_user_namespaces_and_refuses_such_a_pod(make_daemon) -> None:
     """vfs copies are not overlays of idmappable layers: Status says so, and a pod is refused, not its containers."""
-    daemon = make_daemon("storage:\n  driver: vfs\n")
+    assert_no_user_namespaces(make_daemon("storage:\n  driver: vfs\n"), because="vfs storage driver")
+
+
+def assert_no_user_namespaces(daemon: Daemon, because: str) -> None:
+    """Status says no handler runs user namespaces, the log says why, and a pod asking for one is refused so."""
     handlers = daemon.runtime().Status(pb.StatusRequest(), timeout=10).runtime_handlers
     assert handlers and not any(h.features.user_namespaces for h in handlers)
-    assert "user namespaces unavailable" in daemon.log() and "vfs" in daemon.log()
+    assert "user namespaces unavailable" in daemon.log() and because in daemon.log()
+    # A pod asking for one anyway is refused with the reason, not run as host root.
     config = pod_config()
     config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_offset()))
     with pytest.raises(grpc.RpcError) as err:
         daemon.runtime().RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{SC}.userns_options: runtime handler "), err.value.details()
-    assert "vfs" in err.value.details()
+    assert because in err.value.details()
     assert list(daemon.runtime().ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
 
 

@@ -167,14 +167,19 @@ def _tar(entries: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def _without(data: bytes, drop: str) -> bytes:
+def _entries(data: bytes) -> dict[str, bytes]:
+    """The regular members of a tar, by name."""
     entries = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
             stream = tar.extractfile(member)
-            if member.name != drop and stream is not None:
+            if stream is not None:
                 entries[member.name] = stream.read()
-    return _tar(entries)
+    return entries
+
+
+def _without(data: bytes, drop: str) -> bytes:
+    return _tar({name: body for name, body in _entries(data).items() if name != drop})
 
 
 # ---- importing into a store ----------------------------------------------------------------
@@ -382,12 +387,7 @@ def test_a_layout_entry_named_by_digest_alone_imports_with_that_repo_digest(mana
 
 def _renamed(data: bytes, name: str) -> bytes:
     """The layout with its one index.json entry named `name` (containerd's annotation only)."""
-    entries = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar.getmembers():
-            stream = tar.extractfile(member)
-            if stream is not None:
-                entries[member.name] = stream.read()
+    entries = _entries(data)
     index = json.loads(entries["index.json"])
     index["manifests"][0]["annotations"] = {"io.containerd.image.name": name}
     entries["index.json"] = json.dumps(index).encode()
