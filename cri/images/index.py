@@ -152,8 +152,26 @@ class ImageIndex:
         Returns the images the new names left with no name, which are forgotten; an image in_use (a
         container's rootfs or volume is made of its layers) stays, untagged, as RemoveImage leaves it.
         """
+        # The stored images' names as they are: they lose some below, and get them back if the database refuses.
+        owners = {self._names[name] for _record, names in entries for name, _kind in names if name in self._names}
+        before = {i: (list(self._images[i].repo_tags), list(self._images[i].repo_digests)) for i in owners}
         losers = self._assign_names(entries)
         orphans = [image for image in losers.values() if not image.names and not image.pinned and not in_use(image.id)]
+        try:
+            self._record(entries, orphans)
+        except BaseException:
+            for image in losers.values():
+                image.repo_tags[:], image.repo_digests[:] = before[image.id]
+            raise
+        for record, names in entries:
+            self._images[record.id] = record
+            for name, _kind in names:
+                self._names[name] = record.id
+        for image in orphans:
+            self._images.pop(image.id, None)
+        return orphans
+
+    def _record(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]], orphans: list[ImageRecord]) -> None:
         with self._store.transaction() as conn:
             for record, names in entries:
                 _write(conn, record)
@@ -165,13 +183,6 @@ class ImageIndex:
                     )
             for image in orphans:
                 conn.execute("DELETE FROM images WHERE id = ?", (image.id,))
-        for record, names in entries:
-            self._images[record.id] = record
-            for name, _kind in names:
-                self._names[name] = record.id
-        for image in orphans:
-            self._images.pop(image.id, None)
-        return orphans
 
     def _assign_names(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> dict[str, ImageRecord]:
         """Give the batch's records their stored names and the new ones; image ID -> a stored image that lost one.

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import sqlite3
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,10 @@ import pytest
 
 from cri.config import Config
 from cri.errors import InvalidArgument
+from cri.images import index as index_module
 from cri.images.archive import ArchivedImage, ArchiveError, TarArchive, read_images
 from cri.images.imports import export_images, import_archive
-from cri.images.index import ImageIndex
+from cri.images.index import ImageIndex, ImageRecord
 from cri.images.manager import ImageManager
 from cri.images.platform import host_platform
 from cri.state import Store
@@ -392,3 +394,21 @@ def _renamed(data: bytes, name: str) -> bytes:
     index["manifests"][0]["annotations"] = {"io.containerd.image.name": name}
     entries["index.json"] = json.dumps(index).encode()
     return _tar(entries)
+
+
+def test_a_failed_recording_leaves_the_stored_images_names_as_they_were(
+    manager: ImageManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refusing the import (a full disk) must not leave memory saying the old image lost its tag."""
+    old, new = image(b"old\n"), image(b"new\n")
+    asyncio.run(import_archive(manager, io.BytesIO(docker_save([(old, ["app:1"]), (old, ["app:2"])]))))
+
+    def full(conn: sqlite3.Connection, record: ImageRecord) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(index_module, "_write", full)
+    with pytest.raises(sqlite3.OperationalError):
+        asyncio.run(import_archive(manager, io.BytesIO(docker_save([(new, ["app:1"])]))))
+    kept = manager.find("app:1")
+    assert kept is not None and kept.id == old.image_id
+    assert kept.repo_tags == ["docker.io/library/app:1", "docker.io/library/app:2"]
