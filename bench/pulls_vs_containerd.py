@@ -324,7 +324,8 @@ def main() -> None:
                     times.setdefault((name, runtime.name), []).append(seconds)
                     if p99 is not None:
                         p99s.setdefault(name, []).append(p99)
-                    print(f"run {run + 1} {name:5} {runtime.name:28} {seconds:6.2f} s", flush=True)
+                    load = os.getloadavg()[0]  # the figures move with it: other work on the machine
+                    print(f"run {run + 1} {name:5} {runtime.name:28} {seconds:6.2f} s  (load {load:.1f})", flush=True)
         print()
         print(f"pull + unpack, page cache dropped before each, {args.runs} runs, {os.cpu_count()} cpus")
         for name in images:
