@@ -63,7 +63,19 @@ def export_images(config: Config, refs: list[str], output: str) -> list[ImageSum
             raise ImageCommandError("refusing to write an image archive to a terminal: redirect it or use -o FILE")
         sys.stdout.flush()
         return _execute(config, message, sys.stdout.fileno())
-    with _replacing(Path(output)) as fd:
+    target = Path(output)
+    if target.exists() and not target.is_file():
+        # A FIFO or a device (/dev/stdout, /dev/null), maybe through a symlink: written in place. Renaming a
+        # temp file over it would replace the node itself (and make /dev/null a regular file).
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageCommandError(f"cannot write {target}: {exc.strerror}") from exc
+        try:
+            return _execute(config, message, fd)
+        finally:
+            os.close(fd)
+    with _replacing(target.resolve()) as fd:  # through a symlink to a file: the file is replaced, the link kept
         return _execute(config, message, fd)
 
 

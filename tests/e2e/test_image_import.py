@@ -13,6 +13,7 @@ import io
 import json
 import os
 import secrets
+import select
 import signal
 import stat
 import subprocess
@@ -215,6 +216,48 @@ def test_an_import_while_stopped_that_moves_the_tag_of_a_containers_image_keeps_
     assert kept.id == used.image_id
     assert list(kept.repo_tags) == []
     assert len(env.daemon.stored()["layers"]) >= len(used.layers) + 1  # its own layer, beside newer's
+
+
+def test_export_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(env: Env, tmp_path: Path) -> None:
+    """-o names a FIFO (or /dev/stdout, /dev/null): written in place, never replaced by a regular file."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open now, so the CLI's open for writing does not wait
+    got = bytearray()
+    proc = subprocess.Popen(
+        cli_argv(env.daemon, "export", env.image, "-o", str(fifo)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([reader], [], [], 0.2)[0]:
+                got += os.read(reader, 1 << 16)  # b"" while no writer has it open
+        got += os.read(reader, 1 << 20) if select.select([reader], [], [], 0)[0] else b""
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        os.close(reader)
+    assert proc.returncode == 0, err.decode()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["out.fifo"]  # no temp file beside it either
+    with tarfile.open(fileobj=io.BytesIO(bytes(got))) as tar:
+        assert {"oci-layout", "index.json", "manifest.json"} <= set(tar.getnames())
+
+    # Through a symlink to a file, the file is replaced whole and the link stays a link.
+    (tmp_path / "real.tar").write_bytes(b"old")
+    (tmp_path / "link.tar").symlink_to("real.tar")
+    done = cli(env.daemon, "export", env.image, "-o", str(tmp_path / "link.tar"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert os.readlink(tmp_path / "link.tar") == "real.tar"
+    with tarfile.open(tmp_path / "real.tar") as tar:
+        assert "index.json" in tar.getnames()
 
 
 def test_a_daemon_stopped_while_an_import_waits_on_a_pipe_stops_and_the_cli_says_so(env: Env) -> None:
