@@ -192,6 +192,9 @@ class ContainerdDaemon(Runtime):
 
     def stop(self) -> None:
         if self.daemon is not None:
+            # It ran no pod, so no network namespace is its to remove: the ones made meanwhile belong to
+            # whatever else runs on the machine, which the harness would unmount and remove.
+            self.daemon._netns_before = None
             self.daemon.stop()
             self.daemon = None
         if self.base is not None:
