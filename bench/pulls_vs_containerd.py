@@ -147,7 +147,8 @@ class CriopyDaemon(Runtime):
         daemon = _CheckoutDaemon(base=base, config_file=config, extra_args=["--log-level", "info"])
         daemon.checkout = self.checkout
         daemon.env["PYTHONPATH"] = str(self.checkout)
-        self.daemon = daemon.start()
+        self.daemon = daemon  # before start(): stop() then ends a daemon that failed to get ready
+        daemon.start()
         return daemon.socket
 
     def stop(self) -> None:
@@ -238,8 +239,8 @@ class VersionProbe:
 
 
 def one_pull(runtime: Runtime, ref: str, probe: bool) -> tuple[float, float | None]:
-    socket = runtime.start()
     try:
+        socket = runtime.start()  # inside: a runtime that failed to start is stopped all the same
         drop_caches()
         version = VersionProbe(socket) if probe else None
         if version is not None:
