@@ -247,13 +247,17 @@ def _verified_json(archive: TarArchive, digest: str, what: str) -> tuple[bytes, 
     actual = sha256(data)
     if actual != digest:
         raise ArchiveError(f"digest mismatch of blob {digest} ({what}): its content hashes to {actual}")
+    return data, _json_object(data, f"{what} {digest}")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         body = json.loads(data)
     except ValueError as exc:
-        raise ArchiveError(f"{what} {digest} is not valid JSON: {exc}") from exc
+        raise ArchiveError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise ArchiveError(f"{what} {digest} is not a JSON object")
-    return data, body
+        raise ArchiveError(f"{what} is not a JSON object")
+    return body
 
 
 def _checked_digest(digest: Any, what: str) -> str:
@@ -428,12 +432,7 @@ def _docker_image(archive: TarArchive, entry: Any, what: str) -> ArchivedImage:
         raise ArchiveError(
             f"digest mismatch of blob {config_path} ({what} config): its content hashes to {config_digest}"
         )
-    try:
-        config_json = json.loads(config_data)
-    except ValueError as exc:
-        raise ArchiveError(f"{what}: config {config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config_json, dict):
-        raise ArchiveError(f"{what}: config {config_path} is not a JSON object")
+    config_json = _json_object(config_data, f"{what}: config {config_path}")
     diff_ids = _diff_ids(config_json, len(layer_paths), what)
     layers = [
         _docker_layer(archive, path, diff_id, f"{what} Layers[{i}]")
