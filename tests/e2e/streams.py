@@ -49,6 +49,14 @@ def pid_ns(env: Env, cid: str) -> str:
     return os.readlink(f"/proc/{info['pid']}/ns/pid")
 
 
+def wait_present(argv: list[str], timeout: float = 10) -> list[int]:
+    """The pids of argv once one runs: a shell that printed a line may not have exec'd its next command yet."""
+    end = time.monotonic() + timeout
+    while not (found := processes(argv)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return found
+
+
 def wait_gone(argv: list[str], timeout: float = 10) -> list[int]:
     end = time.monotonic() + timeout
     while (left := processes(argv)) and time.monotonic() < end:

@@ -11,7 +11,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from tests.e2e.containers import Env, running_env
-from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone, web_server_config
+from tests.e2e.streams import exec_url, pid_ns, processes, sleeper, wait_gone, wait_present, web_server_config
 from tests.streamclients import UpgradeRefused
 from tests.streamclients import remotecommand as rc
 from tests.support.registry_harness import Registry
@@ -141,7 +141,7 @@ def test_a_client_that_goes_away_mid_exec_leaves_no_process(env: Env) -> None:
         streams = await rc.open_exec_streams(url)
         assert streams.stdout is not None
         assert await streams.stdout.read(10) == b"ready\n"
-        assert processes(["sleep", "1003"])
+        assert wait_present(["sleep", "1003"])
         streams.abort()
 
     _run(go())
