@@ -9,6 +9,8 @@ Each pull goes to a fresh daemon on a fresh root (nothing cached), after `sync; 
 (the registry reads its blobs from disk too), through the same client: the CRI PullImage on each
 runtime's socket. The runtimes take turns within each run. While criopy pulls, a thread calls Version
 every 5 ms and the p99 of those round trips is printed: the event loop must stay responsive.
+The floor row is GNU tar extracting the same gzip blobs from local disk, a tar per layer on every core,
+page cache dropped: no runtime can turn these layers into files faster on this disk.
 
 `--baseline REV` also measures criopy as of REV (default 5cf5a2d, main before this work) from a git
 worktree in /tmp, made single-stream: its PARALLEL_DOWNLOADS set to 1 (layers one after another, each
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +259,37 @@ def one_pull(runtime: Runtime, ref: str, probe: bool) -> tuple[float, float | No
         runtime.stop()
 
 
+# -- the machine's floor --
+
+FLOOR = "floor: GNU tar, local blobs"
+
+
+def tar_floor(image: ib.Image) -> float:
+    """The machine's floor for turning these layers into files: GNU tar (C, zlib) extracting the image's gzip
+    blobs from local disk, one tar per layer, as many at once as there are cores, page cache dropped. No
+    network, registry, digest, fsync or bookkeeping: what any runtime pays at least on this disk."""
+    base = Path(tempfile.mkdtemp(prefix="floor-", dir="/tmp"))
+    try:
+        blobs = []
+        for i, layer in enumerate(image.layers):
+            blob = base / f"{i}.tar.gz"
+            blob.write_bytes(layer.blob)
+            blobs.append(blob)
+        drop_caches()
+        started = time.monotonic()
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(_untar, blobs))
+        return time.monotonic() - started
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _untar(blob: Path) -> None:
+    dest = blob.with_name(blob.name.split(".")[0])
+    dest.mkdir()
+    subprocess.run(["tar", "-xzf", str(blob), "-C", str(dest)], check=True, capture_output=True, timeout=600)
+
+
 # -- the baseline checkout --
 
 
@@ -322,7 +356,7 @@ def main() -> None:
         times: dict[tuple[str, str], list[float]] = {}
         p99s: dict[str, list[float]] = {}
         for run in range(args.runs):
-            for name in images:
+            for name, image in images.items():
                 for runtime in runtimes:
                     seconds, p99 = one_pull(runtime, refs[name], probe=runtime.name == "criopy")
                     times.setdefault((name, runtime.name), []).append(seconds)
@@ -330,14 +364,17 @@ def main() -> None:
                         p99s.setdefault(name, []).append(p99)
                     load = os.getloadavg()[0]  # the figures move with it: other work on the machine
                     print(f"run {run + 1} {name:5} {runtime.name:28} {seconds:6.2f} s  (load {load:.1f})", flush=True)
+                seconds = tar_floor(image)
+                times.setdefault((name, FLOOR), []).append(seconds)
+                print(f"run {run + 1} {name:5} {FLOOR:28} {seconds:6.2f} s", flush=True)
         print()
         print(f"pull + unpack, page cache dropped before each, {args.runs} runs, {os.cpu_count()} cpus")
         for name in images:
             ctd = statistics.median(times[(name, "containerd")])
-            for runtime in runtimes:
-                values = times[(name, runtime.name)]
+            for label in [runtime.name for runtime in runtimes] + [FLOOR]:
+                values = times[(name, label)]
                 ratio = statistics.median(values) / ctd
-                print(f"  {name:5} {runtime.name:28} {fmt(values)}  x{ratio:.2f} of containerd")
+                print(f"  {name:5} {label:28} {fmt(values)}  x{ratio:.2f} of containerd")
             if baseline is not None:
                 old = statistics.median(times[(name, runtimes[-1].name)])
                 new = statistics.median(times[(name, "criopy")])
