@@ -386,7 +386,10 @@ class ImageManager:
             if existing is not None:
                 record.pinned = record.pinned or existing.pinned
                 record.created_at = existing.created_at
-            orphans = await asyncio.to_thread(self.index.put, record, names)
+            # An image whose last name this pull takes stays, untagged, while a container runs from it (its
+            # rootfs is an overlay of its layers). Asked here, on the loop, where the containers' table changes.
+            in_use = frozenset(image.id for image in self.index.all() if self._in_use(image.id))
+            orphans = await asyncio.to_thread(self.index.put_many, [(record, names)], in_use.__contains__)
             if orphans:
                 await asyncio.to_thread(self._free_unreferenced)
         return record

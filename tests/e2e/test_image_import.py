@@ -362,3 +362,29 @@ def test_a_daemon_killed_during_an_import_has_the_images_whole_or_not_at_all(
     else:
         assert listed(daemon) == {}
         assert daemon.stored() == {"blobs": [], "layers": [], "temp": []}  # freed at the start
+
+
+def test_a_pull_that_moves_the_last_name_of_an_image_a_container_runs_keeps_that_image(
+    env: Env, registry: Registry, tmp_path: Path
+) -> None:
+    """An image imported without a repo digest has its tag for only name: a pull of that tag takes it. The
+    container running from the old image keeps its layers (its rootfs is their overlay), as RemoveImage
+    refuses to free them; the old image stays, untagged."""
+    marker = secrets.token_hex(6)
+    repo = f"e2e/moved-{marker}"
+    old, new = marked_image(f"old-{marker}"), marked_image(f"new-{marker}")
+    name = f"{registry.host}/{repo}:v1"
+    archive = tmp_path / "old.tar"
+    archive.write_bytes(docker_save([(old, [name])]))
+    assert cli(env.daemon, "import", str(archive)).returncode == 0
+    pod = env.pod()
+    cid = env.run(pod, env.container_config(image=name, command=["sleep", "3600"]))
+    ib.push(registry.url, repo, new, tag="v1")
+
+    env.daemon.images().PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=name)), timeout=120)
+
+    assert status(env.daemon, name).id == new.image_id
+    kept = status(env.daemon, old.image_id)
+    assert kept.id == old.image_id and list(kept.repo_tags) == []
+    done = env.daemon.runtime().ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", "/marker"], timeout=10))
+    assert (done.exit_code, done.stdout) == (0, f"old-{marker}\n".encode())
