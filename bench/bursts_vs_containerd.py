@@ -43,14 +43,12 @@ from bench.containers_vs_containerd import (
     Results,
     Run,
     Runtime,
-    bench_env,
     children,
     end_pod,
-    interrupt_on_sigterm,
     lifecycle_once,
+    run_bench,
     run_pod,
     start_container,
-    table,
 )
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -318,24 +316,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: both runtimes make namespaces, mounts and bridges")
-    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
-    names = [args.only] if args.only else ["criopy", "containerd"]
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    try:
-        with bench_env() as env:
-            results = measure([RUNTIMES[name](env) for name in names], args)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: pods, daemons, bridges and directories removed") from None
-    print()
-    print(table(results))
-    if load > cpus / 2:
-        print(f"# load average {load:.1f} on {cpus} CPUs when the run began: figures may be noisy")
-    for res in results.values():
-        for note in res.notes:
-            print(f"# {note}")
+    run_bench(parse_args(), measure)
 
 
 if __name__ == "__main__":

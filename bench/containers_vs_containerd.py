@@ -836,12 +836,18 @@ def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    run_bench(parse_args(), measure)
+
+
+Measure = Callable[[list[Runtime], argparse.Namespace], dict[str, Results]]
+
+
+def run_bench(args: argparse.Namespace, measure: Measure) -> None:
+    """Both runtimes (or `--only` one) measured by `measure`, the table printed; an interrupt cleans up."""
     if os.geteuid() != 0:
         raise SystemExit("run as root: both runtimes make namespaces, mounts and bridges")
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     names = [args.only] if args.only else ["criopy", "containerd"]
-    results: dict[str, Results] = {}
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1  # before we add our own
     try:
         with bench_env() as env:
