@@ -50,12 +50,19 @@ class Env:
         return self.daemon.runtime()
 
     def pod(self, *, shared_pid: bool = False, **kwargs) -> tuple[str, pb.PodSandboxConfig]:
+        return self.run_pod(self.pod_config(shared_pid=shared_pid, **kwargs))
+
+    def pod_config(self, *, shared_pid: bool = False, **kwargs) -> pb.PodSandboxConfig:
+        """A pod config with a log dir and cgroup parent of its own, both recorded for the clean-up."""
         log_dir = self.daemon.base / "logs" / secrets.token_hex(4)
         config = pod_config(shared_pid=shared_pid, log_directory=str(log_dir), **kwargs)
         parent = f"/criopy-e2e-{secrets.token_hex(4)}"
         config.linux.cgroup_parent = parent
         self.cgroup_parents.append(parent)
         self.log_dirs.append(log_dir)
+        return config
+
+    def run_pod(self, config: pb.PodSandboxConfig) -> tuple[str, pb.PodSandboxConfig]:
         resp = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
         return str(resp.pod_sandbox_id), config
 

@@ -35,7 +35,7 @@ from tests.e2e.containers import registries_yaml
 from tests.e2e.pods import PodNet, pod_config
 from tests.support.daemon_harness import Daemon
 from tests.support.registry_harness import Registry
-from tests.support.system import cgroup_dirs, conmon_pids, process_gone, remove_cgroup_parent
+from tests.support.system import cgroup_dirs, conmon_pids, poll, process_gone, remove_cgroup_parent
 
 # What a daemon keeps under its root and runroot when it holds no pod, container or image.
 KEPT_FILES = {
@@ -275,12 +275,7 @@ def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return poll(predicate, timeout, interval=0.02)
 
 
 def _forget_every_pod_and_container(daemon: Daemon) -> None:

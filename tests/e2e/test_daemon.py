@@ -9,7 +9,6 @@ import signal
 import socket
 import sqlite3
 import stat
-import time
 
 import grpc
 import pytest
@@ -17,21 +16,12 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
 from tests.support.daemon_harness import DEFAULT_CONFLIST, run_cli
+from tests.support.system import wait_until
 
 
 def conditions(daemon) -> dict[str, pb.RuntimeCondition]:
     status = daemon.runtime().Status(pb.StatusRequest(), timeout=5)
     return {c.type: c for c in status.status.conditions}
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def test_version_names_criopy_and_cri_v1(daemon):

@@ -24,6 +24,7 @@ from api.runtime.v1 import api_pb2_grpc
 from tests.e2e.pods import pod_config
 from tests.streamclients import remotecommand as rc
 from tests.support import node_image as ni
+from tests.support.system import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -131,11 +132,7 @@ def _web_server(rt, image: str) -> tuple[Pod, str]:
 
 
 def _wait(what: str, check, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
-        time.sleep(0.2)
-    return result
+    return wait_until(check, timeout, what, interval=0.2)
 
 
 def _container_pid(rt, cid: str) -> int:

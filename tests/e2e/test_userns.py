@@ -19,7 +19,6 @@ import sqlite3
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from tests.streamclients import remotecommand as rc
 from tests.support import image_builder as ib
 from tests.support.daemon_harness import Daemon
 from tests.support.registry_harness import Registry
+from tests.support.system import poll
 
 WIDTH = 65536
 SC = "config.linux.security_context.namespace_options"
@@ -56,16 +56,10 @@ def userns_options(
 
 def run_pod(env: Env, host_id: int | None, *, shared_pid: bool = False, **kwargs) -> tuple[str, pb.PodSandboxConfig]:
     """A pod with its own user namespace at host_id (None: mode NODE), through env's cgroup parent bookkeeping."""
-    log_dir = env.daemon.base / "logs" / secrets.token_hex(4)
-    config = pod_config(shared_pid=shared_pid, log_directory=str(log_dir), **kwargs)
-    parent = f"/criopy-e2e-{secrets.token_hex(4)}"
-    config.linux.cgroup_parent = parent
-    env.cgroup_parents.append(parent)
-    env.log_dirs.append(log_dir)
+    config = env.pod_config(shared_pid=shared_pid, **kwargs)
     if host_id is not None:
         config.linux.security_context.namespace_options.userns_options.CopyFrom(userns_options(host_id))
-    resp = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
-    return str(resp.pod_sandbox_id), config
+    return env.run_pod(config)
 
 
 def container(
@@ -81,15 +75,6 @@ def exec_sync(env: Env, cid: str, *cmd: str) -> str:
     resp = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=20), timeout=30)
     assert resp.exit_code == 0, (cmd, resp.stdout, resp.stderr)
     return resp.stdout.decode()
-
-
-def eventually(done: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def exec_sync_result(env: Env, cid: str, *cmd: str) -> pb.ExecSyncResponse:
@@ -210,7 +195,7 @@ def test_a_pod_in_its_own_user_namespace_runs_as_root_inside_and_a_mapped_user_o
     assert os.readlink(f"/proc/{infra_pid}/ns/user") == userns and owner(infra_pid) == (host_id, host_id)
 
     # Logs, exec and attach through the streaming server.
-    assert eventually(lambda: "0\n" in env.output(pod, "d")), env.output(pod, "d")
+    assert poll(lambda: "0\n" in env.output(pod, "d")), env.output(pod, "d")
     assert env.output(pod, "d") == "from the log\n0\n"
     url = exec_url(env, cid, ["sh", "-c", "id -u; echo err >&2; exit 3"], stdout=True, stderr=True)
     result = asyncio.run(asyncio.wait_for(rc.exec_spdy(url), 30))
@@ -341,7 +326,7 @@ def test_another_pods_user_namespace_cannot_see_or_signal_the_first(env: Env) ->
 
     # Port-forward enters the pod's network namespace (owned by its user namespace) from the daemon.
     probe = ["sh", "-c", "busybox wget -q -O - http://127.0.0.1/index.html"]
-    assert eventually(lambda: exec_sync_result(env, a, *probe).exit_code == 0, 20), "httpd did not come up"
+    assert poll(lambda: exec_sync_result(env, a, *probe).exit_code == 0, 20), "httpd did not come up"
     url = str(env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=first[0], port=[80]), timeout=10).url)
     assert b"served-in-userns" in asyncio.run(asyncio.wait_for(_fetch_forwarded(url), 30))
 
@@ -474,7 +459,7 @@ def test_a_restart_keeps_the_pod_and_removal_leaves_nothing_and_the_layers_are_u
             own_env, pod, "c", ["sh", "-c", "echo changed > /bin/sh.txt; chown 5:5 /etc/passwd; exec sleep 3600"]
         ),
     )
-    assert eventually(lambda: exec_sync_result(own_env, cid, "cat", "/bin/sh.txt").stdout == b"changed\n")
+    assert poll(lambda: exec_sync_result(own_env, cid, "cat", "/bin/sh.txt").stdout == b"changed\n")
     pin = str(info(own_env.daemon, pod[0])["namespaces"]["user"])  # type: ignore[index]
     userns = os.readlink(f"/proc/{container_pid(own_env, cid)}/ns/user")
     assert _idmapped_mounts(own_env) != []

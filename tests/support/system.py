@@ -7,9 +7,13 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 CONMON = "/usr/bin/conmon"
@@ -95,9 +99,23 @@ def process_gone(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
+    return poll(lambda: process_gone(pid), timeout, interval=0.02)
+
+
+def poll(done: Callable[[], object], timeout: float = 10, interval: float = 0.05) -> bool:
+    """Whether `done()` came true within `timeout` seconds, asked every `interval`."""
     deadline = time.monotonic() + timeout
-    while not process_gone(pid):
+    while not done():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(interval)
     return True
+
+
+def wait_until(check: Callable[[], T], timeout: float = 10, what: str = "condition", interval: float = 0.05) -> T:
+    """The first true value of `check()`; an AssertionError naming `what` if none comes within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:g}s"
+        time.sleep(interval)
+    return value
