@@ -184,8 +184,7 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
                 if existing is not None:
                     record.pinned = record.pinned or existing.pinned
                     record.created_at = existing.created_at
-            # Asked here, on the loop: the containers' table changes there, not under a thread's iteration.
-            in_use = frozenset(image.id for image in manager.index.all() if manager._in_use(image.id))
+            in_use = manager.holders_in_use(entries)
             orphans = await asyncio.to_thread(manager.index.put_many, entries, in_use.__contains__)
             faults.point("image.import.recorded")
             if orphans:

@@ -142,6 +142,10 @@ class ImageIndex:
         """Record an image (new or existing) with extra names; returns the images left with no name."""
         return self.put_many([(record, names)])
 
+    def holders(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> set[str]:
+        """The IDs of the stored images that hold one of the entries' names now."""
+        return {self._names[name] for _record, names in entries for name, _kind in names if name in self._names}
+
     def put_many(
         self,
         entries: list[tuple[ImageRecord, list[tuple[str, str]]]],
@@ -153,7 +157,7 @@ class ImageIndex:
         container's rootfs or volume is made of its layers) stays, untagged, as RemoveImage leaves it.
         """
         # The stored images' names as they are: they lose some below, and get them back if the database refuses.
-        owners = {self._names[name] for _record, names in entries for name, _kind in names if name in self._names}
+        owners = self.holders(entries)
         before = {i: (list(self._images[i].repo_tags), list(self._images[i].repo_digests)) for i in owners}
         losers = self._assign_names(entries)
         orphans = [image for image in losers.values() if not image.names and not image.pinned and not in_use(image.id)]

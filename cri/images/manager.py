@@ -386,13 +386,17 @@ class ImageManager:
             if existing is not None:
                 record.pinned = record.pinned or existing.pinned
                 record.created_at = existing.created_at
-            # An image whose last name this pull takes stays, untagged, while a container runs from it (its
-            # rootfs is an overlay of its layers). Asked here, on the loop, where the containers' table changes.
-            in_use = frozenset(image.id for image in self.index.all() if self._in_use(image.id))
-            orphans = await asyncio.to_thread(self.index.put_many, [(record, names)], in_use.__contains__)
+            entries = [(record, names)]
+            orphans = await asyncio.to_thread(self.index.put_many, entries, self.holders_in_use(entries).__contains__)
             if orphans:
                 await asyncio.to_thread(self._free_unreferenced)
         return record
+
+    def holders_in_use(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> frozenset[str]:
+        """Of the images that hold these names now, those a container uses: an image whose last name goes
+        to another stays, untagged, while a container's rootfs or volume is an overlay of its layers. Asked
+        on the loop, where the containers' table changes, before put_many runs in a thread."""
+        return frozenset(image_id for image_id in self.index.holders(entries) if self._in_use(image_id))
 
     def _is_pinned(self, ref: reference.Reference) -> bool:
         pause = self._config.pod.pause_image
