@@ -2,12 +2,16 @@
 
     sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--version-calls 2000]
         [--idle-containers 100 --idle-seconds 60] [--only criopy|containerd] [--profile-criopy /tmp/burst.svg]
+        [--skip-floor]
 
 Same environment as bench/containers_vs_containerd.py (its runtimes, registry, CNI bridge and requests), and
 the same rule: both daemons run at once, every figure is sampled in turns. Figures (medians over --rounds):
 
 1. bursts: 50 pods x 1 container started by 8 client threads, then removed by 8; 110 pods with 16 threads
    (a node's max pods, as after a reboot); each burst timed while the other runtime holds no pods;
+   beside them, in the column "floor", the same bursts of the same runc/conmon/CNI work without a daemon
+   (bench/burst_floor.py: Python threads exec'ing the binaries, what no runtime using them can beat here),
+   one after each round of the runtimes; its "daemon CPU" is its driver's (the bench's own threads);
 2. the unary floor: `Version` round trips, in blocks taken in turns, median and p99 per call;
 3. `Version` while a 50-pod burst runs: one more client calling Version back to back through the same
    channel as the burst (as the kubelet shares one connection), its p50 / p99 / max;
@@ -37,8 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.runtime.v1 import api_pb2 as pb
+from bench.burst_floor import Floor
 from bench.containers_vs_containerd import (
     RUNTIMES,
+    SETTLE,
+    SUBNET_OCTETS,
     Pod,
     Results,
     Run,
@@ -52,6 +59,7 @@ from bench.containers_vs_containerd import (
 )
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FLOOR = "floor"  # the column of the bursts' floor
 VERSION = pb.VersionRequest()
 
 
@@ -145,9 +153,24 @@ def time_burst(rt: Runtime, burst: Burst, profile: str | None) -> BurstSample:
     return BurstSample(start_s, remove_s, machine_busy_seconds() - machine, user + kernel, kernel)
 
 
-def bursts(run: Run, rounds: int, profile: str | None) -> None:
+def time_floor_burst(floor: Floor, burst: Burst) -> BurstSample:
+    """The same burst through the floor's driver: its threads are the bench's own, so its CPU is ours."""
+    machine, driver = machine_busy_seconds(), os.times()
+    started = time.perf_counter()
+    pods = floor.start_burst(burst.pods, burst.clients)
+    start_s = time.perf_counter() - started
+    started = time.perf_counter()
+    floor.remove_burst(pods, burst.clients)
+    remove_s = time.perf_counter() - started
+    # os.times: this process's threads (user, system), not its children's
+    after = os.times()
+    user, kernel = after.user - driver.user, after.system - driver.system
+    return BurstSample(start_s, remove_s, machine_busy_seconds() - machine, user + kernel, kernel)
+
+
+def bursts(run: Run, rounds: int, profile: str | None, floor: Floor | None) -> None:
     for burst in BURSTS:
-        print(f"bursts of {burst.label} x {rounds}, in turns", flush=True)
+        print(f"bursts of {burst.label} x {rounds}, in turns" + (", then the floor" if floor else ""), flush=True)
         profiled = False
 
         def sample(rt: Runtime, burst: Burst = burst) -> BurstSample:
@@ -156,18 +179,40 @@ def bursts(run: Run, rounds: int, profile: str | None) -> None:
             profiled = profiled or want is not None
             return time_burst(rt, burst, want)
 
-        for name, samples in run.interleaved(f"the {burst.label} burst", rounds, sample).items():
-            figures = run.results[name].figures
-            figures[f"start {burst.label} (s)"] = statistics.median(s.start_s for s in samples)
-            figures[f"remove {burst.label} (s)"] = statistics.median(s.remove_s for s in samples)
-            figures[f"  machine CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
-                s.machine_cpu_s for s in samples
-            )
-            figures[f"  daemon CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
-                s.daemon_cpu_s for s in samples
-            )
-            kernel = statistics.median(s.daemon_kernel_s for s in samples)
-            figures[f"    of which kernel, {burst.pods} pods (s)"] = kernel
+        collected: dict[str, list[BurstSample]] = {}
+        for _ in range(rounds):
+            for name, samples in run.interleaved(f"the {burst.label} burst", 1, sample).items():
+                collected.setdefault(name, []).extend(samples)
+            if floor is not None:
+                floor = floor_sample(run, floor, burst, collected)
+        live = {rt.name for rt in run.live} | {FLOOR}
+        for name, samples in collected.items():
+            if name in live:
+                record_burst(run.results.setdefault(name, Results()), burst, samples)
+
+
+def floor_sample(run: Run, floor: Floor, burst: Burst, collected: dict[str, list[BurstSample]]) -> Floor | None:
+    """One floor burst after the runtimes' turn; None (no more floor) once it failed, with a note."""
+    time.sleep(SETTLE)
+    try:
+        collected.setdefault(FLOOR, []).append(time_floor_burst(floor, burst))
+    except Exception as error:  # the floor failing must not cost the runtimes their figures
+        traceback.print_exc()
+        run.results.setdefault(FLOOR, Results()).notes.append(f"floor: stopped at the {burst.label} burst: {error}")
+        return None
+    return floor
+
+
+def record_burst(results: Results, burst: Burst, samples: list[BurstSample]) -> None:
+    figures = results.figures
+    figures[f"start {burst.label} (s)"] = statistics.median(s.start_s for s in samples)
+    figures[f"remove {burst.label} (s)"] = statistics.median(s.remove_s for s in samples)
+    figures[f"  machine CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(
+        s.machine_cpu_s for s in samples
+    )
+    # For the floor: its driver's threads (the bench's own), the part of the machine's that is no binary's.
+    figures[f"  daemon CPU, {burst.pods}-pod start + removal (s)"] = statistics.median(s.daemon_cpu_s for s in samples)
+    figures[f"    of which kernel, {burst.pods} pods (s)"] = statistics.median(s.daemon_kernel_s for s in samples)
 
 
 def version_calls_ms(rt: Runtime, calls: int) -> list[float]:
@@ -271,14 +316,17 @@ def idle_cost(run: Run, containers: int, seconds: float) -> None:
 
 def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Results]:
     run = Run(runtimes)
+    floor = None if args.skip_floor else Floor(runtimes[0].env.base / FLOOR, f"10.202.{next(SUBNET_OCTETS)}")
     try:
+        if floor is not None:
+            floor.prepare()
         for rt in runtimes:
             print(f"{rt.name}: starting", flush=True)
         run.each("start", start_and_pull(run))
         run.each("the warm-up", lambda rt: [lifecycle_once(rt, check=run.res(rt)) for _ in range(3)])
         print(f"Version x {args.version_calls}, in turns", flush=True)
         version_floor(run, args.version_calls)
-        bursts(run, args.rounds, args.profile_criopy)
+        bursts(run, args.rounds, args.profile_criopy, floor)
         version_under_burst(run, args.rounds)
         if args.idle_seconds > 0:
             idle_cost(run, args.idle_containers, args.idle_seconds)
@@ -288,6 +336,8 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
                 rt.stop()
             except Exception:  # a failed clean-up of one runtime must not skip the other's
                 traceback.print_exc()
+        if floor is not None:
+            floor.stop()
     return run.results
 
 
@@ -308,6 +358,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-containers", type=int, default=100, help="idle containers (default 100)")
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle window, 0 skips it (default 60)")
     parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
+    parser.add_argument("--skip-floor", action="store_true", help="no floor row (the bursts without a daemon)")
     parser.add_argument("--profile-criopy", metavar="SVG", help="py-spy flame graph of criopy's first 110 burst")
     args = parser.parse_args()
     if args.rounds < 1 or args.version_calls < 10:

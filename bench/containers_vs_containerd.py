@@ -803,16 +803,25 @@ def cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
 def table(results: dict[str, Results]) -> str:
+    """criopy, containerd and their ratio; then any other column (a benchmark's floor) with its ratio to
+    containerd's."""
     fullest_first = sorted(results.values(), key=lambda r: len(r.figures), reverse=True)
     names = list(dict.fromkeys(k for r in fullest_first for k in r.figures))
     width = max([len(n) for n in names] + [10])
-    lines = [f"{'step':<{width}}  {'criopy':>10}  {'containerd':>10}  {'ratio':>6}"]
+    extra = [column for column in results if column not in ("criopy", "containerd")]
+    head = "".join(f"  {column:>10}  {'ratio':>6}" for column in extra)
+    lines = [f"{'step':<{width}}  {'criopy':>10}  {'containerd':>10}  {'ratio':>6}{head}"]
     for name in names:
         a = results.get("criopy", Results()).figures.get(name)
         b = results.get("containerd", Results()).figures.get(name)
-        ratio = f"{a / b:.2f}" if a is not None and b else "-"
-        lines.append(f"{name:<{width}}  {cell(a):>10}  {cell(b):>10}  {ratio:>6}")
+        others = [results[column].figures.get(name) for column in extra]
+        tail = "".join(f"  {cell(c):>10}  {ratio(c, b):>6}" for c in others)
+        lines.append(f"{name:<{width}}  {cell(a):>10}  {cell(b):>10}  {ratio(a, b):>6}{tail}")
     return "\n".join(lines)
 
 
