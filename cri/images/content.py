@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Chunks are gathered into writes of this size, each done in a worker thread.
 WRITE_BUFFER = 1 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _BLOB_NAME = re.compile(r"[a-f0-9]+")
 
 
@@ -53,6 +54,21 @@ async def made_in_thread(make: Callable[[], T], undo: Callable[[T], None]) -> T:
         with contextlib.suppress(Exception):  # make() failed: nothing to undo
             await asyncio.to_thread(undo, await made)
         raise
+
+
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
+    """Every byte of `chunks`, in order, at most IOV_MAX buffers per call; short writes continued."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    start = 0
+    while start < len(views):
+        batch = views[start : start + _IOV_MAX]
+        written = os.writev(fd, batch)
+        for view in batch:
+            if written < len(view):
+                views[start] = view[written:]
+                break
+            written -= len(view)
+            start += 1
 
 
 def _check_digest(digest: str) -> tuple[str, str]:
@@ -80,7 +96,10 @@ class Writer:
         self.size = size
         self.written = 0
         self._hash = hashlib.new(self.algorithm)
-        self._buffer = bytearray()
+        # Chunks as they came, written with one writev per WRITE_BUFFER: appending them to one buffer
+        # copied every byte once more, and again for each time the growing buffer was reallocated.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._fd: int | None = None
         self._temp: Path | None = None
         self._done = False
@@ -108,24 +127,24 @@ class Writer:
                 f"blob {self.digest}: got more than the expected {self.size} bytes ({self.written + len(chunk)} so far)"
             )
         self.written += len(chunk)
-        self._buffer += chunk
-        if len(self._buffer) >= WRITE_BUFFER:
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= WRITE_BUFFER:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self._buffer:
+        if not self._pending:
             return
-        data = bytes(self._buffer)
-        self._buffer.clear()
+        chunks = self._pending
+        self._pending, self._pending_size = [], 0
         fd = self._fd
         assert fd is not None
 
         def write_all() -> None:
             # hashlib releases the GIL on large buffers: hashing here keeps the loop free too.
-            self._hash.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in chunks:
+                self._hash.update(chunk)
+            _writev_all(fd, chunks)
 
         with self._no_space():
             await asyncio.to_thread(write_all)
@@ -135,7 +154,7 @@ class Writer:
 
     async def reset(self) -> None:
         """Forget everything written so far (a retried download starts over)."""
-        self._buffer.clear()
+        self._pending, self._pending_size = [], 0
         self.written = 0
         self._hash = hashlib.new(self.algorithm)
         fd = self._fd
@@ -184,7 +203,7 @@ class Writer:
     async def abort(self) -> None:
         """Drop the temp file; safe to call more than once."""
         self._done = True
-        self._buffer.clear()
+        self._pending, self._pending_size = [], 0
         fd, temp, self._fd = self._fd, self._temp, None
 
         def remove() -> None:

@@ -37,7 +37,7 @@ from cri.images import reference
 from cri.images.auth import Credentials
 from cri.images.content import ContentStore, Writer, made_in_thread
 from cri.images.index import ImageIndex, ImageRecord, LayerRef
-from cri.images.registry import Manifest, RegistryClient, Resolved
+from cri.images.registry import Manifest, RegistryClient, Resolved, preload_http_stack
 from cri.log import event
 from cri.state import Store
 from cri.storage.layers import LayerInfo, LayerStore, StagedLayer, chain_ids, tree_usage
@@ -137,11 +137,14 @@ class ImageManager:
         self._lock = asyncio.Lock()  # recording an image vs freeing layers
         self._fs: tuple[FsUsage, FsUsage] | None = None
         self._fs_task: asyncio.Task[None] | None = None
+        self._preload: asyncio.Task[None] | None = None
         self._fs_wakeup = asyncio.Event()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._recover)
         self._fs_task = asyncio.create_task(self._fs_loop(), name="image-fs-usage")
+        # After start-up, not in it: readiness does not wait, and the first pull (a node's first pod) does not pay it.
+        self._preload = asyncio.create_task(asyncio.to_thread(preload_http_stack), name="http-stack-preload")
 
     def _recover(self) -> None:
         self.content.cleanup_ingest()
@@ -151,6 +154,8 @@ class ImageManager:
         event(log, logging.INFO, "images loaded", count=len(self.index.all()))
 
     async def close(self) -> None:
+        if self._preload is not None:
+            await asyncio.gather(self._preload, return_exceptions=True)  # a thread: it cannot be cancelled
         if self._fs_task is not None:
             self._fs_task.cancel()
             await asyncio.gather(self._fs_task, return_exceptions=True)

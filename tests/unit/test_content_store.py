@@ -91,6 +91,36 @@ def test_streamed_write_of_many_chunks(tmp_path):
     assert ingest_files(store) == []
 
 
+def test_short_writes_and_more_chunks_than_one_writev_takes_are_continued(tmp_path, monkeypatch):
+    """The kernel may write less than asked (a signal, a full disk's last block): the rest follows, in order."""
+    store = ContentStore(tmp_path)
+    chunks = [os.urandom(size) for size in [0, 1, 700, 5000, 3] * 500]  # 2500 chunks: more than IOV_MAX
+    data = b"".join(chunks)
+    real_writev = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):
+        calls.append(len(buffers))
+        taken, budget = [], 999  # at most 999 bytes a call, often ending inside a chunk
+        for buffer in buffers:
+            taken.append(bytes(buffer)[:budget])
+            budget -= len(taken[-1])
+            if budget == 0:
+                break
+        return real_writev(fd, taken)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+
+    async def run():
+        async with store.writer(digest_of(data), len(data)) as w:
+            for chunk in chunks:
+                await w.write(chunk)
+
+    asyncio.run(run())
+    assert store.read(digest_of(data)) == data
+    assert len(calls) > len(data) // 999
+
+
 @pytest.mark.parametrize(
     ("declared", "sent", "message"),
     [
