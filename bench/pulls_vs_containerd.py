@@ -9,8 +9,9 @@ Each pull goes to a fresh daemon on a fresh root (nothing cached), after `sync; 
 (the registry reads its blobs from disk too), through the same client: the CRI PullImage on each
 runtime's socket. The runtimes take turns within each run. While criopy pulls, a thread calls Version
 every 5 ms and the p99 of those round trips is printed: the event loop must stay responsive.
-The floor row is GNU tar extracting the same gzip blobs from local disk, a tar per layer on every core,
-page cache dropped: no runtime can turn these layers into files faster on this disk.
+The floor row is GNU tar extracting the same gzip blobs from local disk, a tar per layer, as many at
+once as cores (or one more, whichever is faster), page cache dropped: no runtime can turn these layers
+into files much faster on this disk. A run removes the roots of its pulls only at its end (LEFTOVERS).
 
 `--baseline REV` also measures criopy as of REV (default 5cf5a2d, main before this work) from a git
 worktree in /tmp, made single-stream: its PARALLEL_DOWNLOADS set to 1 (layers one after another, each
@@ -282,8 +283,14 @@ FLOOR = "floor: GNU tar, local blobs"
 
 def tar_floor(image: ib.Image) -> float:
     """The machine's floor for turning these layers into files: GNU tar (C, zlib) extracting the image's gzip
-    blobs from local disk, one tar per layer, as many at once as there are cores, page cache dropped. No
-    network, registry, digest, fsync or bookkeeping: what any runtime pays at least on this disk."""
+    blobs from local disk, one tar per layer, page cache dropped; the faster of as many tars at once as there
+    are cores and one more (which hides the disk's reads: 15% faster here). No network, registry, digest,
+    fsync or bookkeeping: what any runtime pays at least on this disk."""
+    cores = os.cpu_count() or 1
+    return min(_untar_all(image, at_once) for at_once in (cores, cores + 1))
+
+
+def _untar_all(image: ib.Image, at_once: int) -> float:
     base = Path(tempfile.mkdtemp(prefix="floor-", dir="/tmp"))
     try:
         blobs = []
@@ -293,7 +300,7 @@ def tar_floor(image: ib.Image) -> float:
             blobs.append(blob)
         drop_caches()
         started = time.monotonic()
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(at_once) as pool:
             list(pool.map(_untar, blobs))
         return time.monotonic() - started
     finally:
