@@ -235,7 +235,9 @@ class SandboxManager:
         owner = _owner(sandbox.spec)
         files.write_hostname(directory / "hostname", hostname, owner)
         files.write_resolv_conf(directory / "resolv.conf", sandbox.spec.dns, owner=owner)
-        files.write_hosts(directory / "hosts", hostname, [], owner)
+        if sandbox.spec.host_network:
+            # A pod network's hosts file names the pod's addresses: written once CNI gave them (see _build).
+            files.write_hosts(directory / "hosts", hostname, [], owner)
         if sandbox.shm:
             shm.mount(sandbox.shm, shm_size, owner)
 
@@ -294,8 +296,9 @@ class SandboxManager:
         if not sandbox.network:
             return
         pin = sandbox.pins.get("net", "")
-        # CNI DEL must still run when the netns is gone; the plugins then free what the host holds.
-        pinned = bool(pin) and await asyncio.to_thread(namespaces.is_pinned, pin)
+        # CNI DEL must still run when the netns is gone; the plugins then free what the host holds. (Two stats:
+        # inline, a worker thread's round trip would cost more.)
+        pinned = bool(pin) and namespaces.is_pinned(pin)
         try:
             await self._network.detach(sandbox.id, pin if pinned else "", sandbox.network, self._live.current.network)
         except CniError as exc:
