@@ -10,6 +10,8 @@ namespace: a node container's own subtree), beside the pods rather than inside t
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cri.log import event
@@ -36,20 +38,47 @@ def hierarchy_roots(mountinfo: str) -> list[Path]:
     return list(roots.values())
 
 
+@dataclass
+class _Known:
+    """The monitors' cgroups of every hierarchy, once each took a conmon: later moves write only the pid,
+    where looking again (the mount table, whole, with a full node's pod mounts in it; a mkdir and the cpuset
+    files per hierarchy) cost a few milliseconds of every container's creation."""
+
+    targets: tuple[Path, ...] | None = None
+
+
+_known = _Known()
+
+
 def move_monitor(pid: int, container_id: str) -> None:
     """Blocking: put conmon `pid` into the monitors' cgroup of every hierarchy. A hierarchy that refuses
     (read-only, not ours to write) is logged and skipped: the container runs either way."""
+    known = _known.targets
+    if known is not None:
+        try:
+            for target in known:
+                _attach(target, pid)
+            return
+        except OSError:
+            pass  # a hierarchy went or its cgroup was removed: look again, as the first time
+    _known.targets = _move_looking(pid, container_id)
+
+
+def _move_looking(pid: int, container_id: str) -> tuple[Path, ...] | None:
+    """The move, the hierarchies read from the mount table; the targets, or None when one refused."""
     try:
         roots = hierarchy_roots(MOUNTINFO.read_text())
     except OSError as exc:
         event(log, logging.WARNING, "conmon cgroup move skipped", id=container_id, error=str(exc))
-        return
+        return None
+    targets: list[Path] = []
     for root in roots:
         target = root / MONITOR_CGROUP
         try:
             target.mkdir(exist_ok=True)
             _inherit_cpuset(root, target)
-            (target / "cgroup.procs").write_text(str(pid))
+            _attach(target, pid)
+            targets.append(target)
         except OSError as exc:
             event(
                 log,
@@ -60,6 +89,16 @@ def move_monitor(pid: int, container_id: str) -> None:
                 pid=pid,
                 error=exc.strerror or str(exc),
             )
+    return tuple(targets) if len(targets) == len(roots) else None
+
+
+def _attach(cgroup: Path, pid: int) -> None:
+    """Never creating the file: a path that is no longer a cgroup (its hierarchy unmounted) must fail."""
+    fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
 
 
 def _inherit_cpuset(parent: Path, child: Path) -> None:

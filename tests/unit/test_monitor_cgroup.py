@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cri.oci.monitor_cgroup import hierarchy_roots
+import pytest
+
+from cri.oci import monitor_cgroup
+from cri.oci.monitor_cgroup import MONITOR_CGROUP, hierarchy_roots, move_monitor
 
 # A node container's view: name=systemd read-only (systemd tracks units on cgroup2), a cpu hierarchy
 # mounted twice, a subtree bind (root not '/'), and an empty tmpfs standing in for an absent controller.
@@ -26,3 +29,48 @@ def test_writable_hierarchy_roots_once_each():
         Path("/sys/fs/cgroup/memory"),
         Path("/sys/fs/cgroup/unified"),
     ]
+
+
+def fake_hierarchies(tmp_path: Path, names: list[str]) -> tuple[Path, list[Path]]:
+    """A mount table naming cgroup hierarchies at tmp dirs, each with the monitors' cgroup made (its
+    cgroup.procs present, as the kernel makes it)."""
+    roots = [tmp_path / name for name in names]
+    lines = []
+    for i, root in enumerate(roots):
+        (root / MONITOR_CGROUP).mkdir(parents=True)
+        (root / MONITOR_CGROUP / "cgroup.procs").write_text("")
+        lines.append(f"{90 + i} 85 0:{60 + i} / {root} rw,relatime - cgroup cgroup rw,{names[i]}\n")
+    table = tmp_path / "mountinfo"
+    table.write_text("".join(lines))
+    return table, roots
+
+
+def procs(root: Path) -> str:
+    return (root / MONITOR_CGROUP / "cgroup.procs").read_text()
+
+
+def test_moves_after_the_first_write_the_pid_only_until_a_hierarchy_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitor_cgroup, "_known", monitor_cgroup._Known())
+    table, (cpu, memory) = fake_hierarchies(tmp_path, ["cpu", "memory"])
+    monkeypatch.setattr(monitor_cgroup, "MOUNTINFO", table)
+    move_monitor(101, "c1")
+    assert procs(cpu) == procs(memory) == "101"
+
+    # Known now: no mount table read for the next conmon.
+    monkeypatch.setattr(monitor_cgroup, "MOUNTINFO", tmp_path / "no-such-mountinfo")
+    move_monitor(102, "c2")
+    assert procs(cpu) == procs(memory) == "102"
+
+    # A hierarchy whose cgroup went refuses (never created as a plain file): the table is read again.
+    (memory / MONITOR_CGROUP / "cgroup.procs").unlink()
+    monkeypatch.setattr(monitor_cgroup, "MOUNTINFO", table)
+    move_monitor(103, "c3")
+    assert procs(cpu) == "103"
+    assert not (memory / MONITOR_CGROUP / "cgroup.procs").exists()
+
+    # ... and again for each conmon while one refuses, so a hierarchy back in order is used at once.
+    (memory / MONITOR_CGROUP / "cgroup.procs").write_text("")
+    move_monitor(104, "c4")
+    assert procs(cpu) == procs(memory) == "104"
