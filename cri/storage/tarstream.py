@@ -192,6 +192,8 @@ def apply_pax(member: Member, headers: dict[str, str]) -> None:
     for keyword, value in headers.items():
         if keyword.startswith("GNU.sparse."):
             member.sparse = True
+            if keyword == "GNU.sparse.name":
+                member.name = value  # the real name: PAX sparse 1.0 headers carry a made-up one
         elif keyword == "path":
             member.name = value.rstrip("/")
         elif keyword == "linkpath":

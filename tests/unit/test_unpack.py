@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -195,6 +197,51 @@ def test_truncated_blob_is_refused_naming_the_layer(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(UnpackError, match=r"layer cut\.tgz: corrupt or truncated"):
         unpack_layer(blob, MEDIA_TYPES["gzip"], tmp_path / "d")
+
+
+TWO_FILES = [file("first", os.urandom(1000)), file("second", os.urandom(600))]
+SECOND_HEADER = 1536  # the first header, then 1000 bytes of data padded to 1024
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [100, 512 + 300, 512 + 1000 + 10, SECOND_HEADER + 200, SECOND_HEADER + 512 + 599],
+    ids=["first-header", "first-data", "first-padding", "second-header", "second-data"],
+)
+def test_a_tar_cut_anywhere_is_refused_naming_the_layer(tmp_path, cut):
+    # Uncompressed, so only the tar reader can notice; cut in a header, tarfile used to stop early instead.
+    blob = write_blob(tmp_path, tar_bytes(TWO_FILES)[:cut], "cut.tar")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UnpackError, match=r"layer cut\.tar: corrupt or truncated archive"):
+        unpack_layer(blob, OCI_TAR, tmp_path / "d")
+
+
+def test_a_damaged_header_is_refused_not_taken_for_the_end(tmp_path):
+    data = bytearray(tar_bytes(TWO_FILES))
+    data[SECOND_HEADER + 2] ^= 0x01  # a bit of the second name: its checksum no longer holds
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UnpackError, match=r"layer damaged: corrupt or truncated archive: invalid header: bad checksum"):
+        unpack_layer(write_blob(tmp_path, bytes(data), "damaged"), OCI_TAR, tmp_path / "d")
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse archive")
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_a_sparse_file_is_refused_naming_it(tmp_path, tar_format):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as out:
+        out.seek(1 << 20)
+        out.write(b"after the hole")
+    blob = tmp_path / "sparse.tar"
+    subprocess.run(
+        ["tar", f"--format={tar_format}", "--sparse", "-cf", str(blob), "-C", str(src), "holes"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UnpackError, match=r"layer sparse\.tar: entry 'holes': sparse files .* are not supported"):
+        unpack_layer(blob, OCI_TAR, tmp_path / "d")
 
 
 # -- hostile names, symlinks and hardlinks --
