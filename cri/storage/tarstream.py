@@ -77,8 +77,12 @@ _PAX_NUMBERS: dict[str, type[int] | type[float]] = {"mtime": float, "uid": int, 
 
 # The header fields tarfile reads, in order (magic, version, uname and gname are skipped: the
 # extractor needs none of them, and tarfile does not check the magic, so V7 headers read the same).
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32x32x8s8s155s12x")
-_NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM, _TYPE, _LINKNAME, _DEVMAJOR, _DEVMINOR, _PREFIX = range(12)
+# Mode, uid and gid are read as one field, devmajor and devminor as another: they repeat from member to
+# member, and one cache look-up of each pair saves parsing five numbers.
+_HEADER = struct.Struct("100s24s12s12s8sc100s8x32x32x16s155s12x")
+_NAME, _IDS, _SIZE, _MTIME, _CHKSUM, _TYPE, _LINKNAME, _DEVICE, _PREFIX = range(9)
+_ID_FIELDS = struct.Struct("8s8s8s")
+_DEVICE_FIELDS = struct.Struct("8s8s")
 _SIGNED_BYTES = struct.Struct("148b8x356b")
 _ZERO_BLOCK_CHECKSUM = 8 * ord(" ")  # the checksum field counts as spaces
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
@@ -234,7 +238,8 @@ class TarReader:
         self._data_left = 0  # content of the current member not taken yet
         self._padding = 0  # after that content
         self._global: dict[str, str] = {}  # PAX global records, for every member after them
-        self._numbers: dict[bytes, int] = {}  # field -> value: modes, ids and times repeat
+        self._numbers: dict[bytes, int] = {}  # field -> value: sizes and times repeat
+        self._ids: dict[tuple[bytes, bytes], tuple[int, int, int, int, int]] = {}  # mode, uid, gid, devices
         self._started = False
         self._ended = False
 
@@ -336,8 +341,9 @@ class TarReader:
         """The next member, None at the end of the archive."""
         if self._ended:
             return None
-        self._skip(self._data_left + self._padding)
-        self._data_left = self._padding = 0
+        if self._data_left or self._padding:
+            self._skip(self._data_left + self._padding)
+            self._data_left = self._padding = 0
         extensions: list[_Extension] = []
         while (fields := self._next_header(extensions)) is not None:
             kind: bytes = fields[_TYPE]
@@ -412,6 +418,19 @@ class TarReader:
             self._numbers[raw] = value
         return value
 
+    def _id_numbers(self, ids: bytes, device: bytes) -> tuple[int, int, int, int, int]:
+        """mode, uid, gid, devmajor, devminor."""
+        key = (ids, device)
+        values = self._ids.get(key)
+        if values is None:
+            mode, uid, gid = (parse_number(raw) for raw in _ID_FIELDS.unpack(ids))
+            devmajor, devminor = (parse_number(raw) for raw in _DEVICE_FIELDS.unpack(device))
+            values = (mode, uid, gid, devmajor, devminor)
+            if len(self._ids) >= _NUMBER_CACHE_MAX:
+                self._ids.clear()
+            self._ids[key] = values
+        return values
+
     def _extension_payload(self, fields: tuple[bytes, ...]) -> bytes:
         size = self._number(fields[_SIZE])
         if size < 0 or size > MAX_EXTENDED_HEADER:
@@ -423,7 +442,6 @@ class TarReader:
 
     def _member(self, fields: tuple[bytes, ...], extensions: list[_Extension]) -> Member:
         """The member of header `fields`, with the extended headers before it applied as tarfile applies them."""
-        number = self._number
         name = nts(fields[_NAME])
         kind: bytes = fields[_TYPE]
         if kind == AREGTYPE and name.endswith("/"):
@@ -433,19 +451,11 @@ class TarReader:
         prefix = fields[_PREFIX]
         if prefix[0] and kind not in _GNU_TYPES:
             name = nts(prefix) + "/" + name
-        member = Member(
-            name=name,
-            type=kind,
-            mode=number(fields[_MODE]),
-            uid=number(fields[_UID]),
-            gid=number(fields[_GID]),
-            size=number(fields[_SIZE]),
-            mtime=number(fields[_MTIME]),
-            linkname=nts(fields[_LINKNAME]),
-            devmajor=number(fields[_DEVMAJOR]),
-            devminor=number(fields[_DEVMINOR]),
-            sparse=kind == GNUTYPE_SPARSE,
-        )
+        mode, uid, gid, devmajor, devminor = self._id_numbers(fields[_IDS], fields[_DEVICE])
+        linkname = nts(fields[_LINKNAME]) if fields[_LINKNAME][0] else ""
+        size, mtime = self._number(fields[_SIZE]), self._number(fields[_MTIME])
+        sparse = kind == GNUTYPE_SPARSE
+        member = Member(name, kind, mode, uid, gid, size, mtime, linkname, devmajor, devminor, {}, sparse)
         if self._global:
             apply_pax(member, self._global)
             if kind == DIRTYPE:
