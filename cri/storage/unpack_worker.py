@@ -2,7 +2,7 @@
 
     python -m cri.storage.unpack_worker
 
-Extraction is CPU-bound Python (tarfile, the hardened extractor) and holds the
+Extraction is CPU-bound Python (cri/storage/tarstream, the hardened extractor) and holds the
 GIL; worker processes let layers unpack in parallel on every core and keep
 the daemon's event loop free while they do. A worker serves many layers
 (cri/storage/unpack_process keeps a few alive), so a pull of many layers pays
