@@ -257,11 +257,18 @@ class SandboxManager:
         await asyncio.to_thread(self._write, rows.update, sandbox, False)
 
     async def _write_delete(self, sandbox_id: str) -> None:
-        def delete() -> None:
-            with self._store.transaction(durable=False) as conn:
-                rows.delete(conn, sandbox_id)
+        await asyncio.to_thread(self._delete_row, sandbox_id)
 
-        await asyncio.to_thread(delete)
+    def _delete_row(self, sandbox_id: str) -> None:
+        with self._store.transaction(durable=False) as conn:
+            rows.delete(conn, sandbox_id)
+
+    def _remove_files_and_row(self, sandbox: Sandbox) -> None:
+        """Blocking, in one trip to a worker thread: the sandbox's files, then its row (a crash between the
+        two leaves the row, and the pod is removed again after the restart)."""
+        shutil.rmtree(sandbox.dir, ignore_errors=True)
+        faults.point("sandbox.remove.files")
+        self._delete_row(sandbox.id)
 
     # ---- stop and remove ----------------------------------------------------------------------
 
@@ -284,13 +291,19 @@ class SandboxManager:
         others = [path for kind, path in sandbox.pins.items() if kind != "net"]
         await concurrently.all_of(self._detach(sandbox), asyncio.to_thread(_release, sandbox.shm, others))
         faults.point("sandbox.stop.network")
-        if "net" in sandbox.pins:
-            await asyncio.to_thread(namespaces.release, sandbox.pins["net"])
+        await asyncio.to_thread(self._release_net_and_record_stopped, sandbox)
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
         sandbox.state = SandboxState.NOTREADY
-        await self._record(sandbox)
         self._publish()
+
+    def _release_net_and_record_stopped(self, sandbox: Sandbox) -> None:
+        """Blocking, in one trip to a worker thread (each trip costs about 0.1 ms of CPU in a burst): the net
+        pin released once CNI DEL is done, then the state change recorded (not waited onto the disk, as
+        recovery derives it again)."""
+        if "net" in sandbox.pins:
+            namespaces.release(sandbox.pins["net"])
+        self._write(rows.update, replace(sandbox, state=SandboxState.NOTREADY), False)
 
     async def _detach(self, sandbox: Sandbox) -> None:
         if not sandbox.network:
@@ -317,9 +330,7 @@ class SandboxManager:
             faults.point("sandbox.remove.stopped")
             await self._members.remove_pod_containers(sandbox.id)
             faults.point("sandbox.remove.containers")
-            await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
-            faults.point("sandbox.remove.files")
-            await self._write_delete(sandbox.id)
+            await asyncio.to_thread(self._remove_files_and_row, sandbox)
             self._sandboxes.pop(sandbox.id, None)
             self._creations.release(sandbox.id)
         self._publish()

@@ -255,17 +255,18 @@ class ContainerManager:
             undo.push_async_callback(
                 self._undo, container.id, "image volumes", asyncio.to_thread, self._volumes.release_all, container.id
             )
-        # One trip to a worker thread for all the file work: each trip costs a loop turn or two.
+        launch = self._launch(container, name)
+        # One trip to a worker thread for all the file work (conmon's directories too): each trip costs a
+        # loop turn or two, and about 0.1 ms of CPU in a burst.
         user = await asyncio.to_thread(
-            self._write_bundle, container, sandbox, image, driver, pid_namespace, volumes=volumes
+            self._write_bundle, container, sandbox, image, driver, pid_namespace, launch=launch, volumes=volumes
         )
         container.uid, container.gid = user.uid, user.gid
         container.additional_gids, container.username = user.additional_gids, user.username
         faults.point("container.create.bundle")
 
-        launch = self._launch(container, name)
         undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
-        created = await conmon.create(runtime, monitor, launch)
+        created = await conmon.create(runtime, monitor, launch, prepared=True)
         container.pid, container.conmon_pid = created.pid, created.conmon_pid
         faults.point("container.create.runtime")
         container.state = ContainerState.CREATED
@@ -279,9 +280,11 @@ class ContainerManager:
         driver: Driver,
         pid_namespace: str | None,
         *,
+        launch: ConmonLaunch,
         volumes: dict[int, ImageRecord],
     ) -> users.ProcessUser:
-        """Blocking: the image volumes, the bundle dir, the rootfs mount, the user, config.json, the log dir."""
+        """Blocking: the image volumes, the bundle dir, the rootfs mount, the user, config.json, the log dir,
+        conmon's directories."""
         os.makedirs(container.bundle, 0o700)
         shift = _shift(sandbox)
         root = rootfs.create(Path(container.storage), self._images.lower_dirs(image), driver, shift=shift)
@@ -309,6 +312,7 @@ class ContainerManager:
         bundle.write(container.bundle, spec)
         if container.log_path:
             os.makedirs(os.path.dirname(container.log_path), 0o755, True)
+        conmon.prepare(launch)
         return user
 
     def _mount_image_volumes(
@@ -564,8 +568,7 @@ class ContainerManager:
                 await self._delete_runtime(runtime, container)
                 await asyncio.to_thread(rootfs.remove, Path(container.storage))
             faults.point("container.remove.runtime")
-            await asyncio.to_thread(bundle.remove, container.bundle)
-            await asyncio.to_thread(self._volumes.release_all, container.id)
+            await asyncio.to_thread(self._remove_files, container)
         except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         faults.point("container.remove.files")
@@ -574,6 +577,12 @@ class ContainerManager:
         self._creations.release(container.id)
         self._publish(container, EventType.DELETED)
         event(log, logging.INFO, "container removed", id=container.id, pod_id=container.sandbox_id)
+
+    def _remove_files(self, container: Container) -> None:
+        """Blocking, in one trip to a worker thread (each trip costs about 0.1 ms of CPU in a burst): the
+        bundle, then the image volumes the container held."""
+        bundle.remove(container.bundle)
+        self._volumes.release_all(container.id)
 
     async def _delete_runtime_after_exit(self, runtime: Runtime, container: Container) -> None:
         after_exit = container.live.after_exit

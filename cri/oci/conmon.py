@@ -297,14 +297,18 @@ def read_pid(path: str) -> int:
         return 0
 
 
-async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout: float = CREATE_TIMEOUT) -> Created:
+async def create(
+    runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout: float = CREATE_TIMEOUT, prepared: bool = False
+) -> Created:
     """Create the container of `launch.bundle` under conmon; returns its pid once `runtime create` succeeded.
 
     The container is created, not started: call `start`. On any failure nothing is
     left behind (runtime state, socket symlink, stale pid files) and OciRuntimeError
-    carries the runtime's or conmon's message.
+    carries the runtime's or conmon's message. `prepared`: the caller ran `prepare(launch)` already
+    (with its own file work, saving a trip to a worker thread).
     """
-    await asyncio.to_thread(_prepare, launch)
+    if not prepared:
+        await asyncio.to_thread(prepare, launch)
     argv = conmon_argv(conmon, runtime, launch)
     what = f"creating container {launch.id} with conmon"
     started = time.monotonic()
@@ -339,7 +343,7 @@ async def create(runtime: Runtime, conmon: str, launch: ConmonLaunch, *, timeout
     return Created(pid=pid, conmon_pid=conmon_pid)
 
 
-def _prepare(launch: ConmonLaunch) -> None:
+def prepare(launch: ConmonLaunch) -> None:
     """Blocking: the directories conmon writes into, and no stale file it could be mistaken by."""
     for directory in (launch.exit_dir, launch.persist_dir, launch.socket_dir):
         os.makedirs(directory, 0o700, True)
