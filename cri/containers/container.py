@@ -54,6 +54,7 @@ class Container:
     username: str = ""
     pid: int = 0
     conmon_pid: int = 0
+    pid_identity: str = ""  # which process `pid` is (linux.process_identity); "" in rows from before it was kept
     started_at: int = 0
     finished_at: int = 0
     exit_code: int = 0

@@ -268,6 +268,7 @@ class ContainerManager:
         undo.push_async_callback(self._undo, container.id, "runtime", self._delete_runtime, runtime, container)
         created = await conmon.create(runtime, monitor, launch, prepared=True)
         container.pid, container.conmon_pid = created.pid, created.conmon_pid
+        container.pid_identity = created.pid_identity
         faults.point("container.create.runtime")
         container.state = ContainerState.CREATED
         await self._record(container)
@@ -671,7 +672,9 @@ class ContainerManager:
             if sandbox is not None:
                 self._creations.reserve(rows.reservation(sandbox.name, container.config.metadata), container.id)
             self._check_exit(container.id)
-            if not _exited(container) and conmon.process_gone(container.pid):
+            if not _exited(container) and not conmon.container_runs(
+                container.pid, container.conmon_pid, container.pid_identity
+            ):
                 self._record_exit(container, 255, "the container was lost while the daemon was down")
         held = {c.id: c.volume_images for c in self._containers.values()}
         await asyncio.to_thread(self._volumes.recover, held)

@@ -212,6 +212,7 @@ class ConmonLaunch:
 class Created:
     pid: int  # the container's init process, as the host sees it
     conmon_pid: int  # 0 when conmon's pid file could not be read
+    pid_identity: str = ""  # linux.process_identity(pid) just after creation ("" if it was gone already)
 
 
 def conmon_argv(conmon: str, runtime: Runtime, launch: ConmonLaunch) -> list[str]:
@@ -340,7 +341,7 @@ async def create(
     conmon_pid = read_pid(launch.monitor_pidfile)
     if conmon_pid > 0:
         await asyncio.to_thread(monitor_cgroup.move_monitor, conmon_pid, launch.id)
-    return Created(pid=pid, conmon_pid=conmon_pid)
+    return Created(pid=pid, conmon_pid=conmon_pid, pid_identity=linux.process_identity(pid))
 
 
 def prepare(launch: ConmonLaunch) -> None:
@@ -541,6 +542,20 @@ def conmon_binary(config: Config) -> str:
     if found is None:
         raise OciRuntimeError("conmon", f"{config.runtime.conmon!r} not found")
     return found
+
+
+def container_runs(pid: int, conmon_pid: int, identity: str) -> bool:
+    """Whether the container process recorded as `pid` still runs: that PID alive and still that process.
+
+    Its identity (linux.process_identity) tells it from a later process given the same PID; rows from
+    before identities were kept fall back on the parent: a container's process is its conmon's child.
+    """
+    stat = linux.proc_stat(pid) if pid > 0 else None
+    if stat is None or stat.state in ("Z", "X"):
+        return False
+    if identity:
+        return f"{linux.boot_id()}/{stat.start_ticks}" == identity
+    return conmon_pid > 0 and stat.ppid == conmon_pid
 
 
 def process_gone(pid: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from dataclasses import dataclass
 
@@ -211,6 +212,7 @@ def set_child_subreaper() -> None:
 class ProcStat:
     state: str  # R, S, D, Z, X, ...
     ppid: int
+    start_ticks: int  # when it started, in clock ticks after boot
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -222,4 +224,20 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
     # The command name is in parentheses and may hold spaces and parentheses: the fields follow the last ')'.
     fields = stat[stat.rfind(b")") + 2 :].split()
-    return ProcStat(fields[0].decode(), int(fields[1]))
+    return ProcStat(fields[0].decode(), int(fields[1]), int(fields[19]))
+
+
+def process_identity(pid: int) -> str:
+    """Which process `pid` is: "<boot id>/<start time>", "" when it is gone.
+
+    A PID alone names another process after a reboot, or once PIDs wrap around on a busy node;
+    the boot and the start time do not (runc keeps the start time in its state for the same reason).
+    """
+    stat = proc_stat(pid)
+    return "" if stat is None else f"{boot_id()}/{stat.start_ticks}"
+
+
+@functools.cache
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()

@@ -7,6 +7,7 @@ the daemon meets it as after a reboot, its processes, pins and files gone.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def test_a_database_of_the_previous_release_opens_and_empties(make_daemon, regis
     daemon = make_daemon(registries_yaml(registry.host), start=False)
     daemon.root.mkdir(parents=True)
     script = FIXTURE.read_text().replace("@BASE@", str(daemon.base)).replace("@REGISTRY@", registry.host)
+    # After a reboot the sleeper's PID may be any other process's: here, this test's own. (It failed in CI
+    # when its fixed PID happened to be alive: the container showed as running.)
+    script = script.replace('"pid": 25135,', f'"pid": {os.getpid()},')
     with sqlite3.connect(daemon.root / "state.db") as db:
         db.executescript(script)
     daemon.start()

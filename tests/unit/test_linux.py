@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
+from cri.oci import conmon
+from cri.system import linux
 from cri.system.linux import parse_mountinfo, parse_mountinfo_under
 
 MOUNTINFO = (
@@ -33,3 +39,30 @@ def test_mounts_under_a_path_are_the_ones_at_or_below_it_only():
     assert [e.mount_point for e in found] == ["/run/c/a b", "/run/c/a b/merged"]
     assert [e.fstype for e in found] == ["tmpfs", "overlay"]
     assert found == [e for e in parse_mountinfo(UNDER) if e.mount_point in ("/run/c/a b", "/run/c/a b/merged")]
+
+
+def test_a_process_identity_names_one_process_of_one_boot() -> None:
+    mine = linux.process_identity(os.getpid())
+    boot, _, started = mine.partition("/")
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert int(started) > 0
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            assert linux.process_identity(other.pid) not in ("", mine)  # started later: another start time
+        finally:
+            other.kill()
+    other.wait()
+    assert linux.process_identity(other.pid) == ""  # gone
+
+
+def test_a_container_pid_given_to_another_process_is_not_the_container() -> None:
+    """After a reboot or a PID wrap-around, the recorded PID may be alive as something else entirely."""
+    me, parent = os.getpid(), os.getppid()
+    assert conmon.container_runs(me, parent, linux.process_identity(me))
+    assert not conmon.container_runs(me, parent, "another-boot/" + linux.process_identity(me).split("/")[1])
+    assert not conmon.container_runs(me, parent, linux.process_identity(me).split("/")[0] + "/1")
+    # rows from before identities were kept: the container process is its conmon's child
+    assert conmon.container_runs(me, parent, "")
+    assert not conmon.container_runs(me, parent + 1, "")
+    assert not conmon.container_runs(me, 0, "")
+    assert not conmon.container_runs(0, parent, "")
