@@ -13,8 +13,9 @@ the same rule: both daemons run at once, every figure is sampled in turns. Figur
    (bench/burst_floor.py: Python threads exec'ing the binaries, what no runtime using them can beat here),
    one after each round of the runtimes; its "daemon CPU" is its driver's (the bench's own threads);
 2. the unary floor: `Version` round trips, in blocks taken in turns, median and p99 per call;
-3. `Version` while a 50-pod burst runs: one more client calling Version back to back through the same
-   channel as the burst (as the kubelet shares one connection), its p50 / p99 / max;
+3. `Version` while a 50-pod burst and a pull of a 150 MB image (bench/pulls_vs_containerd's large one,
+   removed again after each round) run at once: one more client calling Version every 5 ms through the
+   same channel as the burst (as the kubelet shares one connection), its p50 / p99 / max;
 4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
    processes and one conmon per container; containerd: the daemon and one shim per pod) over
    --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
@@ -46,6 +47,7 @@ from bench.containers_vs_containerd import (
     RUNTIMES,
     SETTLE,
     SUBNET_OCTETS,
+    Env,
     Pod,
     Results,
     Run,
@@ -57,6 +59,8 @@ from bench.containers_vs_containerd import (
     run_pod,
     start_container,
 )
+from bench.pulls_vs_containerd import large_image
+from tests.support import image_builder as ib
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FLOOR = "floor"  # the column of the bursts' floor
@@ -241,7 +245,8 @@ def version_floor(run: Run, calls: int) -> None:
         figures["Version round trip p99 (ms)"] = percentile(samples, 0.99)
 
 
-def version_under_burst(run: Run, rounds: int) -> None:
+def version_under_burst(run: Run, rounds: int, pull_ref: str) -> None:
+    """Version p50/p99/max from one more client while a 50-pod burst and a pull of `pull_ref` run at once."""
     burst = BURSTS[0]
 
     def sample(rt: Runtime) -> list[float]:
@@ -253,21 +258,29 @@ def version_under_burst(run: Run, rounds: int) -> None:
                 samples.extend(version_calls_ms(rt, 1))
                 time.sleep(0.005)  # a client calling often, not a flood that would itself be the load
 
+        def pull() -> None:
+            rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=600)
+
         prober = threading.Thread(target=probe)
         prober.start()
         try:
-            pods = start_burst(rt, burst)
-            remove_burst(rt, pods, burst.clients)
+            with ThreadPoolExecutor(1) as puller:
+                pulled = puller.submit(pull)
+                pods = start_burst(rt, burst)
+                remove_burst(rt, pods, burst.clients)
+                pulled.result()
         finally:
             done.set()
             prober.join()
+        # The next round pulls it again, from the registry, not from the store.
+        rt.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=120)
         return samples
 
-    print(f"Version during bursts of {burst.label} x {rounds}, in turns", flush=True)
-    for name, per_round in run.interleaved("Version under a burst", rounds, sample).items():
+    print(f"Version during bursts of {burst.label} and a pull of {pull_ref} x {rounds}, in turns", flush=True)
+    for name, per_round in run.interleaved("Version under a burst and a pull", rounds, sample).items():
         samples = [s for r in per_round for s in r]
         figures = run.results[name].figures
-        where = f"during a {burst.pods}-pod burst"
+        where = f"during a {burst.pods}-pod burst + 150 MB pull"
         figures[f"Version p50 {where} (ms)"] = statistics.median(samples)
         figures[f"Version p99 {where} (ms)"] = percentile(samples, 0.99)
         figures[f"Version max {where} (ms)"] = max(samples)
@@ -327,7 +340,7 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
         print(f"Version x {args.version_calls}, in turns", flush=True)
         version_floor(run, args.version_calls)
         bursts(run, args.rounds, args.profile_criopy, floor)
-        version_under_burst(run, args.rounds)
+        version_under_burst(run, args.rounds, push_large_image(runtimes[0].env))
         if args.idle_seconds > 0:
             idle_cost(run, args.idle_containers, args.idle_seconds)
     finally:
@@ -339,6 +352,12 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
         if floor is not None:
             floor.stop()
     return run.results
+
+
+def push_large_image(env: Env) -> str:
+    """bench/pulls_vs_containerd's large image (150 MB in 9 layers) in the bench's registry; its ref."""
+    ib.push(env.registry.url, "bench/large", large_image(), tag="v1")
+    return f"{env.registry.host}/bench/large:v1"
 
 
 def start_and_pull(run: Run) -> Callable[[Runtime], None]:
