@@ -131,6 +131,7 @@ class Floor:
         self.runtime = OciRuntime(name="runc", binary=self._which("runc"), root=str(base / "runc"))
         self.conmon = self._which("conmon")
         self.rootfs = base / "rootfs"
+        self.conflist: dict[str, Any] = {}  # the bench's bridge conflist, as written by prepare
         self._count = 0
         self._lock = threading.Lock()
         self._live: dict[str, FloorPod] = {}
@@ -154,8 +155,7 @@ class Floor:
     def stop(self) -> None:
         """Everything the floor made, also after a failure half-way: pods, mounts, bridge, cgroups, files."""
         for pod in list(self._live.values()):
-            with contextlib.suppress(Exception):  # best effort: the sweeps below catch what this misses
-                self.remove_pod(pod)
+            self._remove_leftover(pod)
         delete_runc_containers(Path(self.runtime.root))
         unmount_under(self.base)
         self.net.remove()
@@ -199,6 +199,10 @@ class Floor:
         helper(self.runtime.argv("delete", "--force", pod.id))
         pod.container_pid = 0
         self._cni_del(pod)
+        self._release(pod)
+
+    def _release(self, pod: FloorPod) -> None:
+        """The pod's mounts, pins and files, once its container and network are gone."""
         if pod.shm:
             linux.umount_if_mounted(pod.shm)
         for path in pod.pins.values():
@@ -207,6 +211,19 @@ class Floor:
                 os.unlink(path)
         shutil.rmtree(pod.dir, ignore_errors=True)
         self._live.pop(pod.id, None)
+
+    def _remove_leftover(self, pod: FloorPod) -> None:
+        """A pod a failure left: each step tried on its own (CNI DEL frees its address and veth even when the
+        container was never made); the sweeps of `stop` catch what this misses."""
+        if pod.container_pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pod.container_pid, signal.SIGKILL)
+        with contextlib.suppress(FloorError, subprocess.TimeoutExpired):
+            helper(self.runtime.argv("delete", "--force", pod.id))
+        with contextlib.suppress(FloorError, subprocess.TimeoutExpired, KeyError):
+            self._cni_del(pod)
+        with contextlib.suppress(OSError):
+            self._release(pod)
 
     def _namespaces(self, pod: FloorPod, hostname: str) -> None:
         pins = {kind: str(self.base / "ns" / kind / pod.id) for kind in ("net", "uts", "ipc")}
