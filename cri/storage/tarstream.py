@@ -22,8 +22,16 @@ checksum or number, a header cut short, a bad PAX record, a negative size,
 or an extended header over 1 MiB (Go's archive/tar limit, so containerd
 refuses those too) raise TarError instead of ending the archive early. Like
 tarfile, it stops at the first zero block; the caller reads the rest of the
-stream (drain) so the hash covers it. Sparse members (GNU type 'S', PAX
-GNU.sparse.*) are flagged for the caller to refuse, not expanded.
+stream (drain) so the hash covers it.
+
+Sparse members (GNU tar -S) are read in every flavour tarfile and Go's
+archive/tar read: old GNU type 'S' (the map in the header, then extension
+blocks before the data) and PAX GNU.sparse 0.0 (repeated offset/numbytes
+records), 0.1 (GNU.sparse.map) and 1.0 (the map as decimal lines at the start
+of the data). Such a member's `size` is the file's real size, as tarfile
+gives it, and `sparse` its map; copy_sparse_to() writes its chunks where they
+lie and leaves the holes. A map that is out of order, overlapping, past the
+real size, over 1 MiB or not matching the data stored raises TarError.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ from typing import Protocol
 BLOCK = 512
 READ_SIZE = 1 << 20
 MAX_EXTENDED_HEADER = 1 << 20  # GNU longname/longlink and PAX payloads, as Go's archive/tar bounds them
+# A sparse map read from the stream (old GNU extension blocks, a PAX 1.0 map): Go bounds the 1.0 map so.
+MAX_SPARSE_MAP = 1 << 20
+_INT64_MAX = (1 << 63) - 1  # sparse numbers are int64 in Go's reader
 
 # tarfile's stream-mode defaults: names decoded with the file-system encoding, never failing.
 ENCODING = sys.getfilesystemencoding()
@@ -87,6 +98,13 @@ _SIGNED_BYTES = struct.Struct("148b8x356b")
 _ZERO_BLOCK_CHECKSUM = 8 * ord(" ")  # the checksum field counts as spaces
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _PAX_HDRCHARSET = re.compile(rb"\d+ hdrcharset=([^\n]+)\n")
+_SPARSE_PREFIX = "GNU.sparse."
+_SPARSE_00_KEYS = frozenset({b"GNU.sparse.offset", b"GNU.sparse.numbytes"})
+# An old GNU header's sparse area, inside the bytes read as the ustar prefix (header offset 345):
+# 4 entries of 12-byte offset and numbytes at 386, the isextended flag at 482, the real size at 483.
+_OLD_GNU_ENTRIES, _OLD_GNU_EXTENDED, _OLD_GNU_REALSIZE = 386 - 345, 482 - 345, 483 - 345
+_EXTENSION_ENTRIES, _EXTENSION_EXTENDED = 21, 504  # an extension block: 21 entries, then its flag
+_SPARSE_ENTRY = 24
 _NUMBER_CACHE_MAX = 4096
 
 
@@ -113,7 +131,8 @@ class Member:
     devmajor: int
     devminor: int
     pax_headers: dict[str, str] = field(default_factory=dict)
-    sparse: bool = False  # GNU or PAX sparse: its data is not the file's bytes as they lie
+    # GNU or PAX sparse: the (offset, numbytes) of each chunk of data, holes between; `size` is the real size.
+    sparse: tuple[tuple[int, int], ...] | None = None
 
     def isreg(self) -> bool:
         return self.type in REGULAR_TYPES
@@ -167,6 +186,18 @@ def _decode_pax(value: bytes, encoding: str, fallback: str) -> str:
         return value.decode(fallback, ERRORS)
 
 
+def _pax_records(payload: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The keyword and value of each record of a PAX payload, in order."""
+    pos = 0
+    while (record := _PAX_RECORD.match(payload, pos)) is not None:
+        length = int(record.group(1))
+        if length == 0:
+            raise TarError("invalid header: PAX record of length 0")
+        # The value runs to the record's end, less its newline.
+        yield record.group(2), payload[record.end(2) + 1 : record.start(1) + length - 1]
+        pos += length
+
+
 def parse_pax(payload: bytes, headers: dict[str, str]) -> None:
     """Add the PAX records of `payload` to `headers`, as tarfile's _proc_pax reads them."""
     match = _PAX_HDRCHARSET.search(payload)
@@ -176,26 +207,30 @@ def parse_pax(payload: bytes, headers: dict[str, str]) -> None:
         except UnicodeDecodeError:
             raise TarError("invalid header: PAX hdrcharset is not UTF-8") from None
     names_encoding = ENCODING if headers.get("hdrcharset") == "BINARY" else "utf-8"
-    pos = 0
-    while (record := _PAX_RECORD.match(payload, pos)) is not None:
-        length = int(record.group(1))
-        if length == 0:
-            raise TarError("invalid header: PAX record of length 0")
-        # The value runs to the record's end, less its newline.
-        value = payload[record.end(2) + 1 : record.start(1) + length - 1]
-        keyword = _decode_pax(record.group(2), "utf-8", "utf-8")
+    for raw_keyword, value in _pax_records(payload):
+        keyword = _decode_pax(raw_keyword, "utf-8", "utf-8")
         if keyword in _PAX_NAME_FIELDS:
             headers[keyword] = _decode_pax(value, names_encoding, ENCODING)
         else:
             headers[keyword] = _decode_pax(value, "utf-8", "utf-8")
-        pos += length
+
+
+def sparse_00_records(payload: bytes) -> tuple[tuple[str, str], ...]:
+    """PAX sparse 0.0's repeated GNU.sparse.offset / GNU.sparse.numbytes records, in order (a dict keeps the last)."""
+    if b"GNU.sparse.offset" not in payload and b"GNU.sparse.numbytes" not in payload:
+        return ()
+    return tuple(
+        (keyword.decode("ascii"), value.decode("utf-8", ERRORS))
+        for keyword, value in _pax_records(payload)
+        if keyword in _SPARSE_00_KEYS
+    )
 
 
 def apply_pax(member: Member, headers: dict[str, str]) -> None:
     """Replace `member`'s fields by PAX records, as tarfile's _apply_pax_info does."""
     for keyword, value in headers.items():
-        if keyword.startswith("GNU.sparse."):
-            member.sparse = True
+        if keyword.startswith(_SPARSE_PREFIX):
+            member.sparse = _MAP_UNREAD
             if keyword == "GNU.sparse.name":
                 member.name = value  # the real name: PAX sparse 1.0 headers carry a made-up one
         elif keyword == "path":
@@ -211,6 +246,78 @@ def apply_pax(member: Member, headers: dict[str, str]) -> None:
     member.pax_headers = headers.copy()
 
 
+# A sparse member's map until TarReader.next() reads it (from the header, extension blocks or the data).
+_MAP_UNREAD: tuple[tuple[int, int], ...] = ()
+
+
+def sparse_number(text: str | bytes | None, what: str, name: str) -> int:
+    """A decimal number of a PAX sparse map (as Go parses them: int64, no sign, no blanks)."""
+    if text is None:
+        raise TarError(f"invalid sparse header of {name!r}: no {what}")
+    if not (text.isascii() and text.isdigit() and len(text) <= 19) or int(text) > _INT64_MAX:
+        raise TarError(f"invalid sparse header of {name!r}: bad {what} {text!r}")
+    return int(text)
+
+
+def checked_map(chunks: list[tuple[int, int]], realsize: int, stored: int, name: str) -> tuple[tuple[int, int], ...]:
+    """The chunks of a sparse map, less the empty ones, once they are sure to describe `stored` bytes of data.
+
+    Go's validateSparseEntries (the BSD tar checks: in order, not overlapping, inside the real size), and
+    the data they cover is exactly what the archive stores (Go fails reading otherwise).
+    """
+    if not 0 <= realsize <= _INT64_MAX:
+        raise TarError(f"invalid sparse map of {name!r}: real size {realsize}")
+    end = total = 0
+    kept = []
+    for offset, numbytes in chunks:
+        if offset < 0 or numbytes < 0:
+            raise TarError(f"invalid sparse map of {name!r}: negative chunk ({offset}, {numbytes})")
+        if offset < end:
+            raise TarError(f"invalid sparse map of {name!r}: chunk at {offset} overlaps or precedes the one before")
+        end = offset + numbytes
+        if end > realsize:
+            raise TarError(f"invalid sparse map of {name!r}: chunk at {offset} runs past the real size {realsize}")
+        total += numbytes
+        if numbytes:
+            kept.append((offset, numbytes))
+    if total != stored:
+        raise TarError(f"invalid sparse map of {name!r}: its chunks hold {total} bytes, the archive stores {stored}")
+    return tuple(kept)
+
+
+def _old_gnu_entries(block: bytes, start: int, count: int) -> list[tuple[int, int]]:
+    """The (offset, numbytes) entries of an old GNU sparse area; the first offset starting with NUL ends them (Go)."""
+    entries = []
+    for at in range(start, start + count * _SPARSE_ENTRY, _SPARSE_ENTRY):
+        if block[at] == 0:
+            break
+        entries.append((parse_number(block[at : at + 12]), parse_number(block[at + 12 : at + _SPARSE_ENTRY])))
+    return entries
+
+
+def _pairs(values: list[int]) -> list[tuple[int, int]]:
+    return list(zip(values[::2], values[1::2], strict=True))
+
+
+def _pax_0x_values(records: dict[str, str], records_00: tuple[tuple[str, str], ...], name: str) -> list[int]:
+    """The numbers of a PAX 0.1 map (GNU.sparse.map "off,size,...") or of 0.0's repeated records."""
+    if "GNU.sparse.map" in records:
+        if records_00:
+            raise TarError(f"invalid sparse header of {name!r}: both GNU.sparse.map and GNU.sparse.offset records")
+        text = records["GNU.sparse.map"]
+        values = [sparse_number(item, "GNU.sparse.map", name) for item in text.split(",")] if text else []
+    else:
+        # 0.0: offset, numbytes, offset, numbytes... (Go checks the order; tarfile pairs them up regardless)
+        for index, (keyword, _) in enumerate(records_00):
+            if keyword != ("GNU.sparse.offset" if index % 2 == 0 else "GNU.sparse.numbytes"):
+                raise TarError(f"invalid sparse header of {name!r}: GNU.sparse.offset/numbytes records out of order")
+        values = [sparse_number(value, keyword, name) for keyword, value in records_00]
+    blocks = sparse_number(records.get("GNU.sparse.numblocks"), "GNU.sparse.numblocks", name)
+    if len(values) != 2 * blocks:
+        raise TarError(f"invalid sparse header of {name!r}: {len(values)} map numbers for {blocks} blocks")
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class _Extension:
     """An extended header met before its member: applied once the member's own header is read."""
@@ -218,13 +325,15 @@ class _Extension:
     type: bytes
     text: str = ""  # GNU longname / longlink
     pax: dict[str, str] | None = None  # a PAX 'x' header's records, over the global ones of its time
+    sparse_00: tuple[tuple[str, str], ...] = ()  # its PAX sparse 0.0 records, in order
 
 
 class TarReader:
     """Members of the tar stream `source`, one pass; every byte read is hashed once into `hash`.
 
-    Iterate for the members; a regular member's content goes out through copy_to() (what the caller
-    does not take is skipped). At the end of the archive, drain() reads the rest of the stream.
+    Iterate for the members; a regular member's content goes out through copy_to(), a sparse one's
+    (`sparse` not None) through copy_sparse_to(); what the caller does not take is skipped. At the end of
+    the archive, drain() reads the rest of the stream.
     """
 
     def __init__(self, source: _Source, read_size: int = READ_SIZE) -> None:
@@ -327,8 +436,39 @@ class TarReader:
             self._data_left = left
         return written
 
+    def copy_sparse_to(self, fd: int, member: Member) -> int:
+        """Write the current member, sparse, to the regular file `fd` as it lay: each chunk of data at its
+        offset, the holes never written (they stay holes), the file then cut to the real size. Returns that.
+        """
+        if member.sparse is None:
+            raise ValueError(f"{member.name!r} is not a sparse member")
+        if self._data_left != sum(numbytes for _, numbytes in member.sparse):
+            raise ValueError(f"the data of {member.name!r} is not the reader's to write (taken, or not current)")
+        for offset, numbytes in member.sparse:
+            self._write_at(fd, offset, numbytes)
+        os.ftruncate(fd, member.size)
+        return member.size
+
+    def _write_at(self, fd: int, offset: int, size: int) -> None:
+        # copy_to's loop, with positioned writes: kept apart so the common member's path stays as lean.
+        while size:
+            available = len(self._chunk) - self._pos
+            if not available:
+                if not self._fill():
+                    raise TarError("unexpected end of data")
+                continue
+            step = min(size, available)
+            view = self._view[self._pos : self._pos + step]
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+            self._pos += step
+            size -= step
+            self._data_left -= step
+
     def read_content(self) -> bytes:
-        """The current member's remaining content (for small members and tests)."""
+        """The current member's remaining content (for small members and tests); a sparse member's chunks packed."""
         data = self._read(self._data_left)
         if len(data) != self._data_left:
             raise TarError("unexpected end of data")
@@ -353,6 +493,9 @@ class TarReader:
             member = self._member(fields, extensions)
             if member.size < 0:
                 raise TarError(f"invalid header: negative size of {member.name!r}")
+            if member.sparse is not None:
+                self._begin_sparse(member, fields[_PREFIX], extensions)
+                return member
             has_data = member.type in REGULAR_TYPES or member.type not in SUPPORTED_TYPES
             self._data_left = member.size if has_data else 0
             self._padding = padded(self._data_left) - self._data_left
@@ -390,10 +533,12 @@ class TarReader:
             if "size" in self._global:
                 # tarfile would give every later member this size without reading that much.
                 raise TarError("invalid header: a PAX global header sets size")
+            if any(keyword.startswith(_SPARSE_PREFIX) for keyword in self._global):
+                raise TarError("invalid header: a PAX global header carries GNU.sparse records")
         else:
             records = self._global.copy()
             parse_pax(payload, records)
-            extensions.append(_Extension(kind, pax=records))
+            extensions.append(_Extension(kind, pax=records, sparse_00=sparse_00_records(payload)))
 
     def _checksum_ok(self, block: bytes, pos: int, stored_field: bytes) -> bool:
         stored = self._number(stored_field)
@@ -454,7 +599,7 @@ class TarReader:
         mode, uid, gid, devmajor, devminor = self._id_numbers(fields[_IDS], fields[_DEVICE])
         linkname = nts(fields[_LINKNAME]) if fields[_LINKNAME][0] else ""
         size, mtime = self._number(fields[_SIZE]), self._number(fields[_MTIME])
-        sparse = kind == GNUTYPE_SPARSE
+        sparse = _MAP_UNREAD if kind == GNUTYPE_SPARSE else None
         member = Member(name, kind, mode, uid, gid, size, mtime, linkname, devmajor, devminor, {}, sparse)
         if self._global:
             apply_pax(member, self._global)
@@ -472,3 +617,87 @@ class TarReader:
             if member.type == DIRTYPE:
                 member.name = member.name.removesuffix("/")
         return member
+
+    # -- sparse members --
+
+    def _begin_sparse(self, member: Member, header_area: bytes, extensions: list[_Extension]) -> None:
+        """Read `member`'s sparse map: its `size` becomes the real size, the data stored what is left to take.
+
+        `member.size` is the size stored in the archive until then (the header's, or a PAX size record's).
+        """
+        stored = member.size
+        pax_sparse = any(keyword.startswith(_SPARSE_PREFIX) for keyword in member.pax_headers)
+        if member.type == GNUTYPE_SPARSE:
+            if pax_sparse:
+                raise TarError(f"invalid sparse header of {member.name!r}: GNU type 'S' with GNU.sparse records")
+            chunks, realsize = self._old_gnu_map(header_area, member.name)
+        else:
+            if member.type not in REGULAR_TYPES:
+                raise TarError(f"invalid sparse header of {member.name!r}: not a regular file")
+            records_00 = tuple(pair for extension in extensions for pair in extension.sparse_00)
+            chunks, realsize, map_size = self._pax_map(member, records_00)
+            stored -= map_size
+        member.sparse = checked_map(chunks, realsize, stored, member.name)
+        member.size = realsize
+        self._data_left = stored
+        self._padding = padded(stored) - stored
+
+    def _old_gnu_map(self, area: bytes, name: str) -> tuple[list[tuple[int, int]], int]:
+        """An old GNU 'S' header's map (4 entries in the header, 21 in each extension block after it) and real size."""
+        chunks = _old_gnu_entries(area, _OLD_GNU_ENTRIES, 4)
+        realsize = parse_number(area[_OLD_GNU_REALSIZE : _OLD_GNU_REALSIZE + 12])
+        extended = area[_OLD_GNU_EXTENDED]
+        read = 0
+        while extended:
+            read += BLOCK
+            if read > MAX_SPARSE_MAP:
+                raise TarError(f"invalid sparse header of {name!r}: extension blocks over {MAX_SPARSE_MAP} bytes")
+            block = self._read(BLOCK)
+            if len(block) < BLOCK:
+                raise TarError(f"unexpected end of data in the sparse header of {name!r}")
+            chunks += _old_gnu_entries(block, 0, _EXTENSION_ENTRIES)
+            extended = block[_EXTENSION_EXTENDED]
+        return chunks, realsize
+
+    def _pax_map(
+        self, member: Member, records_00: tuple[tuple[str, str], ...]
+    ) -> tuple[list[tuple[int, int]], int, int]:
+        """A PAX sparse member's map, real size, and the bytes of its data the map took (1.0 keeps it there)."""
+        records, name = member.pax_headers, member.name
+        # Go's rules: the real size from GNU.sparse.size (0.x) or GNU.sparse.realsize (1.0); the version from
+        # major/minor, else 0.x when there is a map (0.0 and 0.1 wrote no version).
+        realsize = sparse_number(
+            records.get("GNU.sparse.size") or records.get("GNU.sparse.realsize"), "real size", name
+        )
+        version = (records.get("GNU.sparse.major"), records.get("GNU.sparse.minor"))
+        if version == ("1", "0"):
+            values, map_size = self._pax_10_values(member.size, name)
+            return _pairs(values), realsize, map_size
+        if version not in ((None, None), ("0", "0"), ("0", "1")):
+            raise TarError(f"invalid sparse header of {name!r}: unknown GNU sparse version {version[0]}.{version[1]}")
+        if "GNU.sparse.map" not in records and not records_00:
+            raise TarError(f"invalid sparse header of {name!r}: GNU.sparse records without a map")
+        return _pairs(_pax_0x_values(records, records_00, name)), realsize, 0
+
+    def _pax_10_values(self, stored: int, name: str) -> tuple[list[int], int]:
+        """PAX sparse 1.0's map: decimal lines at the start of the data (a count, then offset and numbytes of
+        each chunk), padded to whole blocks; returns its numbers and how many bytes of data it took."""
+        blocks: list[bytes] = []
+        newlines = 0
+        needed: int | None = None  # the lines the map takes: its count's, then two per chunk
+        while needed is None or newlines < needed:
+            taken = (len(blocks) + 1) * BLOCK
+            if taken > MAX_SPARSE_MAP:
+                raise TarError(f"invalid sparse header of {name!r}: map over {MAX_SPARSE_MAP} bytes")
+            if taken > stored:
+                raise TarError(f"invalid sparse header of {name!r}: map runs past the member's data")
+            block = self._read(BLOCK)
+            if len(block) < BLOCK:
+                raise TarError(f"unexpected end of data in the sparse map of {name!r}")
+            blocks.append(block)
+            newlines += block.count(b"\n")
+            if needed is None and newlines:
+                count = b"".join(blocks).partition(b"\n")[0]
+                needed = 1 + 2 * sparse_number(count, "map count", name)
+        lines = b"".join(blocks).split(b"\n", needed)[1:needed]
+        return [sparse_number(line, "map number", name) for line in lines], len(blocks) * BLOCK

@@ -11,7 +11,8 @@ Extraction is one streaming pass: the blob is decompressed, the uncompressed
 tar is hashed (the layer's diffID) and extracted as it is read, from a file
 or from any byte stream (a pipe fed by the download: cri/storage/unpack_worker).
 The tar is read by cri/storage/tarstream, which yields what Python's tarfile
-would for the same bytes at a fraction of its CPU.
+would for the same bytes at a fraction of its CPU; sparse members (GNU tar -S,
+which containerd and cri-o extract too) are written with their holes.
 gzip is inflated by ISA-L (python-isal), about 2.5x the standard library's
 zlib here. A full destination is not the layer's fault: that OSError (ENOSPC,
 EDQUOT) passes through unchanged, for the caller to report against its
@@ -334,9 +335,6 @@ class _Extractor:
 
     def add(self, reader: TarReader, member: Member) -> None:
         self.entries += 1
-        if member.sparse:
-            # Layer writers (Go's archive/tar: docker, buildkit, buildah) never write sparse members.
-            raise _Refused("sparse files (GNU type 'S' or GNU.sparse.* PAX records) are not supported")
         parts = _clean(member.name)
         base = parts[-1] if parts else ""
         if base.startswith(WHITEOUT_META_PREFIX):
@@ -407,7 +405,10 @@ class _Extractor:
     def _file(self, pfd: int, name: str, member: Member, reader: TarReader) -> None:
         fd = self._create(pfd, name, member.mode & 0o777)
         try:
-            reader.copy_to(fd)
+            if member.sparse is None:
+                reader.copy_to(fd)
+            else:
+                reader.copy_sparse_to(fd, member)  # GNU tar -S: the holes stay holes
             if self.as_root:
                 os.fchown(fd, member.uid, member.gid)
             if self._needs_chmod(member.mode):

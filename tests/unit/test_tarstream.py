@@ -16,9 +16,10 @@ import os
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -523,23 +524,308 @@ def test_a_global_size_and_an_oversized_extended_header_raise() -> None:
         read_all(huge)
 
 
-# -- sparse members (GNU tar -S): flagged for the extractor to refuse --
+# -- sparse members (GNU tar -S): read in every flavour, written with their holes --
+
+GNU_TAR = shutil.which("tar")
+needs_gnu_tar = pytest.mark.skipif(GNU_TAR is None, reason="GNU tar writes the sparse archives")
+MiB = 1 << 20
+# (name, the chunks of data written, the file's size): holes at the start, the middle, the end, only holes,
+# and enough chunks for old GNU extension blocks (4 in the header, 21 a block) and a 1.0 map over a block.
+SPARSE_FILES: list[tuple[str, list[tuple[int, bytes]], int]] = [
+    ("hole-start", [(MiB, b"s" * 5000)], MiB + 5000),
+    ("hole-middle", [(0, b"m" * 4096), (3 * MiB, b"M" * 100)], 3 * MiB + 100),
+    ("hole-end", [(0, b"e" * 70000)], 4 * MiB),
+    ("all-hole", [], 2 * MiB),
+    ("many-holes", [(i * 64 * 1024, bytes([i + 1]) * 4096) for i in range(80)], 80 * 64 * 1024 + 10),
+]
+# GNU tar's options for each flavour, and what marks its members as that flavour.
+SPARSE_FLAVOURS: dict[str, tuple[list[str], str]] = {
+    "gnu": (["--format=gnu"], "type S"),
+    "pax-1.0": (["--format=posix"], "GNU.sparse.major"),
+    "pax-0.1": (["--format=posix", "--sparse-version=0.1"], "GNU.sparse.map"),
+    "pax-0.0": (["--format=posix", "--sparse-version=0.0"], "GNU.sparse.offset"),
+}
 
 
-@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse archives")
-@pytest.mark.parametrize("gnu_format", ["gnu", "posix"])
-def test_sparse_members_are_flagged(tmp_path: Path, gnu_format: str) -> None:
-    sparse = tmp_path / "holes"
-    with open(sparse, "wb") as out:
-        out.seek(1 << 20)
-        out.write(b"data after a hole")
-    data = subprocess.run(
-        ["tar", f"--format={gnu_format}", "--sparse", "-cf", "-", "-C", str(tmp_path), "holes"],
+@pytest.fixture(scope="module")
+def sparse_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Files with holes (on this file system, holes for real: GNU tar finds them with SEEK_DATA)."""
+    root = tmp_path_factory.mktemp("sparse-sources")
+    for name, chunks, size in SPARSE_FILES:
+        with open(root / name, "wb") as out:
+            for offset, data in chunks:
+                out.seek(offset)
+                out.write(data)
+            out.truncate(size)
+        written = sum(len(data) for _, data in chunks)
+        assert os.stat(root / name).st_blocks * 512 < max(size // 2, written + 65536), f"{name} has no holes here"
+    (root / "plain").write_bytes(b"no holes" * 100)
+    return root
+
+
+def gnu_tar_sparse(sources: Path, flavour: str) -> bytes:
+    options, _ = SPARSE_FLAVOURS[flavour]
+    names = [name for name, _, _ in SPARSE_FILES] + ["plain"]
+    return subprocess.run(
+        [GNU_TAR or "tar", *options, "--sparse", "--owner=0", "--group=0", "-cf", "-", "-C", str(sources), *names],
         capture_output=True,
         check=True,
         timeout=60,
     ).stdout
-    members = list(TarReader(Chunked(data, 1 << 20)))
-    assert [(m.name, m.sparse) for m in members] == [("holes", True)]
+
+
+def write_sparse(reader: TarReader, member: Member, path: Path) -> None:
+    """copy_sparse_to into a new file, as the extractor does."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert reader.copy_sparse_to(fd, member) == member.size
+    finally:
+        os.close(fd)
+
+
+def expand_sparse(reader: TarReader, member: Member, path: Path) -> bytes:
+    """The bytes of the file copy_sparse_to wrote."""
+    write_sparse(reader, member, path)
+    return path.read_bytes()
+
+
+def tarfile_sparse_members(data: bytes) -> list[tuple[Seen, list[tuple[int, int]] | None]]:
+    """What tarfile reads: the members with their expanded content, and each sparse map less its empty chunks."""
+    out = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
-        assert [(m.name, m.sparse is not None) for m in tf] == [("holes", True)]  # tarfile would expand it
+        for member in tf:
+            source = tf.extractfile(member) if member.isreg() else None
+            sparse = cast("list[tuple[int, int]] | None", member.sparse)  # typeshed has it wrong
+            chunks = None if sparse is None else [(o, n) for o, n in sparse if n]
+            out.append((seen(member, source.read() if source else None), chunks))
+    return out
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("read_size", [1 << 20, 512, 1023])
+@pytest.mark.parametrize("flavour", list(SPARSE_FLAVOURS))
+def test_gnu_tar_sparse_archives_read_as_tarfile_reads_them(
+    sparse_sources: Path, tmp_path: Path, flavour: str, read_size: int
+) -> None:
+    data = gnu_tar_sparse(sparse_sources, flavour)
+    reader = TarReader(Chunked(data, read_size), read_size)
+    lean = []
+    for index, member in enumerate(reader):
+        if member.sparse is None:
+            content = reader.read_content()
+        else:
+            content = expand_sparse(reader, member, tmp_path / str(index))
+        lean.append((seen(member, content), None if member.sparse is None else list(member.sparse)))
+    reader.drain()
+    assert lean == tarfile_sparse_members(data)
+    assert reader.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+    # What a user sees: each file's bytes as they were, and tar wrote the flavour this case is about.
+    _, mark = SPARSE_FLAVOURS[flavour]
+    for (got, chunks), (name, _, size) in zip(lean, SPARSE_FILES, strict=False):
+        assert (got.name, got.size, got.content) == (name, size, (sparse_sources / name).read_bytes())
+        assert chunks is not None and (got.type == b"S" if mark == "type S" else mark in got.pax_headers)
+    assert lean[-1][0].name == "plain" and lean[-1][1] is None
+    many = next(chunks for got, chunks in lean if got.name == "many-holes")
+    assert many == [(i * 64 * 1024, 4096) for i in range(80)]  # 4 in the header and 4 extension blocks (gnu)
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("flavour", list(SPARSE_FLAVOURS))
+def test_sparse_members_skipped_untaken_leave_the_stream_in_step(sparse_sources: Path, flavour: str) -> None:
+    data = gnu_tar_sparse(sparse_sources, flavour)
+    reader = TarReader(Chunked(data, 1023), 1023)
+    assert [(m.name, m.size) for m in reader] == [(name, size) for name, _, size in SPARSE_FILES] + [("plain", 800)]
+    reader.drain()
+    assert reader.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("flavour", list(SPARSE_FLAVOURS))
+def test_a_sparse_archive_cut_anywhere_raises(sparse_sources: Path, tmp_path: Path, flavour: str) -> None:
+    data = gnu_tar_sparse(sparse_sources, flavour)
+    end = len(data.rstrip(b"\0"))  # past the last data byte only the end-of-archive blocks are left
+    # Never on a block boundary (100 + 1000k is never a multiple of 512): in headers, extension blocks,
+    # maps and data. A cut between two members is an archive without end blocks, as tarfile reads it.
+    for cut in range(100, end, 1000):
+        reader = TarReader(Chunked(data[:cut], 4096), 4096)
+        with pytest.raises(TarError):
+            for index, member in enumerate(reader):
+                if member.sparse is not None:
+                    write_sparse(reader, member, tmp_path / f"{cut}-{index}")
+            reader.drain()
+
+
+# Sparse members written by hand, for the maps GNU tar never writes.
+
+
+def pax_sparse(records: dict[str, str], stored: bytes, name: str = "holes") -> bytes:
+    """A PAX member with GNU.sparse `records` and `stored` as its data (a 1.0 map included), as an archive."""
+    member, content = info(name, content=stored, pax_headers=records)
+    return archive([(member, content)], tarfile.PAX_FORMAT)
+
+
+def pax_10(chunks: list[tuple[int, int]], realsize: int, stored: bytes, count: int | None = None) -> bytes:
+    lines = [str(len(chunks) if count is None else count)] + [str(n) for chunk in chunks for n in chunk]
+    records = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(realsize)}
+    return pax_sparse(records, block_padded("".join(line + "\n" for line in lines).encode()) + stored)
+
+
+def pax_01(chunks: list[tuple[int, int]], realsize: int, stored: bytes, numblocks: int | None = None) -> bytes:
+    records = {
+        "GNU.sparse.size": str(realsize),
+        "GNU.sparse.numblocks": str(len(chunks) if numblocks is None else numblocks),
+        "GNU.sparse.map": ",".join(str(n) for chunk in chunks for n in chunk),
+    }
+    return pax_sparse(records, stored)
+
+
+def pax_00(chunks: list[tuple[int, int]], realsize: int, stored: bytes, swap: bool = False) -> bytes:
+    """PAX sparse 0.0: repeated GNU.sparse.offset / numbytes records, which tarfile cannot write (a dict)."""
+    keys = ["GNU.sparse.numbytes", "GNU.sparse.offset"] if swap else ["GNU.sparse.offset", "GNU.sparse.numbytes"]
+    records = [("GNU.sparse.size", str(realsize)), ("GNU.sparse.numblocks", str(len(chunks)))]
+    records += [(key, str(n)) for chunk in chunks for key, n in zip(keys, chunk, strict=True)]
+    payload = b"".join(pax_record(key, value) for key, value in records)
+    carrier, _ = info("PaxHeaders/holes", tarfile.XHDTYPE, size=len(payload))
+    member, content = info("holes", content=stored)
+    return archive([header(carrier, 0) + block_padded(payload), (member, content)], tarfile.USTAR_FORMAT)
+
+
+def pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))  # the length counts its own digits
+    return str(length).encode() + body
+
+
+def old_gnu(chunks: list[tuple[int, int]], realsize: int, stored: bytes, extension_blocks: int = 0) -> bytes:
+    """An old GNU 'S' member: up to 4 chunks in the header, the rest in extension blocks of 21."""
+    member, _ = info("holes", content=stored)
+    block = bytearray(header(member, tarfile.GNU_FORMAT))
+    block[156:157] = b"S"
+    head, rest = chunks[:4], chunks[4:]
+    for i, (offset, numbytes) in enumerate(head):
+        block[386 + 24 * i : 410 + 24 * i] = b"%011o\0%011o\0" % (offset, numbytes)
+    block[483:495] = b"%011o\0" % realsize
+    extensions: list[bytearray] = []
+    while rest or len(extensions) < extension_blocks:
+        extension = bytearray(512)
+        for i, (offset, numbytes) in enumerate(rest[:21]):
+            extension[24 * i : 24 * i + 24] = b"%011o\0%011o\0" % (offset, numbytes)
+        rest = rest[21:]
+        extensions.append(extension)
+    if extensions:  # the header's isextended flag, then each block's but the last
+        block[482] = 1
+        for extension in extensions[:-1]:
+            extension[504] = 1
+    return archive([rechecksum(block) + b"".join(bytes(e) for e in extensions) + block_padded(stored)], 2)
+
+
+GOOD_CHUNKS = [(1000, 5), (5000, 3)]
+GOOD_REALSIZE = 6000
+
+
+Build = Callable[[list[tuple[int, int]], int, bytes], bytes]
+BUILDERS: list[Build] = [pax_10, pax_01, pax_00, old_gnu]
+BUILDER_IDS = ["pax-1.0", "pax-0.1", "pax-0.0", "gnu"]
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=BUILDER_IDS)
+def test_hand_made_sparse_members_read_as_tarfile_reads_them(tmp_path: Path, build: Build) -> None:
+    data = build(GOOD_CHUNKS, GOOD_REALSIZE, b"abcdeXYZ")
+    reader = TarReader(Chunked(data, 512), 512)
+    member = reader.next()
+    assert member is not None and member.sparse == tuple(GOOD_CHUNKS)
+    content = expand_sparse(reader, member, tmp_path / "out")
+    assert content == bytes(1000) + b"abcde" + bytes(3995) + b"XYZ" + bytes(997)
+    [(expected, _)] = tarfile_sparse_members(data)
+    assert seen(member, content) == expected
+
+
+BAD_MAPS = [
+    ([(5000, 3), (1000, 5)], GOOD_REALSIZE, "overlaps or precedes"),  # out of order
+    ([(1000, 5), (1003, 3)], GOOD_REALSIZE, "overlaps or precedes"),
+    ([(1000, 5), (5998, 3)], GOOD_REALSIZE, "runs past the real size 6000"),
+    ([(1000, 5), (5000, 2)], GOOD_REALSIZE, "its chunks hold 7 bytes, the archive stores 8"),
+    ([(1000, 5), (5000, 4)], GOOD_REALSIZE, "its chunks hold 9 bytes, the archive stores 8"),
+]
+
+
+@pytest.mark.parametrize(("chunks", "realsize", "problem"), BAD_MAPS)
+@pytest.mark.parametrize("build", BUILDERS, ids=BUILDER_IDS)
+def test_a_bad_sparse_map_raises_naming_the_problem(
+    chunks: list[tuple[int, int]], realsize: int, problem: str, build: Build
+) -> None:
+    with pytest.raises(TarError, match=f"invalid sparse map of 'holes': .*{problem}"):
+        read_all(build(chunks, realsize, b"abcdeXYZ"))
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (pax_01(GOOD_CHUNKS, GOOD_REALSIZE, b"abcdeXYZ", numblocks=3), "4 map numbers for 3 blocks"),
+        (pax_sparse({"GNU.sparse.size": "6000", "GNU.sparse.numblocks": "1", "GNU.sparse.map": "1,-2"}, b""), "bad"),
+        (pax_sparse({"GNU.sparse.size": "6000", "GNU.sparse.numblocks": "0"}, b""), "without a map"),
+        (pax_00(GOOD_CHUNKS, GOOD_REALSIZE, b"abcdeXYZ", swap=True), "offset/numbytes records out of order"),
+        (pax_sparse({"GNU.sparse.map": "", "GNU.sparse.numblocks": "0"}, b""), "no real size"),
+        (
+            pax_sparse({"GNU.sparse.major": "2", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1"}, b""),
+            "version 2.0",
+        ),
+        (pax_10(GOOD_CHUNKS, GOOD_REALSIZE, b"abcdeXYZ", count=3), "map runs past the member's data"),
+        (pax_10(GOOD_CHUNKS, GOOD_REALSIZE, b"abcdeXYZ", count=-1), "bad map count"),
+        (pax_10([(1, 2**63)], 2**63 - 1, b""), "bad map number"),
+        (pax_10([], 2**63, b""), "bad real size"),
+        # 1 MiB of lines and more, all data of the member: the map alone may not take more (Go's limit).
+        (pax_10([(0, 0)] * (MiB // 4 + 1), 1, b""), "map over 1048576 bytes"),
+    ],
+    ids=[
+        "numblocks",
+        "negative",
+        "no-map",
+        "0.0-order",
+        "no-realsize",
+        "version",
+        "count-past-data",
+        "count",
+        "int64",
+        "int64-size",
+        "1MiB",
+    ],
+)
+def test_bad_pax_sparse_headers_raise(data: bytes, problem: str) -> None:
+    with pytest.raises(TarError, match=f"invalid sparse header of 'holes': .*{problem}"):
+        read_all(data)
+
+
+def test_old_gnu_extension_blocks_are_bounded() -> None:
+    # Go reads extension blocks without end; 1 MiB of them is more than any file's map needs.
+    data = old_gnu([(0, 1)], 1, b"a", extension_blocks=(MiB // 512) + 1)
+    with pytest.raises(TarError, match="extension blocks over 1048576 bytes"):
+        read_all(data)
+    fine = old_gnu([(0, 1)], 1, b"a", extension_blocks=MiB // 512)
+    assert read_all(fine) == ["holes"]
+
+
+def test_sparse_records_where_they_cannot_be_raise() -> None:
+    records = {"GNU.sparse.size": "10", "GNU.sparse.numblocks": "1", "GNU.sparse.map": "0,1"}
+    glob = tarfile.TarInfo.create_pax_global_header(records)
+    with pytest.raises(TarError, match=r"global header carries GNU\.sparse"):
+        read_all(archive([glob, info("a", content=b"a")], tarfile.PAX_FORMAT))
+    link = info("holes", tarfile.SYMTYPE, linkname="t", pax_headers=records)
+    with pytest.raises(TarError, match="invalid sparse header of 'holes': not a regular file"):
+        read_all(archive([link], tarfile.PAX_FORMAT))
+
+
+def test_copy_sparse_to_writes_only_the_current_sparse_member(tmp_path: Path) -> None:
+    records = {"GNU.sparse.size": "6000", "GNU.sparse.numblocks": "2", "GNU.sparse.map": "1000,5,5000,3"}
+    data = archive([info("holes", content=b"abcdeXYZ", pax_headers=records), info("plain", content=b"p")], 2)
+    reader = TarReader(Chunked(data, 512), 512)
+    sparse = reader.next()
+    assert sparse is not None and sparse.sparse is not None
+    reader.read_content()  # the stored chunks, packed: nothing left for copy_sparse_to
+    with pytest.raises(ValueError, match="not the reader's to write"):
+        expand_sparse(reader, sparse, tmp_path / "taken")
+    plain = reader.next()
+    assert plain is not None and plain.sparse is None
+    with pytest.raises(ValueError, match="'plain' is not a sparse member"):
+        expand_sparse(reader, plain, tmp_path / "plain")
