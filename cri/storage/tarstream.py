@@ -633,9 +633,8 @@ class TarReader:
         `member.size` is the size stored in the archive until then (the header's, or a PAX size record's).
         """
         stored = member.size
-        pax_sparse = any(keyword.startswith(_SPARSE_PREFIX) for keyword in member.pax_headers)
         if member.type == GNUTYPE_SPARSE:
-            if pax_sparse:
+            if any(keyword.startswith(_SPARSE_PREFIX) for keyword in member.pax_headers):
                 raise TarError(f"invalid sparse header of {member.name!r}: GNU type 'S' with GNU.sparse records")
             chunks, realsize = self._old_gnu_map(header_area, member.name)
         else:
