@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -239,3 +240,30 @@ def test_the_vfs_driver_downloads_in_parallel_and_applies_each_layer_on_a_copy_o
     assert (top / "dir-then-file").read_bytes() == b"now a file"
     assert (top / "bin/sh").exists()  # the whole filesystem: busybox's layer copied up
     assert daemon.stored()["temp"] == [] and not busy_workers(daemon)
+
+
+def test_a_layer_with_sparse_files_pulls_with_its_holes(make_daemon, registry, tmp_path) -> None:
+    """A layer made by GNU tar --sparse (posix format: PAX sparse 1.0) pulls as containerd pulls it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    holes = src / "holes"
+    with holes.open("wb") as f:
+        f.truncate(16 << 20)
+        f.seek(8 << 20)
+        f.write(b"middle")
+        f.seek((16 << 20) - 3)
+        f.write(b"end")
+    made = subprocess.run(
+        ["tar", "--sparse", "--format=posix", "-C", str(src), "-cf", "-", "holes"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert b"GNU.sparse" in made.stdout  # tar really wrote it sparse
+    image = ib.busybox_image([ib.Layer.from_tar(made.stdout)])
+    ib.push(registry.url, "e2e/sparse", image, tag="v1")
+    daemon = daemon_for(make_daemon, registry.host)
+    assert pull(daemon, f"{registry.host}/e2e/sparse:v1") == image.image_id
+    [pulled] = list((daemon.root / "layers").glob("*/diff/holes"))
+    assert pulled.read_bytes() == holes.read_bytes()
+    assert pulled.stat().st_blocks * 512 < 1 << 20  # the holes stayed holes
