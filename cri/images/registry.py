@@ -82,10 +82,22 @@ T = TypeVar("T")
 _HTTP_STACK = ("httpcore", "anyio._backends._asyncio", "h11")
 
 
+# httpcore reads a response 64 KiB at a time, and each read is a round of the loop through anyio, h11 and our
+# sink; asyncio's transport reads up to 256 KiB at once: reading that much per round quarters the rounds of
+# a blob download (httpcore's class attribute, read on every receive).
+HTTP_READ_SIZE = 256 * 1024
+
+
 def preload_http_stack() -> None:
     """Import what the first request would; blocking, for a thread while the daemon already serves."""
     for module in _HTTP_STACK:
         importlib.import_module(module)
+
+
+def _read_more_per_round() -> None:
+    # httpx's transport, imported by the first client (or by preload_http_stack before it)
+    connection = importlib.import_module("httpcore").AsyncHTTP11Connection
+    connection.READ_NUM_BYTES = max(connection.READ_NUM_BYTES, HTTP_READ_SIZE)
 
 
 class RegistryError(Exception):
@@ -454,6 +466,7 @@ class RegistryClient:
     def _client(self, host: str, insecure: bool) -> httpx.AsyncClient:
         client = self._clients.get((host, insecure))
         if client is None:
+            _read_more_per_round()
             progress = self.progress_timeout
             # httpx's read timeout is only a backstop: stalls are detected per chunk (see _next_chunk).
             read = None if progress is None else progress + 5.0
