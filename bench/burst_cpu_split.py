@@ -17,7 +17,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.burst_floor import Floor
-from bench.bursts_vs_containerd import Burst, remove_burst, start_burst
+from bench.bursts_vs_containerd import Burst, remove_burst, start_burst, stop_recorder
 from bench.containers_vs_containerd import SUBNET_OCTETS, Criopy, bench_env, lifecycle_once, pull
 
 T = TypeVar("T")
@@ -119,12 +118,7 @@ class Perf:
         time.sleep(1.5)  # perf's own start-up is not the burst's
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_recorder(self.proc)
 
 
 def timed_burst(start: Callable[[], T], remove: Callable[[T], None], data: Path) -> list[Phase]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.containerd_harness import CGROUP_ROOT, delete_runc_containers, remove_empty_tree, unmount_under
+from cri.oci import bundle
 from cri.oci.conmon import ConmonLaunch, conmon_argv
 from cri.oci.conmon import Runtime as OciRuntime
 from cri.system import linux
@@ -330,34 +331,12 @@ class Floor:
             options = ["rbind", "rw", "nosuid", "nodev", *extra]
             return {"destination": destination, "type": "bind", "source": source, "options": options}
 
+        # criopy's defaults, /dev/shm being the pod's (bound, as every container of a pod shares it)
         mounts = [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {
-                "destination": "/dev",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-            },
-            {
-                "destination": "/dev/pts",
-                "type": "devpts",
-                "source": "devpts",
-                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
-            },
-            bind(pod.shm, "/dev/shm", "noexec"),
-            {
-                "destination": "/dev/mqueue",
-                "type": "mqueue",
-                "source": "mqueue",
-                "options": ["nosuid", "noexec", "nodev"],
-            },
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {
-                "destination": "/sys/fs/cgroup",
-                "type": "cgroup",
-                "source": "cgroup",
-                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
-            },
+            bind(pod.shm, "/dev/shm", "noexec") if m["destination"] == "/dev/shm" else m
+            for m in bundle.default_mounts()
+        ]
+        mounts += [
             bind(str(pod.dir / "hostname"), "/etc/hostname"),
             bind(str(pod.dir / "resolv.conf"), "/etc/resolv.conf"),
             bind(str(pod.dir / "hosts"), "/etc/hosts"),

@@ -14,8 +14,9 @@ the same rule: both daemons run at once, every figure is sampled in turns. Figur
    one after each round of the runtimes; its "daemon CPU" is its driver's (the bench's own threads);
 2. the unary floor: `Version` round trips, in blocks taken in turns, median and p99 per call;
 3. `Version` while a 50-pod burst and a pull of a 150 MB image (bench/pulls_vs_containerd's large one,
-   removed again after each round) run at once: one more client calling Version every 5 ms through the
-   same channel as the burst (as the kubelet shares one connection), its p50 / p99 / max;
+   removed again after each round) run at once: one more client calling Version every 5 ms from a process
+   of its own (bench/version_probe: in the bench's process it waited for the client threads' GIL), its
+   p50 / p99 / max;
 4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
    processes and one conmon per container; containerd: the daemon and one shim per pod) over
    --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
@@ -33,7 +34,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -60,6 +60,7 @@ from bench.containers_vs_containerd import (
     start_container,
 )
 from bench.pulls_vs_containerd import large_image
+from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -117,12 +118,17 @@ class PySpy:
         )
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_recorder(self.proc)
+
+
+def stop_recorder(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT a recorder (py-spy, perf: it writes its output then), killed if it takes over a minute."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def machine_busy_seconds() -> float:
@@ -250,19 +256,10 @@ def version_under_burst(run: Run, rounds: int, pull_ref: str) -> None:
     burst = BURSTS[0]
 
     def sample(rt: Runtime) -> list[float]:
-        done = threading.Event()
-        samples: list[float] = []
-
-        def probe() -> None:
-            while not done.is_set():
-                samples.extend(version_calls_ms(rt, 1))
-                time.sleep(0.005)  # a client calling often, not a flood that would itself be the load
-
         def pull() -> None:
             rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=600)
 
-        prober = threading.Thread(target=probe)
-        prober.start()
+        probe = VersionProbe(rt.socket)
         try:
             with ThreadPoolExecutor(1) as puller:
                 pulled = puller.submit(pull)
@@ -270,8 +267,7 @@ def version_under_burst(run: Run, rounds: int, pull_ref: str) -> None:
                 remove_burst(rt, pods, burst.clients)
                 pulled.result()
         finally:
-            done.set()
-            prober.join()
+            samples = probe.stop()
         # The next round pulls it again, from the registry, not from the store.
         rt.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=120)
         return samples
