@@ -29,13 +29,14 @@ from cri.services.runtime import RuntimeService
 from cri.state import Store
 from cri.state.orphans import Layout, OrphanCollector
 from cri.streaming.server import StreamingServer
-from cri.system import reaper
+from cri.system import linux, reaper
 from cri.transport.server import CriServer
 from podsandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+LOOP_NICE = -5  # its threads and children are reset to 0 (SCHED_RESET_ON_FORK)
 
 
 class StartupError(Exception):
@@ -49,9 +50,7 @@ async def serve(live: LiveConfig) -> None:
         lock = DaemonLock.acquire(config.root)
         stack.callback(lock.release)
         os.makedirs(config.runroot, mode=0o711, exist_ok=True)
-        # Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us.
-        reaper.become_subreaper()
-        reaper.watch_children_with_pidfds()
+        _prepare_the_process()
         sweeper = reaper.Sweeper()
         sweeper.start()
         stack.callback(sweeper.close)
@@ -135,6 +134,24 @@ async def serve(live: LiveConfig) -> None:
         await _wait_for_stop(live)
         event(log, logging.INFO, "criopy stopping", grace_seconds=SHUTDOWN_GRACE_SECONDS)
     event(log, logging.INFO, "criopy stopped")
+
+
+def _prepare_the_process() -> None:
+    """Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us."""
+    reaper.become_subreaper()
+    reaper.watch_children_with_pidfds()
+    _raise_the_loop()
+
+
+def _raise_the_loop() -> None:
+    """The loop's thread answers every call, and in a burst with a pull competes for the cores with runc, the
+    CNI plugins and the unpack workers: it goes first (a 50-pod burst with a 150 MB pull on 2 cores, Version
+    from another process: p50 4-6 -> 2 ms, p99 42-47 -> 28-35 ms, as containerd's ~30 ms). What it starts
+    does not (reset on fork): containers and their execs keep nice 0."""
+    try:
+        linux.raise_this_thread(LOOP_NICE)
+    except OSError as exc:  # no CAP_SYS_NICE (a restricted node container): it runs as everything else
+        event(log, logging.WARNING, "event loop priority not raised", nice=LOOP_NICE, error=exc.strerror or exc)
 
 
 async def _admin_server(config: Config, images: ImageManager) -> AdminServer:

@@ -41,6 +41,23 @@ def test_a_container_prints_a_line_and_its_exit_reaches_status_at_once(env: Env)
     assert (failing.exit_code, failing.reason) == (3, "Error")
 
 
+def nice_of(stat_line: str) -> int:
+    """The nice value (field 19) of a /proc/<pid>/stat line."""
+    return int(stat_line.rsplit(")", 1)[1].split()[16])
+
+
+def test_containers_and_execs_run_at_nice_0_while_the_daemon_loop_runs_ahead(env: Env) -> None:
+    """The loop's thread is raised (nice -5) with SCHED_RESET_ON_FORK: nothing it starts inherits that."""
+    assert env.daemon.proc is not None
+    loop = Path(f"/proc/{env.daemon.proc.pid}/task/{env.daemon.proc.pid}/stat").read_text()
+    assert nice_of(loop) == -5
+    pod = env.pod()
+    cid = env.run(pod, env.container_config(command=["sleep", "60"]))
+    reply = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", "/proc/1/stat", "/proc/self/stat"]))
+    init, execd = reply.stdout.decode().splitlines()
+    assert (nice_of(init), nice_of(execd)) == (0, 0)
+
+
 def test_remove_leaves_nothing(env: Env) -> None:
     pod = env.pod()
     cid = env.run(pod, env.container_config(command=["sleep", "3600"]))
