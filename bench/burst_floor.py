@@ -71,19 +71,6 @@ CAPABILITIES = [
     "CAP_NET_BIND_SERVICE",
     "CAP_KILL",
 ]
-MASKED_PATHS = [
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/sys/firmware",
-    "/proc/scsi",
-]
-READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
 class FloorError(Exception):
@@ -361,8 +348,8 @@ class Floor:
             "linux": {
                 "resources": {"devices": [{"allow": False, "access": "rwm"}]},
                 "namespaces": namespaces,
-                "maskedPaths": MASKED_PATHS,
-                "readonlyPaths": READONLY_PATHS,
+                "maskedPaths": list(bundle.MASKED_PATHS),
+                "readonlyPaths": list(bundle.READONLY_PATHS),
                 "cgroupsPath": f"/{self.cgroup_top}/pod{pod.index}/floor-{pod.id}",
             },
             "hostname": hostname,
