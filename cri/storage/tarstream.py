@@ -425,21 +425,9 @@ class TarReader:
 
     def copy_to(self, fd: int) -> int:
         """Write the current member's remaining content to `fd`; returns how many bytes."""
-        written = left = self._data_left
-        while left:
-            available = len(self._chunk) - self._pos
-            if not available:
-                if not self._fill():
-                    raise TarError("unexpected end of data")
-                continue
-            step = min(left, available)
-            view = self._view[self._pos : self._pos + step]
-            while view:
-                view = view[os.write(fd, view) :]
-            self._pos += step
-            left -= step
-            self._data_left = left
-        return written
+        size = self._data_left
+        self._write_out(fd, size, None)
+        return size
 
     def copy_sparse_to(self, fd: int, member: Member) -> int:
         """Write the current member, sparse, to the regular file `fd` as it lay: each chunk of data at its
@@ -450,12 +438,12 @@ class TarReader:
         if self._data_left != sum(numbytes for _, numbytes in member.sparse):
             raise ValueError(f"the data of {member.name!r} is not the reader's to write (taken, or not current)")
         for offset, numbytes in member.sparse:
-            self._write_at(fd, offset, numbytes)
+            self._write_out(fd, numbytes, offset)
         os.ftruncate(fd, member.size)
         return member.size
 
-    def _write_at(self, fd: int, offset: int, size: int) -> None:
-        # copy_to's loop, with positioned writes: kept apart so the common member's path stays as lean.
+    def _write_out(self, fd: int, size: int, offset: int | None) -> None:
+        """The next `size` bytes of the member's content to `fd`: at its position, or at `offset` (pwrite)."""
         while size:
             available = len(self._chunk) - self._pos
             if not available:
@@ -465,9 +453,10 @@ class TarReader:
             step = min(size, available)
             view = self._view[self._pos : self._pos + step]
             while view:
-                written = os.pwrite(fd, view, offset)
+                written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
                 view = view[written:]
-                offset += written
+                if offset is not None:
+                    offset += written
             self._pos += step
             size -= step
             self._data_left -= step
