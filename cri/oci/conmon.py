@@ -551,10 +551,10 @@ def container_runs(pid: int, conmon_pid: int, identity: str) -> bool:
     before identities were kept fall back on the parent: a container's process is its conmon's child.
     """
     stat = linux.proc_stat(pid) if pid > 0 else None
-    if stat is None or stat.state in ("Z", "X"):
+    if stat is None or not stat.running:
         return False
     if identity:
-        return f"{linux.boot_id()}/{stat.start_ticks}" == identity
+        return stat.identity() == identity
     return conmon_pid > 0 and stat.ppid == conmon_pid
 
 
@@ -563,7 +563,7 @@ def process_gone(pid: int) -> bool:
     if pid <= 0:
         return True
     stat = linux.proc_stat(pid)
-    return stat is None or stat.state in ("Z", "X")
+    return stat is None or not stat.running
 
 
 async def wait_gone(pids: Sequence[int], timeout: float) -> bool:

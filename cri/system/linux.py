@@ -225,6 +225,15 @@ class ProcStat:
     ppid: int
     start_ticks: int  # when it started, in clock ticks after boot
 
+    @property
+    def running(self) -> bool:
+        """Not a zombie waiting for its parent, nor dead."""
+        return self.state not in ("Z", "X")
+
+    def identity(self) -> str:
+        """Which process this is: "<boot id>/<start time>" (see process_identity)."""
+        return f"{boot_id()}/{self.start_ticks}"
+
 
 def proc_stat(pid: int) -> ProcStat | None:
     """State and parent of a process from /proc/<pid>/stat; None when it is gone."""
@@ -245,7 +254,7 @@ def process_identity(pid: int) -> str:
     the boot and the start time do not (runc keeps the start time in its state for the same reason).
     """
     stat = proc_stat(pid)
-    return "" if stat is None else f"{boot_id()}/{stat.start_ticks}"
+    return "" if stat is None else stat.identity()
 
 
 @functools.cache
