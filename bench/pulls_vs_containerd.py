@@ -7,8 +7,9 @@ Two images from a loopback registry (Debian's docker-registry):
   small: 3 layers of ~13.3k files each, 1-4 kB of text-like data (40k files), gzip level 6.
 Each pull goes to a fresh daemon on a fresh root (nothing cached), after `sync; echo 3 > drop_caches`
 (the registry reads its blobs from disk too), through the same client: the CRI PullImage on each
-runtime's socket. The runtimes take turns within each run. While criopy pulls, a thread calls Version
-every 5 ms and the p99 of those round trips is printed: the event loop must stay responsive.
+runtime's socket. The runtimes take turns within each run. While criopy pulls, a client calls Version
+every 5 ms (bench/version_probe, a process of its own) and the p99 of those round trips is printed: the event
+loop must stay responsive.
 The floor row is GNU tar extracting the same gzip blobs from local disk, a tar per layer, as many at
 once as cores (or one more, whichever is faster), page cache dropped: no runtime can turn these layers
 into files much faster on this disk. A run removes the roots of its pulls only at its end (LEFTOVERS).
@@ -30,12 +31,11 @@ import statistics
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -43,12 +43,12 @@ import grpc
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
 from bench.containerd_harness import Containerd, ensure_containerd
+from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
 from tests.support.daemon_harness import REPO, Daemon
 from tests.support.registry_harness import Registry
 
 BASELINE_DIR = Path("/tmp/criopy-pull-baseline")
-VERSION_INTERVAL = 0.005
 
 # Roots of finished pulls, removed only when the whole run is over. This root file system is ext4 without a
 # journal: there, for about a minute after a delete, the inode allocator skips each freed inode whose table
@@ -225,55 +225,23 @@ class ContainerdDaemon(Runtime):
 # -- one measured pull --
 
 
-@dataclass
-class VersionProbe:
-    """Version round trips on another connection while a pull runs."""
-
-    socket: str
-    latencies: list[float] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
-            stub = api_pb2_grpc.RuntimeServiceStub(channel)
-            stub.Version(pb.VersionRequest(), timeout=10)  # connected before the pull starts
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                stub.Version(pb.VersionRequest(), timeout=10)
-                self.latencies.append(time.perf_counter() - started)
-                time.sleep(VERSION_INTERVAL)
-
-    def stop(self) -> float | None:
-        """p99 in ms."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(15)
-        if len(self.latencies) < 2:
-            return None
-        return statistics.quantiles(self.latencies, n=100)[98] * 1000
-
-
 def one_pull(runtime: Runtime, ref: str, probe: bool) -> tuple[float, float | None]:
     try:
         socket = runtime.start()  # inside: a runtime that failed to start is stopped all the same
         drop_caches()
-        version = VersionProbe(socket) if probe else None
-        if version is not None:
-            version.start()
-            time.sleep(0.2)
+        version = VersionProbe(socket) if probe else None  # connected before the pull starts
         with grpc.insecure_channel(f"unix://{socket}") as channel:
             images = api_pb2_grpc.ImageServiceStub(channel)
             started = time.monotonic()
             images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=900)
             seconds = time.monotonic() - started
-        return seconds, version.stop() if version is not None else None
+        return seconds, _p99(version.stop()) if version is not None else None
     finally:
         runtime.stop()
+
+
+def _p99(latencies_ms: list[float]) -> float | None:
+    return statistics.quantiles(latencies_ms, n=100)[98] if len(latencies_ms) >= 2 else None
 
 
 # -- the machine's floor --
