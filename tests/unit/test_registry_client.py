@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -981,3 +982,27 @@ def test_untrusted_certificate_is_not_retried_and_says_what_to_do(tmp_path):
     assert "insecure" in str(info.value)
     assert setup.sleeps == []
     assert len(setup.net.requests) == 1
+
+
+def test_httpcore_learns_the_async_library_without_a_failed_import_each_time():
+    """httpcore asks sniffio which library runs on every lock, event and shield it sets up (several per blob
+    chunk); without sniffio installed each ask was a failed import searching sys.path, on the event loop."""
+    from httpcore._synchronization import current_async_library
+
+    async def ask() -> str:
+        return current_async_library()
+
+    asyncio.run(ask())  # a first import may search; every later ask must not
+    searched: list[str] = []
+
+    class SpyFinder:
+        @staticmethod
+        def find_spec(name: str, path: object = None, target: object = None) -> None:
+            searched.append(name)
+
+    sys.meta_path.insert(0, SpyFinder)  # type: ignore[arg-type]
+    try:
+        assert asyncio.run(ask()) == "asyncio"
+    finally:
+        sys.meta_path.remove(SpyFinder)  # type: ignore[arg-type]
+    assert searched == []
