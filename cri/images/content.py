@@ -95,6 +95,7 @@ class Writer:
         self.digest = digest
         self.size = size
         self.written = 0
+        self.on_disk = 0  # of those, the bytes in the temp file (readers of `path` may read that far)
         self._hash = hashlib.new(self.algorithm)
         # Chunks as they came, written with one writev per WRITE_BUFFER: appending them to one buffer
         # copied every byte once more, and again for each time the growing buffer was reallocated.
@@ -130,12 +131,20 @@ class Writer:
         self._pending.append(chunk)
         self._pending_size += len(chunk)
         if self._pending_size >= WRITE_BUFFER:
-            await self._flush()
+            await self.flush()
 
-    async def _flush(self) -> None:
+    @property
+    def path(self) -> Path:
+        """The temp file the blob is written to (until commit() moves it into place)."""
+        assert self._temp is not None, "the writer is not open"
+        return self._temp
+
+    async def flush(self) -> None:
+        """Everything written so far into the temp file (on_disk == written)."""
         if not self._pending:
             return
         chunks = self._pending
+        size = self._pending_size
         self._pending, self._pending_size = [], 0
         fd = self._fd
         assert fd is not None
@@ -148,6 +157,7 @@ class Writer:
 
         with self._no_space():
             await asyncio.to_thread(write_all)
+        self.on_disk += size
 
     def _no_space(self) -> contextlib.AbstractContextManager[None]:
         return no_space_in(self.store.root, f"writing blob {self.digest} ({self.size} bytes)")
@@ -155,7 +165,7 @@ class Writer:
     async def reset(self) -> None:
         """Forget everything written so far (a retried download starts over)."""
         self._pending, self._pending_size = [], 0
-        self.written = 0
+        self.written = self.on_disk = 0
         self._hash = hashlib.new(self.algorithm)
         fd = self._fd
         assert fd is not None
@@ -168,7 +178,7 @@ class Writer:
 
     async def commit(self) -> Path:
         """Check size and digest, fsync, rename into place; DigestMismatch (and no blob) otherwise."""
-        await self._flush()
+        await self.flush()
         fd, temp = self._fd, self._temp
         assert fd is not None and temp is not None
         actual = f"{self.algorithm}:{self._hash.hexdigest()}"

@@ -577,9 +577,10 @@ async def _abandon(layers: LayerStore, staged: StagedLayer | None, worker: Unpac
 
 
 class _UnpackingSink:
-    """A blob download's sink: each chunk goes to the content store's writer and to an unpack worker's pipe.
+    """A blob download's sink: chunks go to the content store's writer; an unpack worker follows its temp file.
 
-    The worker starts with the first chunk; a retried download (reset) starts a new one on a fresh stage.
+    The worker starts with the first chunk and is told how far the file has grown after each of the writer's
+    writes; a retried download (reset) starts a new one on a fresh stage.
     """
 
     def __init__(self, manager: ImageManager, layer: LayerRef, parent: str | None) -> None:
@@ -599,7 +600,7 @@ class _UnpackingSink:
         assert self._worker is not None
         await self.writer.write(chunk)
         with self._no_space():
-            await self._worker.write(chunk)
+            await self._worker.grown(self.writer.on_disk)
 
     async def reset(self) -> None:
         assert self.writer is not None
@@ -610,8 +611,10 @@ class _UnpackingSink:
         """The download is complete: wait for the worker to extract the rest."""
         if self._worker is None:
             await self._start()  # an empty blob: the worker says what is wrong with it
-        assert self._worker is not None and self._staged is not None
+        assert self._worker is not None and self._staged is not None and self.writer is not None
+        await self.writer.flush()
         with self._no_space():
+            await self._worker.grown(self.writer.on_disk)
             result = await self._worker.finish()
         self.unpacked = (self._staged, result)
 
@@ -629,7 +632,8 @@ class _UnpackingSink:
         layer = self._layer
         self._staged = await self._manager._stage(layer, self._parent)
         try:
-            self._worker = await self._manager.unpacks.start(_job(layer, self._staged))
+            assert self.writer is not None
+            self._worker = await self._manager.unpacks.start(_job(layer, self._staged), self.writer.path, follow=True)
         except BaseException:
             await asyncio.shield(_abandon(self._manager.layers, self._staged, None))
             self._staged = None

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -190,8 +190,10 @@ def _extract_all(reader: TarReader, extractor: _Extractor, label: str) -> None:
 class _Reader(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
+    def readinto(self, buffer: Any, /) -> int | None: ...
 
-# What unpack_stream reads a blob from: a file, a pipe, the worker's frames.
+
+# What unpack_stream reads a blob from: a file, a pipe, the blob file the worker follows.
 ByteSource = _Reader
 
 
@@ -226,9 +228,7 @@ class _Prepended(io.RawIOBase):
             view[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        data = self._rest.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        return self._rest.readinto(view) or 0  # straight into the buffer: no bytes object, no copy
 
 
 def _read_head(raw: _Reader, size: int) -> bytes:

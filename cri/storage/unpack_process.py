@@ -1,10 +1,11 @@
 """The daemon's side of the unpack workers (cri/storage/unpack_worker): a small pool, jobs fed and answered.
 
-A layer's bytes reach a worker as they arrive from the registry (write()), or
-the worker reads a blob file itself. The worker checks the stream as it goes:
-a corrupt blob makes it answer and exit early, which the next write() meets
-as a broken pipe and turns into the worker's UnpackError, naming the layer,
-while the download is still running. A worker that answered a layer well goes
+The worker reads the layer's blob file itself: a complete one, or one the
+daemon is still writing as it downloads, following it as grown() says how far
+it got (the bytes reach the worker through the page cache, written once). The
+worker checks the stream as it goes: a corrupt blob makes it answer and exit
+early, which the next grown() meets as a broken pipe and turns into the
+worker's UnpackError, naming the layer, while the download is still running. A worker that answered a layer well goes
 back to the pool for the next one (start-up is paid per worker, not per layer);
 one that failed, was cancelled or timed out is killed. Idle workers exit after
 IDLE_SECONDS, so an idle daemon keeps none.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,11 @@ from pathlib import Path
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode
 
 WORKER_MODULE = "cri.storage.unpack_worker"
-PIPE_SIZE = 1 << 20  # fewer wake-ups of the worker and the loop than the default 64 KiB
 # Extracting what is left once the input is complete (all of it, for a blob file).
 FINISH_TIMEOUT = 1800.0
 IDLE_SECONDS = 30.0
 _KILL_TIMEOUT = 10.0
-_END_FRAME = (0).to_bytes(4, "big")
+_GROWN = struct.Struct(">cQ")  # cri/storage/unpack_worker's messages: b"+" grown to, b"." ended at, a size
 
 
 class UnpackWorkerError(UnpackError):
@@ -69,20 +69,21 @@ class UnpackPool:
         self._idle: list[_Worker] = []
         self._leaving: set[asyncio.Task[None]] = set()  # workers told to exit, until they have
 
-    async def start(self, job: UnpackJob, blob: Path | None = None) -> UnpackProcess:
-        """A job on a worker: it reads `blob` (a file), or the bytes given to write() when None."""
+    async def start(self, job: UnpackJob, blob: Path, follow: bool = False) -> UnpackProcess:
+        """A job on a worker: it reads the file `blob`; `follow`: as far as grown() says, until finish()."""
         header = {
             "media_type": job.media_type,
             "dest": str(job.dest),
             "whiteout_mode": job.whiteout_mode,
             "label": job.label,
-            "path": str(blob) if blob is not None else "",
+            "path": str(blob),
+            "follow": follow,
         }
         line = (json.dumps(header) + "\n").encode()
         while (worker := self._take()) is not None:
             try:
                 await _send(worker, line)
-                return UnpackProcess(self, worker, job, streaming=blob is None)
+                return UnpackProcess(self, worker, job, follow)
             except (BrokenPipeError, ConnectionResetError):
                 await worker.kill()  # died while idle: try the next one
         worker = await self._spawn()
@@ -91,7 +92,7 @@ class UnpackPool:
         except BaseException:
             await asyncio.shield(worker.kill())
             raise
-        return UnpackProcess(self, worker, job, streaming=blob is None)
+        return UnpackProcess(self, worker, job, follow)
 
     async def close(self) -> None:
         """Stop the idle workers (the daemon shuts down)."""
@@ -139,20 +140,18 @@ class UnpackPool:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # a smaller pipe works too, only with more wake-ups
-            fcntl.fcntl(proc.stdin.get_extra_info("pipe").fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         return _Worker(proc)
 
 
 class UnpackProcess:
-    """One layer's job on a worker: write() its bytes (when streaming), then finish() for the result."""
+    """One layer's job on a worker: grown() as its blob file grows (when following it), then finish()."""
 
-    def __init__(self, pool: UnpackPool, worker: _Worker, job: UnpackJob, streaming: bool) -> None:
+    def __init__(self, pool: UnpackPool, worker: _Worker, job: UnpackJob, follow: bool) -> None:
         self.job = job
         self._pool = pool
         self._worker = worker
-        self._streaming = streaming
+        self._follow = follow
+        self._size = 0  # what the worker was told the blob file holds
         self._done = False
         self._released = False  # the worker went back to the pool: it may serve another job now
 
@@ -160,13 +159,16 @@ class UnpackProcess:
     def pid(self) -> int:
         return self._worker.proc.pid
 
-    async def write(self, chunk: bytes) -> None:
-        """Feed the next bytes; the worker's own error when it stopped reading because the layer is bad."""
-        assert self._streaming and not self._done, "write() on a job reading a file, or finished"
-        if not chunk:
-            return  # an empty frame would end the layer
+    async def grown(self, size: int) -> None:
+        """The blob file holds `size` bytes now; the worker's own error when it stopped because the layer is bad."""
+        assert self._follow and not self._done, "grown() on a job reading a complete file, or finished"
+        if size == self._size:
+            return
+        if size < self._size:
+            raise ValueError(f"layer {self.job.label}: the blob file cannot shrink from {self._size} to {size} bytes")
+        self._size = size
         try:
-            await _send(self._worker, len(chunk).to_bytes(4, "big"), chunk)
+            await _send(self._worker, _GROWN.pack(b"+", size))
         except (BrokenPipeError, ConnectionResetError):
             raise await self._failure() from None
 
@@ -177,8 +179,8 @@ class UnpackProcess:
         stdout = self._worker.proc.stdout
         assert stdout is not None
         try:
-            if self._streaming:
-                await _send(self._worker, _END_FRAME)
+            if self._follow:
+                await _send(self._worker, _GROWN.pack(b".", self._size))
             line = await asyncio.wait_for(stdout.readline(), timeout)
         except (BrokenPipeError, ConnectionResetError):
             raise await self._failure() from None

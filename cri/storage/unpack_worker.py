@@ -9,13 +9,16 @@ the daemon's event loop free while they do. A worker serves many layers
 the interpreter's start-up once per worker, not once per layer.
 
 The protocol, on stdin: a job line (JSON: media_type, dest, whiteout_mode,
-label, and `path` for a blob file to read); without `path`, the blob follows as
-frames (4-byte big-endian length, then that many bytes) ended by an empty frame.
-The answer is one JSON line on stdout: the UnpackResult, or {"error", "kind"}
-where kind is "layer" (the blob is at fault), "no_space" (the destination is
-full) or "internal". After an error the worker exits at once (so the daemon's
-next write to it fails and the download stops); after a success it waits for
-the next job, and exits when stdin closes.
+label, `path`: the blob file, and `follow`). Without `follow` the file is
+complete. With it the daemon is still writing the file as it downloads: it says
+how far the file has grown with 9-byte messages (b"+", then the size as 8 bytes
+big-endian) and ends with b"." and the final size; the worker reads the file up
+to what was announced (the bytes come from the page cache, written once: no
+copy of them crosses the pipe). The answer is one JSON line on stdout: the
+UnpackResult, or {"error", "kind"} where kind is "layer" (the blob is at
+fault), "no_space" (the destination is full) or "internal". After an error the
+worker exits at once (so the daemon's next message to it fails and the download
+stops); after a success it waits for the next job, and exits when stdin closes.
 
 Runs niced a little: under load the daemon's event loop (every other RPC) comes first.
 Dies with the daemon (PR_SET_PDEATHSIG): a restarted daemon removes the
@@ -34,53 +37,61 @@ import signal
 import struct
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cri.storage.unpack import ByteSource, UnpackError, UnpackResult, WhiteoutMode, unpack_stream
 
 NICENESS = 1
 EXIT_FAILED = 1
-FRAME_HEADER = struct.Struct(">I")
+GROWN = struct.Struct(">cQ")  # b"+" or b"." (the end), the blob file's size so far
+TAG_GROWN, TAG_END = b"+", b"."
 _PR_SET_PDEATHSIG = 1
 
 
-class Frames(io.RawIOBase):
-    """One layer's bytes out of the framed stream; b"" at its empty end frame (the stream goes on after)."""
+class GrowingFile(io.RawIOBase):
+    """A blob file the daemon is still writing, read up to the size it announced; b"" at the end it announced."""
 
-    def __init__(self, source: BinaryIO) -> None:
-        self._source = source
-        self._left = 0  # bytes of the current frame not yet read
+    def __init__(self, path: str, control: BinaryIO) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._control = control
+        self._position = 0
+        self._announced = 0
         self.ended = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while self._left == 0:
+        while self._position >= self._announced:
             if self.ended:
                 return 0
-            header = _read_exactly(self._source, FRAME_HEADER.size)
-            self._left = FRAME_HEADER.unpack(header)[0]
-            self.ended = self._left == 0
-        view = memoryview(buffer).cast("B")
-        data = self._source.read(min(len(view), self._left))
-        if not data:
-            raise EOFError("the daemon's stream ended inside a frame")
-        view[: len(data)] = data
-        self._left -= len(data)
-        return len(data)
+            self._next_message()
+        view = memoryview(buffer).cast("B")[: self._announced - self._position]
+        n = os.preadv(self._fd, [view], self._position)
+        if n == 0:
+            raise EOFError(f"the blob file ends at {self._position} bytes, {self._announced} were announced")
+        self._position += n
+        return n
 
     def drain(self) -> None:
-        """Skip to the end frame (bytes after the end of the compressed stream are not the worker's concern)."""
-        while self.read(1 << 20):
-            pass
+        """Take the messages up to the end one (bytes after the end of the compressed stream are not ours)."""
+        while not self.ended:
+            self._next_message()
 
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
-def _read_exactly(source: BinaryIO, size: int) -> bytes:
-    data = source.read(size)
-    if len(data) != size:
-        raise EOFError("the daemon's stream ended inside a frame header")
-    return data
+    def _next_message(self) -> None:
+        message = self._control.read(GROWN.size)
+        if len(message) != GROWN.size:
+            raise EOFError("the daemon's messages ended inside a layer")
+        tag, size = GROWN.unpack(message)
+        if tag not in (TAG_GROWN, TAG_END) or size < self._announced:
+            raise ValueError(f"bad message from the daemon: {message!r}")
+        self._announced = size
+        self.ended = tag == TAG_END
 
 
 def _die_with_the_daemon() -> None:
@@ -91,17 +102,17 @@ def _die_with_the_daemon() -> None:
         os._exit(EXIT_FAILED)
 
 
-def run(job: dict[str, str], stdin: BinaryIO) -> dict[str, object]:
+def run(job: dict[str, Any], stdin: BinaryIO) -> dict[str, object]:
     """The answer line for one job: its UnpackResult's fields, or the error and its kind."""
     label = job.get("label", "?")
     try:
-        if job.get("path"):
-            with open(job["path"], "rb") as source:
-                result = _unpack(job, source)
+        if job.get("follow"):
+            with GrowingFile(job["path"], stdin) as growing:
+                result = _unpack(job, growing)
+                growing.drain()
         else:
-            frames = Frames(stdin)
-            result = _unpack(job, frames)
-            frames.drain()
+            with open(job["path"], "rb", buffering=0) as source:
+                result = _unpack(job, source)
         return dataclasses.asdict(result)
     except UnpackError as exc:
         return {"error": str(exc), "kind": "layer"}
@@ -112,7 +123,7 @@ def run(job: dict[str, str], stdin: BinaryIO) -> dict[str, object]:
         return {"error": f"layer {label}: {type(exc).__name__}: {exc}", "kind": "internal"}
 
 
-def _unpack(job: dict[str, str], source: ByteSource) -> UnpackResult:
+def _unpack(job: dict[str, Any], source: ByteSource) -> UnpackResult:
     mode: WhiteoutMode = "apply" if job["whiteout_mode"] == "apply" else "overlay"
     if job["whiteout_mode"] != mode:
         raise ValueError(f"whiteout_mode must be 'overlay' or 'apply', not {job['whiteout_mode']!r}")

@@ -1,4 +1,5 @@
-"""The unpack worker process, driven as the daemon drives it (UnpackProcess): from a pipe and from a blob file."""
+"""The unpack worker process, driven as the daemon drives it (UnpackProcess): following a blob file as it is
+written, and from a complete one."""
 
 from __future__ import annotations
 
@@ -52,12 +53,28 @@ def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
     return out
 
 
-async def from_pipe(blob: bytes, media_type: str, dest: Path, piece: int = 65536) -> UnpackResult:
+class GrowingBlob:
+    """A blob file written piece by piece, as the daemon's content writer does while it downloads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        path.write_bytes(b"")
+
+    def append(self, piece: bytes) -> int:
+        with self.path.open("ab") as out:
+            out.write(piece)
+        self.size += len(piece)
+        return self.size
+
+
+async def following(blob: bytes, media_type: str, dest: Path, file: Path, piece: int = 65536) -> UnpackResult:
     pool = UnpackPool()
+    growing = GrowingBlob(file)
     try:
-        job = await pool.start(UnpackJob(media_type, dest, "overlay", label="sha256:feed"))
+        job = await pool.start(UnpackJob(media_type, dest, "overlay", label="sha256:feed"), file, follow=True)
         for i in range(0, len(blob), piece):
-            await job.write(blob[i : i + piece])
+            await job.grown(growing.append(blob[i : i + piece]))
         return await job.finish()
     finally:
         await pool.close()
@@ -76,17 +93,18 @@ def test_the_worker_gives_the_tree_and_result_of_an_unpack_in_process(tmp_path, 
     layer = build_layer(ENTRIES, compression)
     blob = tmp_path / "blob"
     blob.write_bytes(layer.blob)
-    for name in ("in-process", "pipe", "file"):
+    for name in ("in-process", "followed", "file"):
         (tmp_path / name).mkdir()
     expected = unpack_layer(blob, layer.media_type, tmp_path / "in-process")
-    assert asyncio.run(from_pipe(layer.blob, layer.media_type, tmp_path / "pipe")) == expected
+    followed = asyncio.run(following(layer.blob, layer.media_type, tmp_path / "followed", tmp_path / "growing"))
+    assert followed == expected
     assert asyncio.run(from_file(blob, layer.media_type, tmp_path / "file")) == expected
     assert expected.diff_id == layer.diff_id
     reference = tree(tmp_path / "in-process")
     assert reference["srv/sticky"][1] == 0o1644 and reference["etc/group-writable"][1] == 0o664
-    assert tree(tmp_path / "pipe") == reference
+    assert tree(tmp_path / "followed") == reference
     assert tree(tmp_path / "file") == reference
-    for name in ("pipe", "file"):
+    for name in ("followed", "file"):
         assert (tmp_path / name / "usr/bin/setuid").stat().st_mode & 0o7777 == 0o4755
 
 
@@ -94,15 +112,18 @@ def test_a_corrupt_stream_is_refused_by_the_worker_while_it_is_fed(tmp_path):
     layer = build_layer([file("data", os.urandom(1 << 20))], "gzip")
     garbage = layer.blob + os.urandom(8 << 20)  # no gzip member where the next must start
     (tmp_path / "d").mkdir()
+    growing = GrowingBlob(tmp_path / "blob")
 
     async def feed() -> int:
         pool = UnpackPool()
-        worker = await pool.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad"))
+        job = UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad")
+        worker = await pool.start(job, growing.path, follow=True)
         fed = 0
         with pytest.raises(UnpackError, match=r"layer sha256:bad: corrupt or truncated archive") as err:
             for i in range(0, len(garbage), 65536):
-                await worker.write(garbage[i : i + 65536])
+                await worker.grown(growing.append(garbage[i : i + 65536]))
                 fed += 65536
+                await asyncio.sleep(0.001)  # as a download gives the worker time between chunks
             await worker.finish()
         assert "sha256:bad" in str(err.value)
         assert pool.idle_pids() == []  # a worker that failed is not used again
@@ -117,7 +138,8 @@ def test_a_worker_that_dies_is_reported_naming_the_layer(tmp_path):
 
     async def killed() -> None:
         pool = UnpackPool()
-        worker = await pool.start(UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:dies"))
+        job = UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:dies")
+        worker = await pool.start(job, GrowingBlob(tmp_path / "blob").path, follow=True)
         os.kill(worker.pid, signal.SIGKILL)  # as the OOM killer would
         with pytest.raises(UnpackError, match=r"layer sha256:dies: the unpack worker"):
             await worker.finish()
@@ -135,15 +157,19 @@ def test_a_worker_serves_layer_after_layer_and_idle_ones_are_bounded(tmp_path):
             pids = []
             for i, layer in enumerate(layers):
                 (tmp_path / str(i)).mkdir()
-                job = await pool.start(UnpackJob(layer.media_type, tmp_path / str(i), "overlay", f"sha256:{i}"))
-                await job.write(layer.blob)
+                growing = GrowingBlob(tmp_path / f"blob{i}")
+                unpack = UnpackJob(layer.media_type, tmp_path / str(i), "overlay", f"sha256:{i}")
+                job = await pool.start(unpack, growing.path, follow=True)
+                await job.grown(growing.append(layer.blob))
+                await job.grown(growing.append(bytes(4096)))  # zeros after the gzip stream: skipped to the end
                 assert (await job.finish()).diff_id == layer.diff_id
                 pids += pool.idle_pids()
             assert len(set(pids)) == 1 and len(pids) == 4  # one process, four layers
-            first = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "0", "overlay", "sha256:a"))
-            second = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "1", "overlay", "sha256:b"))
+            again = tmp_path / "again"
+            again.write_bytes(build_layer([file("again", b"x")], "gzip").blob)
+            first = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "0", "overlay", "sha256:a"), again)
+            second = await pool.start(UnpackJob(layers[0].media_type, tmp_path / "1", "overlay", "sha256:b"), again)
             for job in (first, second):
-                await job.write(build_layer([file("again", b"x")], "gzip").blob)
                 await job.finish()
             assert len(pool.idle_pids()) == 1  # the second worker went away: keep=1
         finally:
@@ -153,3 +179,24 @@ def test_a_worker_serves_layer_after_layer_and_idle_ones_are_bounded(tmp_path):
     asyncio.run(main())
     for i in range(4):
         assert (tmp_path / str(i) / f"f{i}").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_blob_file_shorter_than_announced_fails_the_layer_and_nothing_waits_forever(tmp_path):
+    layer = build_layer([file("data", os.urandom(1 << 20))], "gzip")
+    (tmp_path / "d").mkdir()
+    growing = GrowingBlob(tmp_path / "blob")
+
+    async def main() -> None:
+        pool = UnpackPool()
+        try:
+            job = UnpackJob(layer.media_type, tmp_path / "d", "overlay", "sha256:short")
+            worker = await pool.start(job, growing.path, follow=True)
+            growing.append(layer.blob[:1000])
+            with pytest.raises(UnpackError, match=r"layer sha256:short: .*ends at 1000 bytes, 5000 were announced"):
+                await worker.grown(5000)
+                await worker.finish(timeout=60)
+            assert pool.idle_pids() == []
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
