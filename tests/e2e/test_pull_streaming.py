@@ -229,7 +229,11 @@ def test_the_vfs_driver_downloads_in_parallel_and_applies_each_layer_on_a_copy_o
     image = ib.whiteout_image()
     ib.push(registry.url, "e2e/vfs", image, tag="v1")
     with FaultProxy(registry.url) as proxy:
-        proxy.slow(2_000_000)  # the layers' downloads overlap
+        # The layers' downloads overlap: the two small ones (a few hundred bytes) take a while too, else they
+        # were over within 5 ms and overlapped each other by chance only.
+        for layer in image.layers[1:]:
+            proxy.slow(max(1, layer.size * 4), digest=layer.digest)
+        proxy.slow(2_000_000)
         daemon = daemon_for(make_daemon, proxy.host, "storage:\n  driver: vfs\n")
         assert pull(daemon, f"{proxy.host}/e2e/vfs:v1") == image.image_id
         assert proxy.max_concurrent_blob_gets() == 3
