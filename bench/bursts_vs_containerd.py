@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--version-calls 2000]
         [--idle-containers 100 --idle-seconds 60] [--only criopy|containerd] [--profile-criopy /tmp/burst.svg]
-        [--skip-floor]
+        [--skip-floor] [--sections bursts,version,loaded,idle]
 
 Same environment as bench/containers_vs_containerd.py (its runtimes, registry, CNI bridge and requests), and
 the same rule: both daemons run at once, every figure is sampled in turns. Figures (medians over --rounds):
@@ -16,7 +16,9 @@ the same rule: both daemons run at once, every figure is sampled in turns. Figur
 3. `Version` while a 50-pod burst and a pull of a 150 MB image (bench/pulls_vs_containerd's large one,
    removed again after each round) run at once: one more client calling Version every 5 ms from a process
    of its own (bench/version_probe: in the bench's process it waited for the client threads' GIL), its
-   p50 / p99 / max;
+   p50 / p99 / max; in the floor column, the same from a second probe calling a server that answers
+   Version and does nothing else (bench/version_floor_server: criopy's transport, its loop raised as
+   criopy's is) during the first runtime's turns, the machine's own share of those figures;
 4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
    processes and one conmon per container; containerd: the daemon and one shim per pod) over
    --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
@@ -60,12 +62,14 @@ from bench.containers_vs_containerd import (
     start_container,
 )
 from bench.pulls_vs_containerd import large_image
+from bench.version_floor_server import FloorServer
 from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FLOOR = "floor"  # the column of the bursts' floor
 VERSION = pb.VersionRequest()
+SECTIONS = ("bursts", "version", "loaded", "idle")  # figures 1, 2, 3 and 4 above
 
 
 @dataclass(frozen=True)
@@ -251,15 +255,17 @@ def version_floor(run: Run, calls: int) -> None:
         figures["Version round trip p99 (ms)"] = percentile(samples, 0.99)
 
 
-def version_under_burst(run: Run, rounds: int, pull_ref: str) -> None:
-    """Version p50/p99/max from one more client while a 50-pod burst and a pull of `pull_ref` run at once."""
+def version_under_burst(run: Run, rounds: int, pull_ref: str, floor_socket: str) -> None:
+    """Version p50/p99/max from one more client while a 50-pod burst and a pull of `pull_ref` run at once;
+    in the floor column, a second probe's against a server answering Version and nothing else
+    (bench/version_floor_server) during the first runtime's turns: what the loaded machine costs by itself."""
     burst = BURSTS[0]
 
-    def sample(rt: Runtime) -> list[float]:
+    def sample(rt: Runtime) -> tuple[list[float], list[float]]:
         def pull() -> None:
             rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=600)
 
-        probe = VersionProbe(rt.socket)
+        probe, floor_probe = VersionProbe(rt.socket), VersionProbe(floor_socket)
         try:
             with ThreadPoolExecutor(1) as puller:
                 pulled = puller.submit(pull)
@@ -267,19 +273,28 @@ def version_under_burst(run: Run, rounds: int, pull_ref: str) -> None:
                 remove_burst(rt, pods, burst.clients)
                 pulled.result()
         finally:
-            samples = probe.stop()
+            samples, floor_samples = probe.stop(), floor_probe.stop()
         # The next round pulls it again, from the registry, not from the store.
         rt.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=120)
-        return samples
+        return samples, floor_samples
 
     print(f"Version during bursts of {burst.label} and a pull of {pull_ref} x {rounds}, in turns", flush=True)
-    for name, per_round in run.interleaved("Version under a burst and a pull", rounds, sample).items():
-        samples = [s for r in per_round for s in r]
-        figures = run.results[name].figures
-        where = f"during a {burst.pods}-pod burst + 150 MB pull"
-        figures[f"Version p50 {where} (ms)"] = statistics.median(samples)
-        figures[f"Version p99 {where} (ms)"] = percentile(samples, 0.99)
-        figures[f"Version max {where} (ms)"] = max(samples)
+    with FloorServer(floor_socket):
+        collected = run.interleaved("Version under a burst and a pull", rounds, sample)
+    where = f"during a {burst.pods}-pod burst + 150 MB pull"
+    for name, per_round in collected.items():
+        record_version_under_load(run.results[name], where, [s for r, _ in per_round for s in r])
+    if collected:
+        first, per_round = next(iter(collected.items()))
+        floor = run.results.setdefault(FLOOR, Results())
+        record_version_under_load(floor, where, [s for _, r in per_round for s in r])
+        floor.notes.append(f"floor, Version {where}: a Version-only server beside {first}, in {first}'s turns")
+
+
+def record_version_under_load(results: Results, where: str, samples: list[float]) -> None:
+    results.figures[f"Version p50 {where} (ms)"] = statistics.median(samples)
+    results.figures[f"Version p99 {where} (ms)"] = percentile(samples, 0.99)
+    results.figures[f"Version max {where} (ms)"] = max(samples)
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -325,7 +340,9 @@ def idle_cost(run: Run, containers: int, seconds: float) -> None:
 
 def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Results]:
     run = Run(runtimes)
-    floor = None if args.skip_floor else Floor(runtimes[0].env.base / FLOOR, f"10.202.{next(SUBNET_OCTETS)}")
+    floor = None
+    if not args.skip_floor and "bursts" in args.sections:
+        floor = Floor(runtimes[0].env.base / FLOOR, f"10.202.{next(SUBNET_OCTETS)}")
     try:
         if floor is not None:
             floor.prepare()
@@ -333,11 +350,15 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
             print(f"{rt.name}: starting", flush=True)
         run.each("start", start_and_pull(run))
         run.each("the warm-up", lambda rt: [lifecycle_once(rt, check=run.res(rt)) for _ in range(3)])
-        print(f"Version x {args.version_calls}, in turns", flush=True)
-        version_floor(run, args.version_calls)
-        bursts(run, args.rounds, args.profile_criopy, floor)
-        version_under_burst(run, args.rounds, push_large_image(runtimes[0].env))
-        if args.idle_seconds > 0:
+        if "version" in args.sections:
+            print(f"Version x {args.version_calls}, in turns", flush=True)
+            version_floor(run, args.version_calls)
+        if "bursts" in args.sections:
+            bursts(run, args.rounds, args.profile_criopy, floor)
+        if "loaded" in args.sections:
+            floor_socket = str(runtimes[0].env.base / "version-floor.sock")
+            version_under_burst(run, args.rounds, push_large_image(runtimes[0].env), floor_socket)
+        if "idle" in args.sections and args.idle_seconds > 0:
             idle_cost(run, args.idle_containers, args.idle_seconds)
     finally:
         for rt in runtimes:
@@ -374,10 +395,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle window, 0 skips it (default 60)")
     parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
     parser.add_argument("--skip-floor", action="store_true", help="no floor row (the bursts without a daemon)")
+    parser.add_argument(
+        "--sections",
+        type=lambda v: set(v.split(",")),
+        default=set(SECTIONS),
+        help=f"what to measure, of {','.join(SECTIONS)} (default all): 1-4 above",
+    )
     parser.add_argument("--profile-criopy", metavar="SVG", help="py-spy flame graph of criopy's first 110 burst")
     args = parser.parse_args()
     if args.rounds < 1 or args.version_calls < 10:
         parser.error("need --rounds >= 1 and --version-calls >= 10")
+    if not args.sections <= set(SECTIONS):
+        parser.error(f"--sections takes {','.join(SECTIONS)}")
     return args
 
 
