@@ -194,14 +194,22 @@ def build_wheels(dest: Path, python: str, source: Path = REPO) -> list[Path]:
     quiet = ("-q", "--disable-pip-version-check")
     sh(*pip, "wheel", *quiet, "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest), str(source), timeout=300)
     (criopy_wheel,) = dest.glob("criopy-*.whl")
+    # pip copies the wheel it resolves into the cache too; a cached criopy of the same version would then
+    # stand in for this one, with the requirements it had (a new dependency went missing in the image).
+    _drop_criopy_wheels(cache)
     offline = sh(*pip, "wheel", *quiet, "--no-index", "--find-links", str(cache), "--wheel-dir", str(cache),
                  str(criopy_wheel), timeout=300, check=False)  # fmt: skip
     if offline.returncode != 0:
         sh(*pip, "wheel", *quiet, "--find-links", str(cache), "--wheel-dir", str(cache), str(criopy_wheel), timeout=600)
+    _drop_criopy_wheels(cache)
     for wheel in cache.glob("*.whl"):
-        if not wheel.name.startswith("criopy-"):
-            shutil.copy2(wheel, dest / wheel.name)
+        shutil.copy2(wheel, dest / wheel.name)
     return sorted(dest.glob("*.whl"))
+
+
+def _drop_criopy_wheels(cache: Path) -> None:
+    for wheel in cache.glob("criopy-*.whl"):
+        wheel.unlink()
 
 
 def preload_into_containerd(base: str, tag: str, image: str) -> None:
