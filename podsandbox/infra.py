@@ -24,6 +24,7 @@ from cri.config import Config
 from cri.log import event
 from cri.oci import bundle, conmon
 from cri.oci.conmon import ConmonLaunch, OciRuntimeError, Runtime
+from cri.system import offload
 from podsandbox.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ async def start(sandbox: Sandbox, config: Config) -> int:
     )
     try:
         await conmon.delete(runtime, cid)  # a leftover of a crashed attempt would make create fail
-        await asyncio.to_thread(_prepare, sandbox, config, paths)
+        await offload.to_thread(_prepare, sandbox, config, paths)
         created = await conmon.create(runtime, monitor, launch)
         await conmon.start(runtime, cid)
     except BaseException as exc:
@@ -199,7 +200,7 @@ async def _remove(runtime: Runtime, sandbox: Sandbox, paths: InfraPaths, *, stri
         # conmon writes the exit file, then drains the log and exits: let it finish before its directory goes.
         await conmon.wait_gone([monitor_pid], 2.0)
     try:
-        await asyncio.to_thread(bundle.remove, paths.bundle)
+        await offload.to_thread(bundle.remove, paths.bundle)
     except OSError as exc:
         if strict:
             raise InfraError(f"pod {sandbox.id} infra: removing {paths.bundle}: {exc}") from exc

@@ -28,7 +28,7 @@ from cri.errors import CriError, FailedPrecondition, Internal, InvalidArgument, 
 from cri.log import event
 from cri.state import Store, idprefix
 from cri.state.creations import Creations
-from cri.system import concurrently, faults
+from cri.system import concurrently, faults, offload
 from podsandbox import files, infra, namespaces, shm
 from podsandbox import sandbox as rows
 from podsandbox.network import NetworkNotReady, PodNetwork, capabilities
@@ -178,23 +178,23 @@ class SandboxManager:
     async def _build(self, sandbox: Sandbox, undo: AsyncExitStack) -> None:
         """Each step, then its undo; `undo` unwinds them in reverse if a later step fails."""
         spec, config = sandbox.spec, self._live.current
-        await asyncio.to_thread(self._write, rows.insert, sandbox)
+        await offload.to_thread(self._write, rows.insert, sandbox)
         undo.push_async_callback(self._undo, sandbox.id, "state row", self._write_delete, sandbox.id)
         faults.point("sandbox.run.recorded")
 
         # The undos first: the two steps below run at once, and either may fail after the other made things.
         undo.push_async_callback(
-            self._undo, sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True
+            self._undo, sandbox.id, "sandbox dir", offload.to_thread, shutil.rmtree, sandbox.dir, True
         )
         if sandbox.shm:
-            undo.push_async_callback(self._undo, sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
+            undo.push_async_callback(self._undo, sandbox.id, "shm", offload.to_thread, shm.unmount, sandbox.shm)
         undo.push_async_callback(
-            self._undo, sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, list(sandbox.pins.values())
+            self._undo, sandbox.id, "namespaces", offload.to_thread, namespaces.release_all, list(sandbox.pins.values())
         )
         hostname = spec.hostname or (os.uname().nodename if spec.host_network else spec.metadata.name[:63])
         sysctls = _sysctls(config.runtime.default_sysctls, spec)
         await concurrently.all_of(
-            asyncio.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
+            offload.to_thread(self._write_files, sandbox, hostname, config.pod.shm_size),
             namespaces.create(sandbox.pins, hostname if "uts" in sandbox.pins else "", sysctls, spec.userns),
         )
         faults.point("sandbox.run.namespaces")
@@ -213,7 +213,7 @@ class SandboxManager:
                 config.network,
             )
             faults.point("sandbox.run.cni-added")
-            await asyncio.to_thread(
+            await offload.to_thread(
                 files.write_hosts, Path(sandbox.dir) / "hosts", hostname, list(sandbox.ips), _owner(spec)
             )
 
@@ -254,10 +254,10 @@ class SandboxManager:
 
     async def _record(self, sandbox: Sandbox) -> None:
         """A state change: not waited onto the disk, as recovery derives it again after a reboot."""
-        await asyncio.to_thread(self._write, rows.update, sandbox, False)
+        await offload.to_thread(self._write, rows.update, sandbox, False)
 
     async def _write_delete(self, sandbox_id: str) -> None:
-        await asyncio.to_thread(self._delete_row, sandbox_id)
+        await offload.to_thread(self._delete_row, sandbox_id)
 
     def _delete_row(self, sandbox_id: str) -> None:
         with self._store.transaction(durable=False) as conn:
@@ -289,9 +289,9 @@ class SandboxManager:
             sandbox.infra_pid = 0
         # Only CNI DEL needs the netns: the pod's /dev/shm and its other namespaces go meanwhile.
         others = [path for kind, path in sandbox.pins.items() if kind != "net"]
-        await concurrently.all_of(self._detach(sandbox), asyncio.to_thread(_release, sandbox.shm, others))
+        await concurrently.all_of(self._detach(sandbox), offload.to_thread(_release, sandbox.shm, others))
         faults.point("sandbox.stop.network")
-        await asyncio.to_thread(self._release_net_and_record_stopped, sandbox)
+        await offload.to_thread(self._release_net_and_record_stopped, sandbox)
         if sandbox.state is not SandboxState.NOTREADY:
             event(log, logging.INFO, "pod sandbox stopped", pod_id=sandbox.id, pod=sandbox.name)
         sandbox.state = SandboxState.NOTREADY
@@ -330,7 +330,7 @@ class SandboxManager:
             faults.point("sandbox.remove.stopped")
             await self._members.remove_pod_containers(sandbox.id)
             faults.point("sandbox.remove.containers")
-            await asyncio.to_thread(self._remove_files_and_row, sandbox)
+            await offload.to_thread(self._remove_files_and_row, sandbox)
             self._sandboxes.pop(sandbox.id, None)
             self._creations.release(sandbox.id)
         self._publish()
@@ -350,7 +350,7 @@ class SandboxManager:
                 raise NotFound(f"pod sandbox {id_or_prefix!r} not found")  # removed while we waited
             # Durable: unlike a state change, recovery cannot derive it again. The copy is written first,
             # so a failed write leaves the sandbox as it was.
-            await asyncio.to_thread(self._write, rows.update, replace(sandbox, resources=resources))
+            await offload.to_thread(self._write, rows.update, replace(sandbox, resources=resources))
             sandbox.resources = resources
         event(log, logging.INFO, "pod sandbox resources updated", pod_id=sandbox.id, **log_fields(resources))
 
@@ -363,15 +363,15 @@ class SandboxManager:
             with self._store.transaction() as conn:
                 return rows.load_all(conn)
 
-        await asyncio.to_thread(self._network.remove_partial_writes)
-        for sandbox in await asyncio.to_thread(load):
+        await offload.to_thread(self._network.remove_partial_writes)
+        for sandbox in await offload.to_thread(load):
             if sandbox.state is SandboxState.CREATING:
                 await self._discard_half_made(sandbox)
                 continue
-            if sandbox.state is SandboxState.READY and not await asyncio.to_thread(_pins_alive, sandbox):
+            if sandbox.state is SandboxState.READY and not await offload.to_thread(_pins_alive, sandbox):
                 # After a reboot the pins under runroot are gone: the pod can only be stopped and removed.
                 sandbox.state = SandboxState.NOTREADY
-                await asyncio.to_thread(self._write, rows.update, sandbox)
+                await offload.to_thread(self._write, rows.update, sandbox)
             self._sandboxes[sandbox.id] = sandbox
             self._creations.reserve(sandbox.name, sandbox.id)
         self._publish()
@@ -396,9 +396,9 @@ class SandboxManager:
         if sandbox.spec.pid_mode is NamespaceMode.POD:
             await self._undo(sandbox.id, "infra", infra.stop, sandbox, config)
         if sandbox.shm:
-            await self._undo(sandbox.id, "shm", asyncio.to_thread, shm.unmount, sandbox.shm)
-        await self._undo(sandbox.id, "namespaces", asyncio.to_thread, namespaces.release_all, sandbox.pins.values())
-        await self._undo(sandbox.id, "sandbox dir", asyncio.to_thread, shutil.rmtree, sandbox.dir, True)
+            await self._undo(sandbox.id, "shm", offload.to_thread, shm.unmount, sandbox.shm)
+        await self._undo(sandbox.id, "namespaces", offload.to_thread, namespaces.release_all, sandbox.pins.values())
+        await self._undo(sandbox.id, "sandbox dir", offload.to_thread, shutil.rmtree, sandbox.dir, True)
         await self._write_delete(sandbox.id)
 
 

@@ -7,7 +7,6 @@ a pod's IP and veth be freed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ from cni.readiness import evaluate
 from cri import metrics
 from cri.config import NetworkConfig
 from cri.log import event
-from cri.system import faults
+from cri.system import faults, offload
 from podsandbox.spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ class PodNetwork:
         # The intent before the plugins run: a crash during ADD leaves an entry without a result, and
         # recovery answers it with DEL (which CNI requires to succeed on what was never added), so an
         # address a plugin allocated just before the crash is freed.
-        await asyncio.to_thread(self._record_intent, network, sandbox_id, args, caps)
+        await offload.to_thread(self._record_intent, network, sandbox_id, args, caps)
         faults.point("sandbox.run.cni-intent")
         result = await cni.add(sandbox_id, netns, IFNAME, args, caps)
         ips = tuple(str(ip.address.ip) for ip in result.sandbox_ips(IFNAME))

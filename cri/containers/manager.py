@@ -42,7 +42,7 @@ from cri.state import Store, idprefix
 from cri.state.creations import Creations
 from cri.storage import imagevolumes, rootfs
 from cri.storage.layers import Driver
-from cri.system import concurrently, faults
+from cri.system import concurrently, faults, offload
 from podsandbox.manager import SandboxManager
 from podsandbox.sandbox import Sandbox, SandboxState
 
@@ -241,24 +241,24 @@ class ContainerManager:
         # Resolved once, and recorded with the row before anything is made with it.
         runtime = container.oci_runtime = conmon.runtime_for(settings, container.runtime)
         monitor = conmon.conmon_binary(settings)
-        await asyncio.to_thread(self._write, rows.insert, container, name)
+        await offload.to_thread(self._write, rows.insert, container, name)
         undo.push_async_callback(self._undo, container.id, "state row", self._delete_row, container.id)
         faults.point("container.create.recorded")
 
-        undo.push_async_callback(self._undo, container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
+        undo.push_async_callback(self._undo, container.id, "bundle", offload.to_thread, bundle.remove, container.bundle)
         undo.push_async_callback(
-            self._undo, container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage)
+            self._undo, container.id, "rootfs", offload.to_thread, rootfs.remove, Path(container.storage)
         )
         driver: Driver = "vfs" if settings.storage.driver == "vfs" else "overlay"
         pid_namespace = self._pid_namespace(container.config, sandbox)
         if volumes:
             undo.push_async_callback(
-                self._undo, container.id, "image volumes", asyncio.to_thread, self._volumes.release_all, container.id
+                self._undo, container.id, "image volumes", offload.to_thread, self._volumes.release_all, container.id
             )
         launch = self._launch(container, name)
         # One trip to a worker thread for all the file work (conmon's directories too): each trip costs a
         # loop turn or two, and about 0.1 ms of CPU in a burst.
-        user = await asyncio.to_thread(
+        user = await offload.to_thread(
             self._write_bundle, container, sandbox, image, driver, pid_namespace, launch=launch, volumes=volumes
         )
         container.uid, container.gid = user.uid, user.gid
@@ -390,7 +390,7 @@ class ContainerManager:
         conmon_pid = container.conmon_pid or conmon.read_pid(os.path.join(container.bundle, "conmon.pid"))
         if conmon_pid:
             await conmon.wait_gone([conmon_pid], CONMON_EXIT_WAIT)
-        await asyncio.to_thread(exits.remove, self.exit_dir, container.id)
+        await offload.to_thread(exits.remove, self.exit_dir, container.id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._socket_dir, container.id))
 
@@ -400,10 +400,10 @@ class ContainerManager:
 
     async def _record(self, container: Container) -> None:
         """A state change: not waited onto the disk, as recovery derives it again after a reboot."""
-        await asyncio.to_thread(self._write, rows.update, container, durable=False)
+        await offload.to_thread(self._write, rows.update, container, durable=False)
 
     async def _delete_row(self, container_id: str) -> None:
-        await asyncio.to_thread(self._write, rows.delete, container_id, durable=False)
+        await offload.to_thread(self._write, rows.delete, container_id, durable=False)
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -561,15 +561,15 @@ class ContainerManager:
                 # unmount it while the runtime deletes its state.
                 await concurrently.all_of(
                     self._delete_runtime_after_exit(runtime, container),
-                    asyncio.to_thread(rootfs.remove, Path(container.storage)),
+                    offload.to_thread(rootfs.remove, Path(container.storage)),
                 )
             else:
                 # A created container's init, or an exec'd process in a shared PID namespace, may still
                 # use the rootfs until the runtime kills it.
                 await self._delete_runtime(runtime, container)
-                await asyncio.to_thread(rootfs.remove, Path(container.storage))
+                await offload.to_thread(rootfs.remove, Path(container.storage))
             faults.point("container.remove.runtime")
-            await asyncio.to_thread(self._remove_files, container)
+            await offload.to_thread(self._remove_files, container)
         except (OciRuntimeError, OSError) as exc:
             raise Internal(f"removing container {container.id}: {exc}") from exc
         faults.point("container.remove.files")
@@ -607,7 +607,7 @@ class ContainerManager:
         if with_network and not sandbox.spec.host_network:
             # Any process in the pod's netns shows its counters: the infra process, else a running container.
             pid = sandbox.infra_pid or next((c.pid for c in containers if c.state is ContainerState.RUNNING), 0)
-            net = await asyncio.to_thread(network, pid)
+            net = await offload.to_thread(network, pid)
         return PodFigures(containers, figures, net)
 
     async def stop_pod_containers(self, sandbox_id: str) -> None:
@@ -661,7 +661,7 @@ class ContainerManager:
             with self._store.transaction() as conn:
                 return rows.load_all(conn)
 
-        for container in await asyncio.to_thread(load):
+        for container in await offload.to_thread(load):
             if container.state is ContainerState.CREATING:
                 await self._discard_half_made(container)
                 continue
@@ -677,15 +677,15 @@ class ContainerManager:
             ):
                 self._record_exit(container, 255, "the container was lost while the daemon was down")
         held = {c.id: c.volume_images for c in self._containers.values()}
-        await asyncio.to_thread(self._volumes.recover, held)
+        await offload.to_thread(self._volumes.recover, held)
         event(log, logging.INFO, "containers recovered", count=len(self._containers))
 
     async def _discard_half_made(self, container: Container) -> None:
         event(log, logging.WARNING, "undoing a container creation interrupted by a crash", id=container.id)
         with contextlib.suppress(OciRuntimeError):
             await self._undo(container.id, "runtime", self._delete_runtime, self.runtime_of(container), container)
-        await self._undo(container.id, "rootfs", asyncio.to_thread, rootfs.remove, Path(container.storage))
-        await self._undo(container.id, "bundle", asyncio.to_thread, bundle.remove, container.bundle)
+        await self._undo(container.id, "rootfs", offload.to_thread, rootfs.remove, Path(container.storage))
+        await self._undo(container.id, "bundle", offload.to_thread, bundle.remove, container.bundle)
         await self._delete_row(container.id)
 
 

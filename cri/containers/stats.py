@@ -27,6 +27,7 @@ from cri.containers.cgroupstats import CgroupSample
 from cri.containers.container import Container, ContainerState
 from cri.log import event
 from cri.storage import rootfs
+from cri.system import offload
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class StatsCollector:
 
     async def figures(self, containers: list[Container]) -> dict[str, Figures]:
         """The figures of each container, its cgroup read now; those with no cgroup and no past figures left out."""
-        readings = await asyncio.to_thread(self._read_all, self._to_read(containers), False)
+        readings = await offload.to_thread(self._read_all, self._to_read(containers), False)
         nano = {r.container_id: self._record(r) for r in readings}
         fresh = {r.container_id: r.sample for r in readings if r.sample is not None}
         now = time.time_ns()
@@ -133,7 +134,7 @@ class StatsCollector:
     async def collect(self, measure_layers: bool) -> None:
         """One background round: a baseline for every live container, and their layers when `measure_layers`."""
         live = [c for c in self._containers() if c.state is not ContainerState.CREATING]
-        for reading in await asyncio.to_thread(self._read_all, self._to_read(live), measure_layers):
+        for reading in await offload.to_thread(self._read_all, self._to_read(live), measure_layers):
             self._record(reading)
         known = {c.id for c in self._containers()}
         for table in (self._rates, self._layers):

@@ -36,6 +36,7 @@ from cri.images.archive import ArchiveError
 from cri.images.imports import ImageSummary, StoppableOutput, export_images, import_archive, source_file
 from cri.images.manager import ImageManager
 from cri.log import event
+from cri.system import offload
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,11 @@ class AdminServer:
             conn.setblocking(True)
             try:
                 _check_peer(conn)
-                request, fds = await asyncio.to_thread(_receive, conn)
+                request, fds = await offload.to_thread(_receive, conn)
             except (OSError, ValueError, AdminError) as exc:
                 event(log, logging.WARNING, "admin request refused", error=str(exc))
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(_send, conn, {"ok": False, "error": str(exc)})
+                    await offload.to_thread(_send, conn, {"ok": False, "error": str(exc)})
                 return
             try:
                 reply = await self._answer(request, fds)
@@ -111,7 +112,7 @@ class AdminServer:
                 for fd in fds:
                     os.close(fd)
             with contextlib.suppress(OSError):  # a client that went away has nobody to read the answer
-                await asyncio.to_thread(_send, conn, reply)
+                await offload.to_thread(_send, conn, reply)
 
     async def _answer(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = request.get("op")
@@ -153,7 +154,7 @@ async def run_import(images: ImageManager, fd: int, spool_dir: Path) -> list[Ima
     stop = threading.Event()
     try:
         with no_space_in(spool_dir, "spooling an image archive"):
-            source = await asyncio.to_thread(source_file, fd, spool_dir, stop)
+            source = await offload.to_thread(source_file, fd, spool_dir, stop)
     except asyncio.CancelledError:
         stop.set()  # the thread would wait for the pipe's writer, and the daemon's stop for the thread
         raise

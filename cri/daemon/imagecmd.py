@@ -29,6 +29,7 @@ from cri.images.imports import ImageSummary
 from cri.images.manager import ImageManager
 from cri.state import Store
 from cri.state.store import StateError
+from cri.system import offload
 
 DAEMON_STARTUP_WAIT = 15.0  # a daemon holding the lock but not yet listening on its admin socket
 
@@ -115,14 +116,14 @@ def _execute(config: Config, message: dict[str, Any], fd: int) -> list[ImageSumm
 async def _locally(config: Config, message: dict[str, Any], fd: int) -> list[ImageSummary]:
     """The request run on the store by this process, which holds the daemon lock."""
     try:
-        store = await asyncio.to_thread(Store.open, config.root)
+        store = await offload.to_thread(Store.open, config.root)
     except StateError as exc:
         raise ImageCommandError(f"cannot open the state in {config.root}: {exc}") from exc
-    used = await asyncio.to_thread(_images_in_use, store)
+    used = await offload.to_thread(_images_in_use, store)
     images = ImageManager(config, store, in_use=used.__contains__)
     try:
         # Also frees what a crashed import left: this process is the only writer now.
-        await asyncio.to_thread(images._recover)
+        await offload.to_thread(images._recover)
         if message["op"] == "import":
             return await admin.run_import(images, fd, images.content.ingest_dir)
         refs = message["refs"]

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from cri import config as cfg
 from cri.config import Config, ConfigError, ConfigSources
 from cri.log import event
+from cri.system import offload
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class LiveConfig:
         """Load every source again; apply the reloadable keys only if the whole new config is valid."""
         async with self._lock:
             try:
-                loaded = await asyncio.to_thread(cfg.load, self.sources)
+                loaded = await offload.to_thread(cfg.load, self.sources)
             except ConfigError as exc:
                 event(log, logging.ERROR, "config reload failed, keeping the current config", error=str(exc))
                 return False

@@ -29,7 +29,7 @@ from cri.services.runtime import RuntimeService
 from cri.state import Store
 from cri.state.orphans import Layout, OrphanCollector
 from cri.streaming.server import StreamingServer
-from cri.system import linux, reaper
+from cri.system import linux, offload, reaper
 from cri.transport.server import CriServer
 from podsandbox.manager import SandboxManager
 
@@ -54,8 +54,9 @@ async def serve(live: LiveConfig) -> None:
         sweeper = reaper.Sweeper()
         sweeper.start()
         stack.callback(sweeper.close)
-        store = await asyncio.to_thread(Store.open, config.root)
+        store = await offload.to_thread(Store.open, config.root)
         stack.callback(store.close)
+        stack.callback(offload.close)  # before the store closes: calls under way may still write to it
 
         handlers = RuntimeHandlers()
         await handlers.refresh(config)

@@ -28,6 +28,7 @@ from cri.errors import no_space_in
 from cri.images.reference import validate_digest
 from cri.images.registry import DigestMismatch
 from cri.log import event
+from cri.system import offload
 from cri.system.linux import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,12 @@ async def made_in_thread(make: Callable[[], T], undo: Callable[[T], None]) -> T:
     A cancelled to_thread() only stops waiting: the thread goes on and creates its file or directory,
     which nobody would then remove (a cancelled pull must leave nothing behind).
     """
-    made = asyncio.ensure_future(asyncio.to_thread(make))
+    made = asyncio.ensure_future(offload.to_thread(make))
     try:
         return await asyncio.shield(made)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):  # make() failed: nothing to undo
-            await asyncio.to_thread(undo, await made)
+            await offload.to_thread(undo, await made)
         raise
 
 
@@ -156,7 +157,7 @@ class Writer:
             _writev_all(fd, chunks)
 
         with self._no_space():
-            await asyncio.to_thread(write_all)
+            await offload.to_thread(write_all)
         self.on_disk += size
 
     def _no_space(self) -> contextlib.AbstractContextManager[None]:
@@ -174,7 +175,7 @@ class Writer:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
 
-        await asyncio.to_thread(truncate)
+        await offload.to_thread(truncate)
 
     async def commit(self) -> Path:
         """Check size and digest, fsync, rename into place; DigestMismatch (and no blob) otherwise."""
@@ -203,7 +204,7 @@ class Writer:
         self._done = True
         try:
             with self._no_space():  # an fsync can be where a full file system shows
-                await asyncio.to_thread(finish)
+                await offload.to_thread(finish)
         finally:
             self.store._active.discard(temp)
             temp.unlink(missing_ok=True)  # only still there when finishing failed
@@ -222,7 +223,7 @@ class Writer:
             if temp is not None:
                 temp.unlink(missing_ok=True)
 
-        await asyncio.to_thread(remove)
+        await offload.to_thread(remove)
         if temp is not None:
             self.store._active.discard(temp)
 

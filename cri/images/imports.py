@@ -13,7 +13,6 @@ image holds is freed, and after a crash the next start frees it the same way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -45,7 +44,7 @@ from cri.images.registry import DigestMismatch
 from cri.log import event
 from cri.storage.layers import chain_ids
 from cri.storage.unpack import UnpackError
-from cri.system import faults
+from cri.system import faults, offload
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +155,9 @@ async def import_archive(manager: ImageManager, source: BinaryIO) -> list[ImageS
 
 
 async def _read_and_store(manager: ImageManager, source: BinaryIO) -> list[ImageRecord]:
-    archive = await asyncio.to_thread(TarArchive, source)
+    archive = await offload.to_thread(TarArchive, source)
     try:
-        images = await asyncio.to_thread(read_images, archive, host_platform())
+        images = await offload.to_thread(read_images, archive, host_platform())
         try:
             return await _store(manager, archive, images)
         except Exception:
@@ -185,10 +184,10 @@ async def _store(manager: ImageManager, archive: TarArchive, images: list[Archiv
                     record.pinned = record.pinned or existing.pinned
                     record.created_at = existing.created_at
             in_use = manager.holders_in_use(entries)
-            orphans = await asyncio.to_thread(manager.index.put_many, entries, in_use.__contains__)
+            orphans = await offload.to_thread(manager.index.put_many, entries, in_use.__contains__)
             faults.point("image.import.recorded")
             if orphans:
-                await asyncio.to_thread(manager._free_unreferenced)
+                await offload.to_thread(manager._free_unreferenced)
         return [record for record, _n in entries]
     finally:
         manager._release(held)
@@ -198,7 +197,7 @@ async def _undo(manager: ImageManager) -> None:
     """Free what the failed import stored that no image holds (as a failed pull does)."""
     async with manager._lock:
         try:
-            await asyncio.to_thread(manager._free_unreferenced)
+            await offload.to_thread(manager._free_unreferenced)
         except OSError as exc:  # the import's own error is the one to report
             event(log, logging.WARNING, "freeing a failed import's blobs failed", error=str(exc))
 
@@ -234,7 +233,7 @@ async def _copy_blob(manager: ImageManager, archive: TarArchive, blob: Blob) -> 
     try:
         with archive.open(blob.member) as stream:
             async with manager.content.writer(blob.digest, blob.size) as writer:
-                while chunk := await asyncio.to_thread(stream.read, _CHUNK):
+                while chunk := await offload.to_thread(stream.read, _CHUNK):
                     await writer.write(chunk)
     except DigestMismatch as exc:
         source = f"; {blob.expected_as}" if blob.expected_as else ""
@@ -245,7 +244,7 @@ async def _unpack(manager: ImageManager, image: ArchivedImage, layers: list[Laye
     parent: str | None = None
     for layer in layers:
         try:
-            await asyncio.to_thread(
+            await offload.to_thread(
                 manager.layers.ensure,
                 layer.chain_id,
                 parent,
@@ -298,7 +297,7 @@ async def export_images(manager: ImageManager, refs: list[str], out: BinaryIO) -
 
     manager._hold(held)
     try:
-        await asyncio.to_thread(write_layout, out, images, manager.content.size, open_blob, manager.content.ingest_dir)
+        await offload.to_thread(write_layout, out, images, manager.content.size, open_blob, manager.content.ingest_dir)
     finally:
         manager._release(held)
     event(log, logging.INFO, "images exported", images=len(images), refs=",".join(refs))

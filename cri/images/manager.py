@@ -43,7 +43,7 @@ from cri.state import Store
 from cri.storage.layers import LayerInfo, LayerStore, StagedLayer, chain_ids, tree_usage
 from cri.storage.unpack import UnpackError, UnpackResult, is_foreign
 from cri.storage.unpack_process import UnpackJob, UnpackPool, UnpackProcess
-from cri.system import faults
+from cri.system import faults, offload
 from cri.system.linux import mounts
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,10 @@ class ImageManager:
         self._fs_wakeup = asyncio.Event()
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._recover)
+        await offload.to_thread(self._recover)
         self._fs_task = asyncio.create_task(self._fs_loop(), name="image-fs-usage")
         # After start-up, not in it: readiness does not wait, and the first pull (a node's first pod) does not pay it.
-        self._preload = asyncio.create_task(asyncio.to_thread(preload_http_stack), name="http-stack-preload")
+        self._preload = asyncio.create_task(offload.to_thread(preload_http_stack), name="http-stack-preload")
 
     def _recover(self) -> None:
         self.content.cleanup_ingest()
@@ -221,7 +221,7 @@ class ImageManager:
     async def _free_after_failure(self) -> None:
         async with self._lock:
             try:
-                await asyncio.to_thread(self._free_unreferenced)
+                await offload.to_thread(self._free_unreferenced)
             except OSError as cleanup:  # the pull's own error is the one to answer with
                 event(log, logging.WARNING, "freeing a failed pull's blobs failed", error=str(cleanup))
 
@@ -235,7 +235,7 @@ class ImageManager:
         self._hold(blobs)
         try:
             await self._fetch(resolved, config_desc)
-            config = _parse_config(await asyncio.to_thread(self.content.read, config_desc["digest"]))
+            config = _parse_config(await offload.to_thread(self.content.read, config_desc["digest"]))
             layers = _layer_refs(layer_descs, config, manifest.digest)
             self._hold(layer.chain_id for layer in layers)
             try:
@@ -331,7 +331,7 @@ class ImageManager:
         return info
 
     async def _unpack_blob(self, layer: LayerRef, parent: str | None) -> LayerInfo:
-        found = await asyncio.to_thread(self.layers.info, layer.chain_id)
+        found = await offload.to_thread(self.layers.info, layer.chain_id)
         if found is not None:
             return found
         staged = await self._stage(layer, parent)
@@ -352,7 +352,7 @@ class ImageManager:
 
     async def _publish(self, layer: LayerRef, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
         try:
-            return await asyncio.to_thread(self.layers.publish, staged, result)
+            return await offload.to_thread(self.layers.publish, staged, result)
         except UnpackError as exc:
             raise UnpackError(f"layer {layer.digest}: {exc}") from exc
 
@@ -392,9 +392,9 @@ class ImageManager:
                 record.pinned = record.pinned or existing.pinned
                 record.created_at = existing.created_at
             entries = [(record, names)]
-            orphans = await asyncio.to_thread(self.index.put_many, entries, self.holders_in_use(entries).__contains__)
+            orphans = await offload.to_thread(self.index.put_many, entries, self.holders_in_use(entries).__contains__)
             if orphans:
-                await asyncio.to_thread(self._free_unreferenced)
+                await offload.to_thread(self._free_unreferenced)
         return record
 
     def holders_in_use(self, entries: list[tuple[ImageRecord, list[tuple[str, str]]]]) -> frozenset[str]:
@@ -435,12 +435,12 @@ class ImageManager:
             if whole and self._in_use(record.id):
                 raise ImageInUse(f"image {text!r} ({record.id}) is used by a container; remove the container first")
             if whole:
-                await asyncio.to_thread(self.index.remove, record)
+                await offload.to_thread(self.index.remove, record)
             else:
                 assert name is not None
-                await asyncio.to_thread(self.index.remove_name, record, name)
+                await offload.to_thread(self.index.remove_name, record, name)
             faults.point("image.remove.unindexed")
-            freed = await asyncio.to_thread(self._free_unreferenced)
+            freed = await offload.to_thread(self._free_unreferenced)
         event(
             log,
             logging.INFO,
@@ -473,7 +473,7 @@ class ImageManager:
     async def _fs_loop(self) -> None:
         while True:
             try:
-                self._fs = await asyncio.to_thread(self._measure)
+                self._fs = await offload.to_thread(self._measure)
             except OSError as exc:
                 event(log, logging.WARNING, "image filesystem usage failed", error=str(exc))
             self._fs_wakeup.clear()
@@ -573,7 +573,7 @@ async def _abandon(layers: LayerStore, staged: StagedLayer | None, worker: Unpac
     if worker is not None:
         await worker.kill()
     if staged is not None:
-        await asyncio.to_thread(layers.discard, staged)
+        await offload.to_thread(layers.discard, staged)
 
 
 class _UnpackingSink:

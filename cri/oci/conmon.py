@@ -33,7 +33,7 @@ from typing import Any
 from cri.config import Config
 from cri.log import event
 from cri.oci import monitor_cgroup
-from cri.system import fdwait, linux
+from cri.system import fdwait, linux, offload
 from cri.system.process import CommandError, Spawn, communicate, run
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ async def create(
     (with its own file work, saving a trip to a worker thread).
     """
     if not prepared:
-        await asyncio.to_thread(prepare, launch)
+        await offload.to_thread(prepare, launch)
     argv = conmon_argv(conmon, runtime, launch)
     what = f"creating container {launch.id} with conmon"
     started = time.monotonic()
@@ -340,7 +340,7 @@ async def create(
     )
     conmon_pid = read_pid(launch.monitor_pidfile)
     if conmon_pid > 0:
-        await asyncio.to_thread(monitor_cgroup.move_monitor, conmon_pid, launch.id)
+        await offload.to_thread(monitor_cgroup.move_monitor, conmon_pid, launch.id)
     return Created(pid=pid, conmon_pid=conmon_pid, pid_identity=linux.process_identity(pid))
 
 
@@ -419,7 +419,7 @@ async def wait_exit(exit_dir: str, container_id: str, timeout: float, *, interva
     """
     deadline = time.monotonic() + timeout
     while True:
-        code = await asyncio.to_thread(read_exit, exit_dir, container_id)
+        code = await offload.to_thread(read_exit, exit_dir, container_id)
         if code is not None:
             return code
         if time.monotonic() >= deadline:

@@ -20,6 +20,8 @@ import os
 import struct
 import termios
 
+from cri.system import offload
+
 RESIZE = 1
 REOPEN_LOGS = 2
 # How long a message waits for conmon to take the previous one; past it, it is sent anyway.
@@ -32,7 +34,7 @@ QUIET_POLLS = 2
 async def send(bundle: str, kind: int, height: int = 0, width: int = 0) -> None:
     """Write one message to conmon. OSError when conmon is gone (ENXIO: nobody reads the fifo)."""
     await _drained(bundle)
-    await asyncio.to_thread(_write, os.path.join(bundle, "ctl"), f"{kind} {height} {width}\n".encode())
+    await offload.to_thread(_write, os.path.join(bundle, "ctl"), f"{kind} {height} {width}\n".encode())
 
 
 async def reopen_log(bundle: str, log_path: str, timeout: float) -> bool:

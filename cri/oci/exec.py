@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cri.oci.conmon import OciRuntimeError, Runtime, read_pid
-from cri.system import linux, reaper
+from cri.system import linux, offload, reaper
 
 # ExecSync output is capped per stream: the kubelet's gRPC client takes at most 16 MiB per message.
 OUTPUT_LIMIT = 8 << 20
@@ -128,7 +128,7 @@ class ExecProcess:
     async def kill(self) -> None:
         """SIGKILL the exec'd process tree (never the container's other processes) and reap it."""
         if not self._exit.done():
-            await asyncio.to_thread(_kill_tree, self.pid)
+            await offload.to_thread(_kill_tree, self.pid)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wait(), KILL_WAIT)
 
@@ -169,7 +169,7 @@ async def start(
     pty = -1
     try:
         if tty and console is not None:
-            await asyncio.to_thread(_write_process, process_file, console, argv, what)
+            await offload.to_thread(_write_process, process_file, console, argv, what)
             command += ["--process", process_file, container_id]
         else:
             command += [container_id, *argv]
@@ -178,9 +178,9 @@ async def start(
             pty = await _receive_console(listener, proc, what)
         code = await proc.wait()
         if code != 0:
-            failure = await asyncio.to_thread(_runtime_error, log_file)
+            failure = await offload.to_thread(_runtime_error, log_file)
             raise OciRuntimeError(what, failure or f"{runtime.binary} exited with status {code}")
-        pid = await asyncio.to_thread(read_pid, pid_file)
+        pid = await offload.to_thread(read_pid, pid_file)
         if not pid:
             raise OciRuntimeError(what, f"{runtime.binary} wrote no pid to {pid_file}")
     except BaseException:
@@ -329,7 +329,7 @@ async def _receive_console(listener: socket.socket, proc: asyncio.subprocess.Pro
     conn, _ = accept.result()
     with conn:
         conn.settimeout(CONSOLE_TIMEOUT)
-        return await asyncio.to_thread(_recv_fd, conn)
+        return await offload.to_thread(_recv_fd, conn)
 
 
 def _recv_fd(conn: socket.socket) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from cri.config import Config, RuntimeHandlerConfig
 from cri.log import event
-from cri.system import idmap
+from cri.system import idmap, offload
 from cri.system.process import CommandError, run
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def _userns_problem(config: Config) -> str:
     if config.storage.driver != "overlay":
         # A container's rootfs in a user namespace is an overlay of idmapped layers; a vfs copy cannot be one.
         return f"the {config.storage.driver} storage driver cannot show layers through an idmapping (overlay can)"
-    return await asyncio.to_thread(idmap.probe, config.root)
+    return await offload.to_thread(idmap.probe, config.root)
 
 
 class RuntimeHandlers:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 
@@ -13,6 +12,7 @@ from cri.log import event
 from cri.oci.handlers import HandlerInfo
 from cri.services.parts import RuntimeParts
 from cri.services.readiness import runtime_readiness
+from cri.system import offload
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,6 @@ class RuntimeInfoRpcs(RuntimeParts):
                     "runtime_config.network_config.pod_cidr", f"{cidr!r} is not a CIDR: {exc}"
                 ) from exc
         if pod_cidr:
-            await asyncio.to_thread(self._store.put, POD_CIDR_KEY, pod_cidr)
+            await offload.to_thread(self._store.put, POD_CIDR_KEY, pod_cidr)
             event(log, logging.INFO, "pod CIDR recorded", pod_cidr=pod_cidr)
         return pb.UpdateRuntimeConfigResponse()

@@ -31,6 +31,7 @@ from cri.oci import bundle, conmon
 from cri.oci.conmon import OciRuntimeError, Runtime
 from cri.state.store import Store
 from cri.storage import rootfs
+from cri.system import offload
 from podsandbox import namespaces, shm
 
 log = logging.getLogger(__name__)
@@ -235,8 +236,8 @@ class OrphanCollector:
 
     async def sweep(self) -> int:
         runtimes = self._runtimes()
-        found = await asyncio.to_thread(list_disk, self._layout, [r.root for r in runtimes])
-        known = await asyncio.to_thread(known_ids, self._store)
+        found = await offload.to_thread(list_disk, self._layout, [r.root for r in runtimes])
+        known = await offload.to_thread(known_ids, self._store)
         # The monitors first: a conmon that saw its container die would write an exit file after the sweep.
         removed = kill_conmons(found, known)
         for runtime, cid in runtime_orphans(found, known, runtimes):
@@ -250,7 +251,7 @@ class OrphanCollector:
             # DEL before the pins go matters not: CNI DEL works without the netns.
             if await self._release_network(sid):
                 removed.append(("cni attachment", sid))
-        removed += await asyncio.to_thread(remove_files, self._layout, found, known)
+        removed += await offload.to_thread(remove_files, self._layout, found, known)
         return report(removed)
 
     def start(self) -> None:

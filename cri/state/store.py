@@ -1,6 +1,6 @@
 """SQLite store: WAL journal, versioned schema, short transactions, group commit.
 
-Calls are blocking; async code runs them through asyncio.to_thread so the
+Calls are blocking; async code runs them through offload.to_thread so the
 event loop never waits on the disk. One connection, guarded by a lock, because
 SQLite serializes writers anyway and the daemon is one process.
 
