@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--version-calls 2000]
         [--idle-containers 100 --idle-seconds 60] [--only criopy|containerd] [--profile-criopy /tmp/burst.svg]
-        [--skip-floor] [--sections bursts,version,loaded,idle]
+        [--skip-floor] [--sections bursts,version,loaded,idle] [--scratch DIR]
 
 Same environment as bench/containers_vs_containerd.py (its runtimes, registry, CNI bridge and requests), and
 the same rule: both daemons run at once, every figure is sampled in turns. Figures (medians over --rounds):
@@ -394,6 +394,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-containers", type=int, default=100, help="idle containers (default 100)")
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle window, 0 skips it (default 60)")
     parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
+    parser.add_argument("--scratch", type=Path, help="put the roots in this directory, not on a fresh ext4")
     parser.add_argument("--skip-floor", action="store_true", help="no floor row (the bursts without a daemon)")
     parser.add_argument(
         "--sections",

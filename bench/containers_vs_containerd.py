@@ -1,7 +1,7 @@
 """criopy against Debian's containerd 1.6 (its CRI plugin), same machine, one run (prints figures, asserts nothing).
 
     sudo .venv/bin/python -m bench.containers_vs_containerd [--iterations 15] [--containers 200 --pods 20]
-        [--only criopy|containerd] [--skip-scale]
+        [--only criopy|containerd] [--skip-scale] [--scratch DIR]
 
 Both daemons run at once and every figure is sampled in turns, one runtime
 then the other, so the VM's noise falls on both alike. They get the same
@@ -19,8 +19,9 @@ same requests. Figures:
    of a pod's monitor processes (conmon per container for criopy, one
    containerd-shim-runc-v2 per pod for containerd) for 10- and 1-container pods.
 
-containerd is installed with apt-get when missing and runs on a private root,
-state and socket; its pause image is Debian's static catatonit (`/pause -P`)
+Both runtimes' roots are on a fresh journaled ext4 made for the run
+(bench/scratch; `--scratch DIR` puts them in DIR instead). containerd is
+installed with apt-get when missing and runs on a private root, state and socket; its pause image is Debian's static catatonit (`/pause -P`)
 built here and pushed to the loopback registry. Everything is removed at the
 end, also after an error or Ctrl-C. Run as root.
 """
@@ -64,6 +65,7 @@ from bench.containerd_harness import (
     remove_empty_tree,
     unmount_under,
 )
+from bench.scratch import filesystem_of, roots_in
 from tests.e2e.pods import PodNet, pod_config
 from tests.support import image_builder as ib
 from tests.support.daemon_harness import REPO, Daemon
@@ -122,15 +124,18 @@ def pause_image() -> ib.Image:
 
 
 @contextmanager
-def bench_env() -> Iterator[Env]:
-    base = Path(tempfile.mkdtemp(prefix="cvc-"))
-    try:
-        with Registry() as registry:
-            ib.push(registry.url, "bench/busybox", ib.busybox_image(), tag="v1")
-            ib.push(registry.url, "bench/pause", pause_image(), tag="v1")
-            yield Env(base, registry, f"{registry.host}/bench/busybox:v1", f"{registry.host}/bench/pause:v1")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def bench_env(scratch: Path | None = None) -> Iterator[Env]:
+    """The registry with both images, and a base directory for the runtimes' roots: in `scratch`, or on a
+    fresh journaled ext4 when None (bench/scratch: this VM's own root file system makes figures move)."""
+    with roots_in(scratch) as where:
+        base = Path(tempfile.mkdtemp(prefix="cvc-", dir=where))
+        try:
+            with Registry() as registry:
+                ib.push(registry.url, "bench/busybox", ib.busybox_image(), tag="v1")
+                ib.push(registry.url, "bench/pause", pause_image(), tag="v1")
+                yield Env(base, registry, f"{registry.host}/bench/busybox:v1", f"{registry.host}/bench/pause:v1")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 # -- processes and their memory --
@@ -833,6 +838,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--list-calls", type=int, default=50, help="calls per List* latency figure (default 50)")
     parser.add_argument("--exec-calls", type=int, default=50, help="ExecSync calls for the probe figure (default 50)")
     parser.add_argument("--only", choices=sorted(RUNTIMES), help="measure one runtime")
+    parser.add_argument("--scratch", type=Path, help="put the roots in this directory, not on a fresh ext4")
     parser.add_argument("--skip-scale", action="store_true", help="skip the List* latency and memory sections")
     args = parser.parse_args()
     if args.iterations < 1 or args.pods < 1 or args.containers < args.pods:
@@ -859,7 +865,8 @@ def run_bench(args: argparse.Namespace, measure: Measure) -> None:
     names = [args.only] if args.only else ["criopy", "containerd"]
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1  # before we add our own
     try:
-        with bench_env() as env:
+        with bench_env(args.scratch) as env:
+            print(f"roots in {env.base} ({filesystem_of(env.base)})", flush=True)
             results = measure([RUNTIMES[name](env) for name in names], args)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: pods, daemons, bridges and directories removed") from None

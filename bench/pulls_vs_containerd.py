@@ -14,12 +14,8 @@ The floor row is GNU tar extracting the same gzip blobs from local disk, a tar p
 once as cores (or one more, whichever is faster), page cache dropped: no runtime can turn these layers
 into files much faster on this disk. A run removes the roots of its pulls only at its end (LEFTOVERS).
 
-Every root (each runtime's, the floor's) is on a fresh ext4 file system made for the run (`mkfs.ext4`
-defaults, so with a journal, as under a node's /var/lib), loop-mounted with direct I/O from a sparse file in
-/var/tmp: this VM's root is ext4 *without* a journal, where each new inode costs a scan of the recently
-freed ones of its block group (fs/ext4/ialloc.c, find_inode_bit and recently_deleted), and how long that
-scan is depends on which block groups a run's directories land in; it moved the same pull by +-30% from one
-run to the next (12k files: 0.12 to 0.72 s of kernel time, by directory). `--scratch DIR` measures in DIR
+Every root (each runtime's, the floor's) is on a fresh journaled ext4 made for the run (bench/scratch: this
+VM's root file system moved the same pull by +-30% from run to run); `--scratch DIR` measures in DIR
 instead (e.g. /tmp, to see that file system's figures).
 
 `--baseline REV` also measures criopy as of REV (default 5cf5a2d, main before this work) from a git
@@ -51,48 +47,19 @@ import grpc
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
 from bench.containerd_harness import Containerd, ensure_containerd
+from bench.scratch import filesystem_of, roots_in
 from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
 from tests.support.daemon_harness import REPO, Daemon
 from tests.support.registry_harness import Registry
 
 BASELINE_DIR = Path("/tmp/criopy-pull-baseline")
-SCRATCH_SIZE = 32 << 30  # sparse: only what the pulls write takes disk space
-_COMMAND_TIMEOUT = 300
 
 
 class Scratch:
     """Where the roots of the pulls go (set once by main())."""
 
     dir = Path("/tmp")
-
-
-def _run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT).stdout.strip()
-
-
-@contextmanager
-def scratch_filesystem() -> Iterator[Path]:
-    """A fresh ext4 (journal included), loop-mounted from a sparse file in /var/tmp; gone again at the end."""
-    fd, name = tempfile.mkstemp(prefix="criopy-pull-bench-", suffix=".ext4", dir="/var/tmp")
-    image = Path(name)
-    try:
-        os.ftruncate(fd, SCRATCH_SIZE)
-        os.close(fd)
-        loop = _run("losetup", "--find", "--show", "--direct-io=on", str(image))
-        try:
-            _run("mkfs.ext4", "-q", loop)
-            mount = Path(tempfile.mkdtemp(prefix="criopy-pull-bench-"))
-            _run("mount", loop, str(mount))
-            try:
-                yield mount
-            finally:
-                _run("umount", str(mount))
-                mount.rmdir()
-        finally:
-            _run("losetup", "--detach", loop)
-    finally:
-        image.unlink()
 
 
 # Roots of finished pulls, removed only when the whole run is over. This root file system is ext4 without a
@@ -376,14 +343,13 @@ def main() -> None:
     print(f"building images: {', '.join(wanted)}", flush=True)
     images = {name: builders[name]() for name in wanted}
     with (
-        _scratch(args.scratch) as scratch,
+        roots_in(args.scratch) as scratch,
         leftovers_removed_at_the_end(),
         Registry() as registry,
         _maybe_baseline(args.baseline) as baseline,
     ):
         Scratch.dir = scratch
-        mounted = _run("findmnt", "--noheadings", "--output", "SOURCE,FSTYPE", "--target", str(scratch))
-        print(f"roots in {scratch} ({mounted})", flush=True)
+        print(f"roots in {scratch} ({filesystem_of(scratch)})", flush=True)
         runtimes: list[Runtime] = [CriopyDaemon(registry.host), ContainerdDaemon(registry.host)]
         if baseline is not None:
             runtimes.append(CriopyDaemon(registry.host, checkout=baseline, label=f"criopy@{args.baseline} 1-stream"))
@@ -426,15 +392,6 @@ def main() -> None:
                 print(f"  {name:5} criopy speed-up over the single-stream baseline: {old / new:.1f}x")
             if name in p99s:
                 print(f"  {name:5} criopy Version p99 during the pull: " + ", ".join(f"{v:.1f} ms" for v in p99s[name]))
-
-
-@contextmanager
-def _scratch(given: Path | None) -> Iterator[Path]:
-    if given is not None:
-        yield given
-        return
-    with scratch_filesystem() as mount:
-        yield mount
 
 
 @contextmanager
