@@ -21,8 +21,9 @@ same requests. Figures:
 
 Both runtimes' roots are on a fresh journaled ext4 made for the run
 (bench/scratch; `--scratch DIR` puts them in DIR instead). containerd is
-installed with apt-get when missing and runs on a private root, state and socket; its pause image is Debian's static catatonit (`/pause -P`)
-built here and pushed to the loopback registry. Everything is removed at the
+installed with apt-get when missing and runs on a private root, state and
+socket; its pause image is Debian's static catatonit (`/pause -P`) built here
+and pushed to the loopback registry. Everything is removed at the
 end, also after an error or Ctrl-C. Run as root.
 """
 
