@@ -1000,9 +1000,9 @@ def test_httpcore_learns_the_async_library_without_a_failed_import_each_time():
         def find_spec(name: str, path: object = None, target: object = None) -> None:
             searched.append(name)
 
-    sys.meta_path.insert(0, SpyFinder)  # type: ignore[arg-type]
+    sys.meta_path.insert(0, SpyFinder)
     try:
         assert asyncio.run(ask()) == "asyncio"
     finally:
-        sys.meta_path.remove(SpyFinder)  # type: ignore[arg-type]
+        sys.meta_path.remove(SpyFinder)
     assert searched == []
