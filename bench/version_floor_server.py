@@ -16,16 +16,23 @@ import subprocess
 import sys
 
 from api.runtime.v1 import api_pb2 as pb
+from cri import __version__
 from cri.daemon.serve import LOOP_NICE
+from cri.services.runtime_info import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME
 from cri.system import linux
 from cri.transport.server import CriServer
 
 
 class OnlyVersion:
-    """A RuntimeService of one method: the rest answer UNIMPLEMENTED."""
+    """A RuntimeService of one method (the rest answer UNIMPLEMENTED), giving criopy's own answer."""
 
     async def Version(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        return pb.VersionResponse(version="0.1.0", runtime_name="floor", runtime_version="0", runtime_api_version="v1")
+        return pb.VersionResponse(
+            version=KUBELET_API_VERSION,
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=CRI_API_VERSION,
+        )
 
 
 class _Stdin(asyncio.Protocol):
