@@ -93,5 +93,16 @@ def test_many_calls_at_once_all_finish_and_close_waits_for_the_ones_under_way():
         assert not running.done()  # asyncio.run cancels it: the call goes on without its loop
 
     asyncio.run(leave_one_running())
-    offload.close(timeout=5)
+    offload.close()
     assert late.is_set() and sorted(done) == list(range(100))
+
+
+def test_calls_given_while_one_thread_is_idle_run_at_once_not_behind_each_other():
+    both = threading.Barrier(2, timeout=5)  # broken, so failing, if the second call waited for the first
+
+    async def main() -> None:
+        await offload.to_thread(time.sleep, 0.3)  # a thread exists and goes idle
+        await asyncio.sleep(0.05)
+        await asyncio.gather(offload.to_thread(both.wait), offload.to_thread(both.wait))
+
+    asyncio.run(main())
