@@ -39,7 +39,12 @@ class Execs:
         started = time.monotonic()
         try:
             result = await oci_exec.run_sync(
-                self._containers.runtime_of(container), container.id, argv, timeout=timeout, work_dir=self._work_dir
+                self._containers.runtime_of(container),
+                container.id,
+                argv,
+                timeout=timeout,
+                work_dir=self._work_dir,
+                bundle=container.bundle,
             )
         except oci_exec.ExecTimedOut as exc:
             event(log, logging.INFO, "exec timed out", id=container.id, cmd=argv[0], timeout=timeout)
@@ -78,6 +83,7 @@ class Execs:
                 container.id,
                 argv,
                 work_dir=self._work_dir,
+                bundle=container.bundle,
                 tty=tty,
                 stdin=stdin,
                 stdout=stdout,

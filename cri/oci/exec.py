@@ -15,6 +15,15 @@ are read from `--log`, where runc writes them as JSON lines.
 On a timeout or a client that went away, only the exec'd process tree is
 killed: the command and everything below it, found by parent pid, so the
 container's other processes are never touched.
+
+runc 1.1 before 1.1.13, built with Go 1.19 or later (Debian 12's 1.1.5 is),
+races with itself over RLIMIT_NOFILE in exec (runc#4195): the Go runtime of
+`runc init` raises the soft limit to the hard one, sometimes after runc has
+set the container's limits. Here that happened in about half of all execs.
+The daemon sets the container's NOFILE on the command again once runc
+reports its pid: a shell or any command that runs longer than that instant
+gets the container's limits; only what reads its limits in its first
+microseconds can still see runc's raised soft limit.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import fcntl
 import functools
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -154,10 +164,13 @@ async def start(
     stderr: bool = True,
     tty: bool = False,
     console: Console | None = None,
+    bundle: str | None = None,
 ) -> ExecProcess:
     """Start `argv` in the container. With `tty`, the pty master is in `.pty` and there are no pipes; `console`
-    gives that pty its size from the start."""
+    gives that pty its size from the start. `bundle` (the container's) gives the NOFILE limit that is set
+    again on the command, past runc's race."""
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    nofile = await offload.to_thread(bundle_nofile, bundle) if bundle else None
     token = secrets.token_hex(8)
     files = [os.path.join(work_dir, f"{token}.{kind}") for kind in ("pid", "log", "sock", "json")]
     pid_file, log_file, console_socket, process_file = files
@@ -180,7 +193,7 @@ async def start(
         if code != 0:
             failure = await offload.to_thread(_runtime_error, log_file)
             raise OciRuntimeError(what, failure or f"{runtime.binary} exited with status {code}")
-        pid = await offload.to_thread(read_pid, pid_file)
+        pid = await offload.to_thread(started_pid, pid_file, nofile)
         if not pid:
             raise OciRuntimeError(what, f"{runtime.binary} wrote no pid to {pid_file}")
     except BaseException:
@@ -194,6 +207,35 @@ async def start(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     return ExecProcess(what, pid, pipes, pty)
+
+
+def bundle_nofile(bundle: str) -> tuple[int, int] | None:
+    """The (soft, hard) RLIMIT_NOFILE of the bundle's process spec, None when it sets none (or is unreadable:
+    then runc exec fails and says why)."""
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            rlimits = json.load(f)["process"].get("rlimits") or []
+        for rlimit in rlimits:
+            if rlimit["type"] == "RLIMIT_NOFILE":
+                return _kernel_value(rlimit["soft"]), _kernel_value(rlimit["hard"])
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _kernel_value(oci: int) -> int:
+    # The OCI spec's unlimited is uint64 all ones; Python's resource module takes RLIM_INFINITY (-1).
+    return resource.RLIM_INFINITY if oci >= 2**63 else int(oci)
+
+
+def started_pid(pid_file: str, nofile: tuple[int, int] | None) -> int:
+    """The exec'd command's pid, its NOFILE set to the container's again (runc#4195, see the module doc).
+    The command is not reaped before its wait starts (the daemon is its subreaper), so the pid is its own."""
+    pid = read_pid(pid_file)
+    if pid and nofile is not None:
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, nofile)
+    return pid
 
 
 def _write_process(path: str, console: Console, argv: Sequence[str], what: str) -> None:
@@ -269,11 +311,12 @@ async def run_sync(
     timeout: float,
     work_dir: str,
     limit: int = OUTPUT_LIMIT,
+    bundle: str | None = None,
 ) -> ExecResult:
     """Run `argv` to its end (or `timeout` seconds, 0 = none), stdout and stderr captured apart."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout > 0 else None
-    process = await start(runtime, container_id, argv, work_dir=work_dir)
+    process = await start(runtime, container_id, argv, work_dir=work_dir, bundle=bundle)
     out, err = bytearray(), bytearray()
     readers = asyncio.gather(_capture(process.stdout, out, limit), _capture(process.stderr, err, limit))
     try:
