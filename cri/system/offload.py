@@ -40,14 +40,15 @@ def _run(
     try:
         result = context.run(call)
     except BaseException as exc:  # the awaiter's to handle, whatever it is
-        _deliver(loop, future, None, exc)
+        deliver(loop, future, None, exc)
     else:
-        _deliver(loop, future, result, None)
+        deliver(loop, future, result, None)
 
 
-def _deliver(
+def deliver(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
 ) -> None:
+    """From any thread: settle `future` (on its loop) with `result`, or with `exc` when that is not None."""
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         loop.call_soon_threadsafe(_settle, future, result, exc)
 
