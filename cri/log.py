@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -12,22 +14,36 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
-    """Log one event with its fields; fields with value None are left out."""
-    logger.log(level, name, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
+    """Log one event with its fields; fields with value None are left out.
+
+    The record is made here rather than by `logger.log`, which also walks the stack for a caller's file and
+    line that no format shows: the events of a pod burst are logged on the event loop."""
+    if not logger.isEnabledFor(level):
+        return
+    kept = {k: v for k, v in fields.items() if v is not None}
+    logger.handle(logger.makeRecord(logger.name, level, "", 0, name, (), None, extra={"fields": kept}))
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\n\t]')
 
 
 def _quote(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
 
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    # strftime once a second: a burst logs thousands of events within the same few seconds.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    ms = int(record.msecs)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
+    return f"{_second_text(int(record.created))}.{int(record.msecs):03d}Z"
 
 
 class TextFormatter(logging.Formatter):

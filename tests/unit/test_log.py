@@ -34,3 +34,24 @@ def test_event_drops_none_fields(caplog):
     with caplog.at_level(logging.INFO, logger="cri.test"):
         event(logger, logging.INFO, "thing", id="x", missing=None)
     assert caplog.records[-1].fields == {"id": "x"}
+
+
+def test_each_line_has_its_own_records_time_to_the_millisecond():
+    # 2026-12-06T16:59:59.999Z, then the next second: the per-second cache must move on.
+    first, second = record("a"), record("b")
+    first.created, first.msecs = 1796576399.999, 999.0
+    second.created, second.msecs = 1796576400.004, 4.0
+    lines = [TextFormatter().format(r) for r in (first, second, first)]
+    assert [line.split()[0] for line in lines] == [
+        "time=2026-12-06T16:59:59.999Z",
+        "time=2026-12-06T17:00:00.004Z",
+        "time=2026-12-06T16:59:59.999Z",
+    ]
+
+
+def test_an_event_below_the_level_is_not_made(caplog):
+    logger = logging.getLogger("cri.test")
+    with caplog.at_level(logging.INFO, logger="cri.test"):
+        event(logger, logging.DEBUG, "quiet", id="x")
+        event(logger, logging.WARNING, "loud", id="y")
+    assert [(r.getMessage(), r.levelno) for r in caplog.records] == [("loud", logging.WARNING)]
