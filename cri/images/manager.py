@@ -126,7 +126,10 @@ class ImageManager:
         self.layers = LayerStore(root, "vfs" if config.storage.driver == "vfs" else "overlay")
         self.index = ImageIndex(store)
         self.client = RegistryClient(
-            config.image, certs_dirs=config.image.certs_dirs, progress_timeout=config.image.pull_progress_timeout
+            config.image,
+            certs_dirs=config.image.certs_dirs,
+            progress_timeout=config.image.pull_progress_timeout,
+            blobs_off_loop=True,
         )
         self._config = config
         self._in_use = in_use

@@ -45,6 +45,7 @@ from cri.images.auth import (
     parse_challenges,
     pick_challenge,
 )
+from cri.images.downloads import BlobDownloads
 from cri.images.platform import NoMatchingPlatform, Platform, choose, host_platform
 from cri.images.reference import DEFAULT_DOMAIN, Reference, validate_digest
 from cri.log import event
@@ -396,6 +397,7 @@ class RegistryClient:
         connect_timeout: float = 30.0,
         tokens: TokenCache | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        blobs_off_loop: bool = False,
     ) -> None:
         self.config = config if config is not None else ImageConfig()
         self.ca_file = Path(ca_file) if ca_file else None
@@ -411,6 +413,20 @@ class RegistryClient:
         self._clients: dict[tuple[str, bool], httpx.AsyncClient] = {}
         self._schemes: dict[str, str] = {}  # insecure hosts that turned out to speak plain http
         self._challenges: dict[str, Challenge] = {}  # host -> its last challenge, to authenticate up front
+        # Blob bodies on a loop of their own (cri.images.downloads); not with a transport of the caller's loop.
+        self._downloads = BlobDownloads(self._download_client) if blobs_off_loop and transport is None else None
+
+    def _download_client(self) -> RegistryClient:
+        return RegistryClient(
+            self.config,
+            ca_file=self.ca_file,
+            certs_dirs=self.certs_dirs,
+            progress_timeout=self._progress_timeout,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            connect_timeout=self.connect_timeout,
+        )
 
     @property
     def progress_timeout(self) -> float | None:
@@ -424,6 +440,8 @@ class RegistryClient:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+        if self._downloads is not None:
+            await self._downloads.aclose()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -760,6 +778,9 @@ class RegistryClient:
         bodies. More bytes than the descriptor's size fail at once. The digest
         itself is checked by the sink (content.Writer) when it commits.
         """
+        if self._downloads is not None:
+            await self._downloads.fetch_blob(self, endpoint, descriptor, sink)
+            return
         digest, size = _descriptor(descriptor, endpoint.name)
         what = f"blob {digest} of {endpoint.name}"
         path = f"/v2/{endpoint.repository}/blobs/{digest}"
