@@ -182,15 +182,11 @@ def _communicate_blocking(
     return proc.returncode, out, err
 
 
-async def _communicate(
-    argv: list[str], env: dict[str, str], stdin: bytes, timeout: float
-) -> tuple[int | None, bytes, bytes]:
-    """Run argv; (exit status or None on timeout, stdout, stderr). Kills the process group on timeout,
-    and when the caller is cancelled."""
+async def _in_thread(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:
+    """The whole call in a pool thread (finding the plugin, running it, parsing its stdout), so that the
+    event loop only waits; the process group is killed when the caller is cancelled."""
     plugin = _Plugin()
-    running = asyncio.get_running_loop().run_in_executor(
-        _pool, _communicate_blocking, plugin, argv, env, stdin, timeout
-    )
+    running = asyncio.get_running_loop().run_in_executor(_pool, _call_blocking, plugin, inv, stdin, parse)
     running.add_done_callback(_retrieved)
     try:
         return await asyncio.shield(running)
@@ -199,7 +195,7 @@ async def _communicate(
         raise
 
 
-def _retrieved(future: asyncio.Future[tuple[int | None, bytes, bytes]]) -> None:
+def _retrieved(future: asyncio.Future[Any]) -> None:
     """The outcome of a call its caller left is nobody's: asyncio must not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
@@ -209,7 +205,7 @@ async def _call(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T
     """Run the plugin and parse its stdout; log one line for the call, at warning when it failed."""
     started = time.monotonic()
     try:
-        value = parse(await _run(inv, stdin))
+        value = await _in_thread(inv, stdin, parse)
     except Exception as exc:
         _log(inv, started, exc)
         raise
@@ -217,13 +213,13 @@ async def _call(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T
     return value
 
 
-async def _run(inv: Invocation, stdin: bytes) -> bytes:
+def _call_blocking(plugin: _Plugin, inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:
     path = find_plugin(inv.plugin_type, list(inv.plugin_dirs))
     if path is None:
         raise InvocationError(inv.plugin_type, f"not found in {':'.join(inv.plugin_dirs) or '(no plugin dirs)'}")
     try:
         argv = [*inv.hooks.argv_prefix, str(path)]
-        status, stdout, stderr_bytes = await _communicate(argv, plugin_env(inv), stdin, inv.timeout)
+        status, stdout, stderr_bytes = _communicate_blocking(plugin, argv, plugin_env(inv), stdin, inv.timeout)
     except OSError as exc:
         raise InvocationError(
             inv.plugin_type, f"{inv.command} cannot be started ({path}): {exc.strerror or exc}"
@@ -233,7 +229,7 @@ async def _run(inv: Invocation, stdin: bytes) -> bytes:
         raise InvocationError(inv.plugin_type, f"{inv.command} timed out after {inv.timeout:g}s", stderr)
     if status != 0:
         raise parse_error(inv.plugin_type, stdout, stderr, status, inv.command)
-    return stdout
+    return parse(stdout)
 
 
 def _log(inv: Invocation, started: float, error: Exception | None) -> None:
