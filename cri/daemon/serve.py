@@ -36,6 +36,8 @@ from podsandbox.manager import SandboxManager
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+# The daemon's threads share this many malloc arenas (glibc makes up to 8 per core, each keeping freed memory).
+MALLOC_ARENAS = 2
 LOOP_NICE = -5  # its threads and children are reset to 0 (SCHED_RESET_ON_FORK)
 
 
@@ -141,6 +143,8 @@ def _prepare_the_process() -> None:
     """Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us."""
     reaper.become_subreaper()
     reaper.watch_children_with_pidfds()
+    if not linux.limit_malloc_arenas(MALLOC_ARENAS):
+        event(log, logging.INFO, "malloc arenas not limited (not glibc)")
     _raise_the_loop()
 
 

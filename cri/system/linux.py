@@ -34,6 +34,19 @@ _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
 
+_M_ARENA_MAX = -8  # <malloc.h>
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Let glibc's malloc make at most `count` arenas from now on; False where it cannot (not glibc).
+
+    By default a thread that finds the arenas in use makes another, up to 8 per core, and each keeps the
+    memory freed into it: the daemon's pool threads took the RSS of a 200-container daemon from 64 to 69 MiB.
+    """
+    mallopt = getattr(_libc, "mallopt", None)
+    return mallopt is not None and mallopt(_M_ARENA_MAX, count) == 1
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         code = ctypes.get_errno()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cri.oci import conmon
@@ -66,3 +67,46 @@ def test_a_container_pid_given_to_another_process_is_not_the_container() -> None
     assert not conmon.container_runs(me, parent + 1, "")
     assert not conmon.container_runs(me, 0, "")
     assert not conmon.container_runs(0, parent, "")
+
+
+_ARENAS_SCRIPT = """
+import ctypes, os, sys, tempfile, threading
+from cri.system import linux
+if sys.argv[1] == "limit":
+    assert linux.limit_malloc_arenas(2)
+barrier = threading.Barrier(8)
+kept = []
+def allocate():
+    barrier.wait()
+    kept.extend(bytearray(4096) for _ in range(2000))  # past pymalloc: glibc's malloc, at the same time
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+fd, path = tempfile.mkstemp()
+os.close(fd)
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+
+
+def _arenas_after_eight_threads(mode: str) -> int:
+    run = subprocess.run(
+        [sys.executable, "-c", _ARENAS_SCRIPT, mode], capture_output=True, text=True, timeout=60, check=True
+    )
+    return int(run.stdout)
+
+
+def test_the_malloc_arenas_of_many_threads_are_limited() -> None:
+    # The control shows that eight threads allocating at once do make more arenas here.
+    assert _arenas_after_eight_threads("free") > 2
+    assert _arenas_after_eight_threads("limit") <= 2
