@@ -16,7 +16,6 @@ has ended, so no chunk reaches the sink after that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,11 @@ class BlobDownloads:
         def launch() -> None:
             task = loop.create_task(self._fetch(parent, endpoint, descriptor, relay))
             tasks.append(task)
-            task.add_done_callback(lambda done: _on_loop(caller, _copy_outcome, done, outcome))
+            task.add_done_callback(finished)
+
+        def finished(download: asyncio.Task[None]) -> None:  # on the download loop: its end becomes outcome's
+            exc = asyncio.CancelledError() if download.cancelled() else download.exception()
+            offload.deliver(caller, outcome, None, exc)
 
         def cancel() -> None:  # queued after launch(): the loop runs them in order, so the task is there
             tasks[0].cancel()
@@ -66,8 +69,7 @@ class BlobDownloads:
             relay.closed = True
             loop.call_soon_threadsafe(cancel)
             await asyncio.wait([outcome])
-            if not outcome.cancelled():
-                outcome.exception()  # retrieved: the caller's cancellation is what it gets
+            outcome.exception()  # retrieved: the caller's cancellation is what it gets
             raise
 
     async def _fetch(
@@ -100,23 +102,6 @@ class BlobDownloads:
         await offload.to_thread(thread.join, STOP_TIMEOUT)
         if not thread.is_alive():
             loop.close()
-
-
-def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(callback, *args)
-
-
-def _copy_outcome(download: asyncio.Task[None], outcome: asyncio.Future[None]) -> None:
-    """On the caller's loop: the download task's end (done, so no longer changing) becomes `outcome`'s."""
-    if outcome.done():
-        return
-    if download.cancelled():
-        outcome.cancel()
-    elif (exc := download.exception()) is not None:
-        outcome.set_exception(exc)
-    else:
-        outcome.set_result(None)
 
 
 class _Relay:
