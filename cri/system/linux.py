@@ -21,12 +21,13 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 
+CLONE_FS = 0x00000200
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 
 # The C library already loaded into this process: no find_library(), which runs ldconfig (about 50 ms),
-# a cost every short-lived helper (the long-chain overlay mounter) would pay at start.
+# a cost every short-lived helper would pay at start.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
@@ -66,6 +67,30 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
     )
 
 
+def mount_in(directory: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) of a new `fstype` file system (source: its name) with the relative paths in `data` resolved
+    against `directory`; target absolute.
+
+    The kernel resolves them against the caller's cwd, which threads share, so the call is made from a
+    throwaway thread that first takes a cwd of its own (unshare CLONE_FS): the daemon's cwd never moves.
+    """
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            unshare(CLONE_FS)
+            os.chdir(directory)
+            mount(fstype, target, fstype, flags, data)
+        except BaseException as exc:  # raised again in the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="mount-in", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
@@ -91,7 +116,8 @@ def umount_if_mounted(target: str) -> bool:
 
 
 def unshare(flags: int) -> None:
-    """Move the calling thread into new namespaces (net, ipc and uts are per thread)."""
+    """Move the calling thread into new namespaces (net, ipc and uts are per thread), or give it its own cwd
+    (CLONE_FS)."""
     _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 

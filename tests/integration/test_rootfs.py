@@ -56,7 +56,6 @@ def test_overlay_shows_lower_files_topmost_wins_and_writes_land_in_upper(tmp_pat
     assert [(m.mount_point, m.fstype) for m in linux.mounts_under(str(container))] == [(str(merged), "overlay")]
     assert [(merged / f"f{i}").read_text() for i in range(3)] == [f"from layer {i}\n" for i in range(3)]
     assert (merged / "who").read_text() == "layer 2\n"
-    assert not (container / "l").exists(), "a short chain mounts with absolute paths, no links"
 
     (merged / "new").write_text("written\n")
     (merged / "f0").write_text("changed\n")
@@ -64,6 +63,28 @@ def test_overlay_shows_lower_files_topmost_wins_and_writes_land_in_upper(tmp_pat
     assert (container / "upper" / "f0").read_text() == "changed\n"
     assert (lowers[-1] / "f0").read_text() == "from layer 0\n"
     assert not (lowers[0] / "new").exists()
+
+
+def mount_table_line(mount_point: Path) -> str:
+    escaped = str(mount_point).replace(" ", "\\040")
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return next(line for line in lines if line.split(" ")[4] == escaped)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_the_mount_table_entry_names_the_dirs_relative_to_the_container_dir(tmp_path, count):
+    # Every reader of /proc/self/mountinfo (runc at each step) pays for each character of every entry.
+    lowers = make_layers(tmp_path, count)
+    container = tmp_path / "containers" / ("c" * 64)
+    merged = rootfs.create(container, lowers, "overlay")
+
+    line = mount_table_line(merged)
+    lowerdir = ":".join(f"l/{n}" for n in range(count))
+    assert f",lowerdir={lowerdir},upperdir=upper,workdir=work" in line
+    assert str(tmp_path) not in line.split(" - ")[1], "no absolute path in the options"
+    assert [os.readlink(container / "l" / str(n)) for n in range(count)] == [str(p) for p in lowers]
+    assert os.getcwd() != str(container), "the daemon's cwd did not move"
+    rootfs.remove(container)
 
 
 def test_root_dir_shows_owner_and_mode_of_the_image_root(tmp_path):
@@ -179,7 +200,7 @@ def test_missing_lower_dir_fails_before_anything_is_made(tmp_path, driver):
     assert mount_points(tmp_path) == []
 
 
-@pytest.mark.parametrize("count", [3, 65], ids=["in-process", "child-process"])
+@pytest.mark.parametrize("count", [3, 65], ids=["short-chain", "long-chain"])
 def test_kernel_refusing_the_mount_leaves_no_mount_and_no_dir(tmp_path, monkeypatch, count):
     # Skip the up-front check so that the kernel itself meets the missing layer.
     lowers = make_layers(tmp_path, count)
@@ -227,12 +248,33 @@ def test_busy_mount_is_detached_and_the_dir_still_deleted(tmp_path, caplog):
         holder.wait(timeout=10)
 
 
+def test_remove_unmounts_stacked_and_nested_mounts_and_deletes_through_none(tmp_path):
+    lowers = make_layers(tmp_path, 2)
+    container = tmp_path / "c"
+    merged = rootfs.create(container, lowers, "overlay")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("mine\n")
+    (container / "upper" / "bound").mkdir()
+    linux.mount(str(precious), str(container / "upper" / "bound"), None, linux.MS_BIND)  # nested, not merged/
+    linux.mount(str(precious), str(merged), None, linux.MS_BIND)  # stacked on the overlay
+    assert len(mount_points(container)) == 3
+    try:
+        rootfs.remove(container)
+    finally:
+        for point in mount_points(container):
+            linux.umount(point, linux.MNT_DETACH)
+    assert not container.exists()
+    assert mount_points(tmp_path) == []
+    assert (precious / "keep").read_text() == "mine\n", "nothing deleted through a mount"
+
+
 # ---- read-only mounts of image volumes ----
 
 
 @pytest.mark.parametrize("count", [1, 3, 120])
 def test_read_only_mount_shows_the_layers_and_refuses_writes(tmp_path, count):
-    # 1: a read-only bind of the one layer; 3: a lower-only overlay; 120: one through the short links.
+    # 1: a read-only bind of the one layer; 3 and 120: a lower-only overlay through the short links.
     lowers = make_layers(tmp_path, count)
     top = tmp_path / "image-volumes" / "v"
     top.mkdir(parents=True)
@@ -243,6 +285,6 @@ def test_read_only_mount_shows_the_layers_and_refuses_writes(tmp_path, count):
     assert (merged / "f0").read_text() == "from layer 0\n"
     with pytest.raises(OSError, match="Read-only file system"):
         (merged / "new").write_text("x")
-    assert (top / "l").exists() == (count == 120)
+    assert (top / "l").exists() == (count > 1)
     rootfs.remove(top)
     assert not top.exists() and mount_points(tmp_path) == []

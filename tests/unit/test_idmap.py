@@ -115,9 +115,9 @@ def test_the_probe_says_why_it_fails_on_a_file_system_without_idmapped_mounts(
     assert os.listdir(tmp_path / "merged") == []
 
 
-@pytest.mark.parametrize(("layers", "how"), [(2, "absolute"), (60, "relative")])
+@pytest.mark.parametrize("layers", [2, 60])
 def test_a_rootfs_over_idmapped_layers_shows_them_shifted_and_leaves_them_alone(
-    dirs: tuple[Path, Path], tmp_path: Path, layers: int, how: str, caplog: pytest.LogCaptureFixture
+    dirs: tuple[Path, Path], tmp_path: Path, layers: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     from cri.storage import rootfs
 
@@ -137,7 +137,7 @@ def test_a_rootfs_over_idmapped_layers_shows_them_shifted_and_leaves_them_alone(
     shift = rootfs.IdShift(str(pin), (MAPPING.host_id, MAPPING.host_id))
     merged = rootfs.create(container_dir, lowers, "overlay", shift=shift)
     created = [r for r in caplog.records if r.getMessage() == "rootfs_created"]
-    assert [r.fields["how"] for r in created] == [how]  # type: ignore[attr-defined]
+    assert [r.fields["how"] for r in created] == ["overlay"]  # type: ignore[attr-defined]
     top, bottom = os.stat(merged / "file0"), os.stat(merged / f"file{layers - 1}")
     assert (top.st_uid, top.st_gid) == (MAPPING.host_id, MAPPING.host_id + 1000)
     assert (bottom.st_uid, bottom.st_gid) == (MAPPING.host_id, MAPPING.host_id + 1000)
