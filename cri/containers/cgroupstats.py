@@ -106,6 +106,18 @@ def memory_limit(cgroup_path: str, *, root: Path = DEFAULT_ROOT) -> int | None:
     return _read_limit(f"{_join(memory, rel)}/memory.limit_in_bytes") if memory else None
 
 
+def oom_kills(cgroup_path: str, *, root: Path = DEFAULT_ROOT) -> int | None:
+    """How many processes the kernel's OOM killer killed in the cgroup; None when unknown or gone.
+
+    One file, where a whole sample reads six: every container exit asks, on the event loop."""
+    layout = _layout(root)
+    rel = cgroup_dir(cgroup_path)
+    if layout.unified:
+        return _read_keyed(f"{_join(layout.hierarchies[0], rel)}/memory.events", _OOM_KEYS).get("oom_kill")
+    memory = layout.controllers.get("memory")
+    return _read_keyed(f"{_join(memory, rel)}/memory.oom_control", _OOM_KEYS).get("oom_kill") if memory else None
+
+
 def exists(cgroup_path: str, *, root: Path = DEFAULT_ROOT) -> bool:
     """Whether the cgroup directory is present in any hierarchy."""
     rel = cgroup_dir(cgroup_path)

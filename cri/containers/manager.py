@@ -468,8 +468,7 @@ class ContainerManager:
         markers = (os.path.join(container.bundle, "persist", "oom"), os.path.join(container.bundle, "oom"))
         if any(os.path.exists(marker) for marker in markers):
             return True
-        sample = cgroupstats.sample(container.cgroups_path)
-        return bool(sample and sample.oom_kills)
+        return bool(cgroupstats.oom_kills(container.cgroups_path))
 
     async def _record_and_release(self, container: Container) -> None:
         """After an exit: write it down, then, if nothing of the container can still run, delete its runtime state."""

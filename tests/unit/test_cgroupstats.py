@@ -343,3 +343,11 @@ def test_real_host_cpu_usage() -> None:
     assert second.cpu_usage_ns > first.cpu_usage_ns
     cores = nano_cores(first, second)
     assert cores is not None and cores > 0
+
+
+@pytest.mark.parametrize(("tree", "kills"), [(v1_tree, 2), (v2_tree, 1)])
+def test_oom_kills_reads_the_one_counter_and_none_when_the_cgroup_is_gone(tmp_path: Path, tree, kills) -> None:
+    rel = f"kubepods/podu1/{CID}"
+    tree(tmp_path, rel)
+    assert cgroupstats.oom_kills(f"/{rel}", root=tmp_path) == kills
+    assert cgroupstats.oom_kills("/kubepods/podu1/gone", root=tmp_path) is None
