@@ -34,11 +34,15 @@ def _new_executor() -> ThreadPoolExecutor:
 _executor = _new_executor()
 
 
-def _run(
-    context: contextvars.Context, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], call: Callable[[], Any]
+def run_into(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    call: Callable[[], Any],
+    context: contextvars.Context | None = None,
 ) -> None:
+    """In the calling thread: call() (in `context` when given), its result or exception delivered to `future`."""
     try:
-        result = context.run(call)
+        result = call() if context is None else context.run(call)
     except BaseException as exc:  # the awaiter's to handle, whatever it is
         deliver(loop, future, None, exc)
     else:
@@ -70,7 +74,7 @@ async def to_thread(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) 
     future: asyncio.Future[T] = loop.create_future()
     call = functools.partial(func, *args, **kwargs)
     # The executor's own Future is left aside: the result comes back through `future` alone.
-    _executor.submit(_run, contextvars.copy_context(), loop, future, call)
+    _executor.submit(run_into, loop, future, call, contextvars.copy_context())
     return await future
 
 
