@@ -113,9 +113,9 @@ def oom_kills(cgroup_path: str, *, root: Path = DEFAULT_ROOT) -> int | None:
     layout = _layout(root)
     rel = cgroup_dir(cgroup_path)
     if layout.unified:
-        return _read_keyed(f"{_join(layout.hierarchies[0], rel)}/memory.events", _OOM_KEYS).get("oom_kill")
+        return _oom_kills_v2(_join(layout.hierarchies[0], rel))
     memory = layout.controllers.get("memory")
-    return _read_keyed(f"{_join(memory, rel)}/memory.oom_control", _OOM_KEYS).get("oom_kill") if memory else None
+    return _oom_kills_v1(_join(memory, rel)) if memory else None
 
 
 def exists(cgroup_path: str, *, root: Path = DEFAULT_ROOT) -> bool:
@@ -220,8 +220,12 @@ def _sample_v1(layout: _Layout, rel: str, now: int) -> CgroupSample | None:
         memory_major_page_faults=_first(stat, "total_pgmajfault", "pgmajfault"),
         memory_available=_available(_read_limit(memory + "/memory.limit_in_bytes"), working_set),
         pids=pids,
-        oom_kills=_read_keyed(memory + "/memory.oom_control", _OOM_KEYS).get("oom_kill"),
+        oom_kills=_oom_kills_v1(memory),
     )
+
+
+def _oom_kills_v1(memory: str) -> int | None:
+    return _read_keyed(memory + "/memory.oom_control", _OOM_KEYS).get("oom_kill")
 
 
 def _without_memory(now: int, cpu: int | None, pids: int | None) -> CgroupSample:
@@ -249,8 +253,12 @@ def _sample_v2(path: str, now: int) -> CgroupSample | None:
         memory_major_page_faults=stat.get("pgmajfault"),
         memory_available=_available(_read_limit(path + "/memory.max"), working_set),
         pids=_read_int(path + "/pids.current"),
-        oom_kills=_read_keyed(path + "/memory.events", _OOM_KEYS).get("oom_kill"),
+        oom_kills=_oom_kills_v2(path),
     )
+
+
+def _oom_kills_v2(path: str) -> int | None:
+    return _read_keyed(path + "/memory.events", _OOM_KEYS).get("oom_kill")
 
 
 # -- derived figures --
