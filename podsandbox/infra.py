@@ -146,7 +146,7 @@ async def start(sandbox: Sandbox, config: Config) -> int:
         await conmon.delete(runtime, cid)  # a leftover of a crashed attempt would make create fail
         await offload.to_thread(_prepare, sandbox, config, paths)
         created = await conmon.create(runtime, monitor, launch)
-        await conmon.start(runtime, cid)
+        await conmon.start(runtime, cid, init_pid=created.pid)
     except BaseException as exc:
         await _remove(runtime, sandbox, paths)
         if isinstance(exc, OciRuntimeError | OSError):

@@ -415,7 +415,7 @@ class ContainerManager:
             # Taken before the call: a process that exits at once must not look finished before it started.
             started_at = time.time_ns()
             try:
-                await conmon.start(self.runtime_of(container), container.id)
+                await conmon.start(self.runtime_of(container), container.id, init_pid=container.pid)
             except OciRuntimeError as exc:
                 raise Internal(f"starting container {container.id}: {exc}") from exc
             faults.point("container.start.started")

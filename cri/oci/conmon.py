@@ -32,7 +32,7 @@ from typing import Any
 
 from cri.config import Config
 from cri.log import event
-from cri.oci import monitor_cgroup
+from cri.oci import exec_fifo, monitor_cgroup
 from cri.system import fdwait, linux, offload
 from cri.system.process import CommandError, Spawn, communicate, run
 
@@ -466,9 +466,23 @@ async def _runtime(runtime: Runtime, *command: str, timeout: float, stdin: bytes
     return done.stdout
 
 
-async def start(runtime: Runtime, container_id: str, *, timeout: float = RUNTIME_TIMEOUT) -> None:
-    """Start a created container (its process execs the spec's args)."""
-    await _runtime(runtime, "start", container_id, timeout=timeout)
+async def start(runtime: Runtime, container_id: str, *, init_pid: int = 0, timeout: float = RUNTIME_TIMEOUT) -> None:
+    """Start a created container (its process execs the spec's args).
+
+    runc's containers are started through their exec fifo, as `runc start` does, without its exec (see
+    exec_fifo); that needs the init's pid, to notice an init that died before it got there.
+    """
+    if init_pid <= 0 or not await exec_fifo.speaks_exec_fifo(runtime.binary):
+        await _runtime(runtime, "start", container_id, timeout=timeout)
+        return
+    what = f"{runtime.name} start {container_id} (through its exec fifo)"
+    try:
+        async with asyncio.timeout(timeout):
+            await exec_fifo.start(exec_fifo.fifo_path(runtime.root, container_id), init_pid)
+    except TimeoutError as exc:
+        raise OciRuntimeError(what, f"timed out after {timeout:g}s") from exc
+    except exec_fifo.ExecFifoError as exc:
+        raise OciRuntimeError(what, str(exc)) from exc
 
 
 async def kill(

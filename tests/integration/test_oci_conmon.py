@@ -99,7 +99,7 @@ def test_container_logs_and_exit_code(env: Env) -> None:
         assert created.conmon_pid > 0
         state = await conmon.state(env.runtime, env.cid)
         assert (state.status, state.pid, state.bundle) == ("created", created.pid, str(env.bundle))
-        await conmon.start(env.runtime, env.cid)
+        await conmon.start(env.runtime, env.cid, init_pid=created.pid)
         code = await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=20)
         assert (await conmon.state(env.runtime, env.cid)).status == "stopped"
         await conmon.delete(env.runtime, env.cid)
@@ -138,7 +138,7 @@ def test_kill_and_delete_are_idempotent(env: Env) -> None:
 
     async def scenario() -> None:
         created = await conmon.create(env.runtime, CONMON, env.launch())
-        await conmon.start(env.runtime, env.cid)
+        await conmon.start(env.runtime, env.cid, init_pid=created.pid)
         assert (await conmon.state(env.runtime, env.cid)).status == "running"
         assert await conmon.kill(env.runtime, env.cid, "KILL") is True
         assert await conmon.wait_exit(str(env.tmp / "exits"), env.cid, timeout=20) == 137
@@ -205,3 +205,58 @@ def test_create_that_hangs_times_out_and_conmon_is_stopped(env: Env) -> None:
     for pattern in (env.cid, f"sleep {marker}"):
         found = subprocess.run(["pgrep", "-f", pattern], check=False, capture_output=True, text=True, timeout=10)
         assert found.stdout.strip() == "", pattern
+
+
+def test_start_through_the_exec_fifo_runs_the_process_and_leaves_runc_saying_running(env: Env) -> None:
+    env.write_spec(["sh", "-c", "echo started; exec sleep 1000"])
+    fifo = env.tmp / "runc-root" / env.cid / "exec.fifo"
+
+    async def scenario() -> None:
+        created = await conmon.create(env.runtime, CONMON, env.launch())
+        assert fifo.exists()
+        await conmon.start(env.runtime, env.cid, init_pid=created.pid)
+        assert not fifo.exists()
+        assert (await conmon.state(env.runtime, env.cid)).status == "running"
+        # The init exec'd the container's process, which went on to exec sleep.
+        assert Path(f"/proc/{created.pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1000"]
+        with pytest.raises(OciRuntimeError, match="not in the created state"):
+            await conmon.start(env.runtime, env.cid, init_pid=created.pid)
+        await conmon.delete(env.runtime, env.cid, force=True)
+
+    asyncio.run(scenario())
+    lines = (env.tmp / "ctr.log").read_text().splitlines()
+    assert any(line.endswith(" stdout F started") for line in lines), lines
+
+
+def test_start_of_a_container_whose_init_died_fails_at_once(env: Env) -> None:
+    env.write_spec(["sleep", "1000"])
+
+    async def scenario() -> float:
+        created = await conmon.create(env.runtime, CONMON, env.launch())
+        os.kill(created.pid, 9)
+        assert await conmon.wait_gone([created.pid], 10)
+        began = time.monotonic()
+        with pytest.raises(OciRuntimeError, match="already dead"):
+            await conmon.start(env.runtime, env.cid, init_pid=created.pid, timeout=20)
+        return time.monotonic() - began
+
+    # Not a timing assertion on speed: a start that missed the death would wait out the 20 s timeout.
+    assert asyncio.run(scenario()) < 10
+
+
+def test_runc_is_started_through_its_fifo_and_other_runtimes_by_their_start_command() -> None:
+    from cri.oci import exec_fifo
+
+    crun = shutil.which("crun")
+
+    async def dialects() -> tuple[bool, bool | None, bool]:
+        return (
+            await exec_fifo.speaks_exec_fifo(RUNC),
+            await exec_fifo.speaks_exec_fifo(crun) if crun else None,
+            await exec_fifo.speaks_exec_fifo("/no/such/runtime"),
+        )
+
+    runc, crun_speaks, missing = asyncio.run(dialects())
+    assert runc is True
+    assert crun_speaks in (False, None)
+    assert missing is False
