@@ -11,7 +11,8 @@ start
   - CNI ADD of the bench's conflist: each plugin of the list (bridge, which execs host-local; portmap)
     exec'd with the CNI environment and its config on stdin, the previous result chained, as libcni does;
   - the container: criopy's exec set, `conmon` (criopy's command line, from cri.oci.conmon.conmon_argv)
-    which runs `runc create` (and so `runc init`) and reports the pid on its sync pipe, then `runc start`.
+    which runs `runc create` (and so `runc init`) and reports the pid on its sync pipe, then the start
+    through runc's exec fifo, as criopy starts a runc container (cri.oci.exec_fifo: no `runc start` exec).
     The bundle's config.json is the one criopy writes for the bench's busybox container (capabilities,
     mounts, masked paths, the pod's namespaces by path, a cgroup under the same kind of parent); its root
     is one prepared busybox directory shared by every container (criopy mounts an overlay per container:
@@ -30,6 +31,7 @@ overlay rootfs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.containerd_harness import CGROUP_ROOT, delete_runc_containers, remove_empty_tree, unmount_under
-from cri.oci import bundle
+from cri.oci import bundle, exec_fifo
 from cri.oci.conmon import ConmonLaunch, conmon_argv
 from cri.oci.conmon import Runtime as OciRuntime
 from cri.system import linux
@@ -176,7 +178,7 @@ class Floor:
         self._files(pod, hostname)
         self._cni_add(pod)
         self._create(pod, hostname)
-        helper(self.runtime.argv("start", pod.id))
+        asyncio.run(exec_fifo.start(exec_fifo.fifo_path(self.runtime.root, pod.id), pod.container_pid))
         return pod
 
     def remove_pod(self, pod: FloorPod) -> None:
