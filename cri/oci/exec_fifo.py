@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import select
+import stat
 
 from cri.system import fdwait
 from cri.system.process import CommandError, run
@@ -75,6 +76,8 @@ async def start(path: str, init_pid: int) -> None:
     except OSError as exc:
         raise ExecFifoError(f"opening {path}: {exc.strerror}") from exc
     try:
+        if not stat.S_ISFIFO(os.fstat(fifo).st_mode):
+            raise ExecFifoError(f"{path}: not a fifo")
         data = await _read_to_end(fifo, init_pid)
     finally:
         os.close(fifo)

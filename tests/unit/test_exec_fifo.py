@@ -89,3 +89,11 @@ def test_an_init_that_dies_before_opening_the_fifo_is_an_error_not_a_wait(
 def test_no_fifo_means_not_in_the_created_state(tmp_path: Path) -> None:
     with pytest.raises(exec_fifo.NoExecFifo, match="not in the created state"):
         asyncio.run(exec_fifo.start(str(tmp_path / "exec.fifo"), os.getpid()))
+
+
+def test_a_file_that_is_not_a_fifo_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "exec.fifo"
+    path.write_text("0")
+    with pytest.raises(exec_fifo.ExecFifoError, match="not a fifo"):
+        asyncio.run(exec_fifo.start(str(path), os.getpid()))
+    assert path.read_text() == "0"
