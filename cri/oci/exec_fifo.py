@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import select
 import stat
@@ -136,10 +135,8 @@ def _pidfd(pid: int) -> int | None:
         return None
     try:
         return os.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return None
-        raise
+    except ProcessLookupError:
+        return None
 
 
 async def _first_ready(*fds: int) -> int:

@@ -44,21 +44,16 @@ def init(procs: list[subprocess.Popen[bytes]], script: str, fifo: Path, marker: 
 WRITES_THEN_EXECS = 'exec 3>"$1"; printf 0 >&3; sleep 0.3; touch "$2"; exec 3>&-; sleep 30'
 
 
+@pytest.mark.parametrize(
+    "script",
+    [WRITES_THEN_EXECS, "sleep 0.3; " + WRITES_THEN_EXECS],
+    ids=["init-already-waiting", "init-opens-after-the-reader"],
+)
 def test_start_returns_once_the_init_closed_its_end_and_removes_the_fifo(
-    fifo: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+    script: str, fifo: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     marker = tmp_path / "exec'd"
-    pid = init(procs, WRITES_THEN_EXECS, fifo, marker)
-    asyncio.run(exec_fifo.start(str(fifo), pid))
-    assert marker.exists()
-    assert not fifo.exists()
-
-
-def test_an_init_that_opens_the_fifo_after_the_reader_is_waited_for(
-    fifo: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
-) -> None:
-    marker = tmp_path / "exec'd"
-    pid = init(procs, "sleep 0.3; " + WRITES_THEN_EXECS, fifo, marker)
+    pid = init(procs, script, fifo, marker)
     asyncio.run(exec_fifo.start(str(fifo), pid))
     assert marker.exists()
     assert not fifo.exists()
