@@ -104,6 +104,15 @@ class StagedLayer:
         return self.tmp / "diff"
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """A published layer's usage, as tree_usage found it once."""
+
+    identity: tuple[int, int]  # its directory's (st_ino, st_ctime_ns): a layer removed and unpacked again differs
+    used: int
+    inodes: int
+
+
 class _ChainLock:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -121,6 +130,7 @@ class LayerStore:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._guard = threading.Lock()
         self._locks: dict[str, _ChainLock] = {}
+        self._measured: dict[str, _Measured] = {}  # by the layer directory's name
 
     def path(self, chain_id: str) -> Path:
         """The diff directory of a chain ID (whether or not it exists)."""
@@ -204,8 +214,40 @@ class LayerStore:
         return len(leftovers)
 
     def usage(self) -> tuple[int, int]:
-        """(bytes, inodes) used under layers/, as du counts them: allocated blocks, hardlinks once."""
-        return tree_usage(self.dir)
+        """(bytes, inodes) used under layers/, as du counts them: allocated blocks, hardlinks once.
+
+        A published layer never changes (nor shares an inode with another: cp -a copies a vfs parent), so
+        each one is walked once and its figure kept while its directory is the same one. The periodic
+        measure then costs a stat per layer, not one per file of every image (12k files took 40 ms of the
+        daemon's CPU, 3 us each, every minute and after each pull). Unpacks and removals under way
+        (tmp-*) are walked each time.
+        """
+        used = inodes = 0
+        measured: dict[str, _Measured] = {}
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                used, inodes = used + st.st_blocks * 512, inodes + 1
+                if not stat.S_ISDIR(st.st_mode):
+                    continue
+                if _HEX.fullmatch(entry.name):
+                    layer = self._measure(entry, (st.st_ino, st.st_ctime_ns))
+                    measured[entry.name] = layer
+                    below = layer.used, layer.inodes
+                else:
+                    below = tree_usage(Path(entry.path))
+                used, inodes = used + below[0], inodes + below[1]
+        self._measured = measured  # the layers gone meanwhile are forgotten
+        return used, inodes
+
+    def _measure(self, entry: os.DirEntry[str], identity: tuple[int, int]) -> _Measured:
+        known = self._measured.get(entry.name)
+        if known is not None and known.identity == identity:
+            return known
+        return _Measured(identity, *tree_usage(Path(entry.path)))
 
     def list(self) -> builtins.list[str]:
         """Chain IDs of the layers present."""

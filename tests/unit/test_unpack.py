@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from cri.storage import layers as layers_module
 from cri.storage.layers import LayerInfo, LayerNotFound, LayerStore, chain_ids
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, is_foreign, unpack_layer, unpack_stream
 from tests.support.layer_tar import (
@@ -608,6 +609,60 @@ def test_usage_counts_bytes_and_inodes(tmp_path):
     # <hex>/, layer.json, diff/, d/, d/big, g (h is the same inode as g)
     assert inodes == 6
     assert used >= 100_000
+
+
+def du(path: Path) -> tuple[int, int]:
+    """(bytes, inodes) below `path` as GNU du counts them, the path itself left out."""
+    bytes_out = subprocess.run(
+        ["du", "-s", "-B1", "-x", str(path)], capture_output=True, text=True, timeout=60, check=True
+    )
+    inodes_out = subprocess.run(
+        ["du", "-s", "-x", "--inodes", str(path)], capture_output=True, text=True, timeout=60, check=True
+    )
+    top = path.stat()
+    return int(bytes_out.stdout.split()[0]) - top.st_blocks * 512, int(inodes_out.stdout.split()[0]) - 1
+
+
+def test_usage_follows_layers_added_and_removed_as_du_counts_them(tmp_path):
+    store = LayerStore(tmp_path / "root")
+    first = store_layer(tmp_path, [directory("d"), file("d/big", b"x" * 300_000), file("g", b"g"), hardlink("h", "g")])
+    second = store_layer(tmp_path, [file("other", b"y" * 50_000)], "zstd")
+    store.ensure(first[2], None, *first)
+    assert store.usage() == du(store.dir)
+    chain = chain_ids([first[2], second[2]])
+    store.ensure(chain[1], chain[0], *second)
+    assert store.usage() == du(store.dir)
+    # A layer's figure goes with it, and one unpacked again is measured again.
+    store.remove(chain[1])
+    assert store.usage() == du(store.dir)
+    store.ensure(chain[1], chain[0], *second)
+    assert store.usage() == du(store.dir)
+    store.remove(chain[0])
+    store.remove(chain[1])
+    assert store.usage() == du(store.dir) == (0, 0)
+
+
+def test_usage_walks_a_published_layer_once(tmp_path, monkeypatch):
+    store = LayerStore(tmp_path / "root")
+    blob, media_type, diff_id = store_layer(tmp_path, [file(f"f{i}", b"z") for i in range(50)])
+    store.ensure(diff_id, None, blob, media_type, diff_id)
+    half_done = store.dir / "tmp-unpacking" / "diff"  # an unpack under way is walked every time
+    half_done.mkdir(parents=True)
+    walked: list[str] = []
+    real = layers_module.tree_usage
+
+    def counting(top: Path) -> tuple[int, int]:
+        walked.append(top.name)
+        return real(top)
+
+    monkeypatch.setattr(layers_module, "tree_usage", counting)
+    first = store.usage()
+    assert sorted(walked) == sorted([diff_id[7:], "tmp-unpacking"])
+    walked.clear()
+    (half_done / "more").write_bytes(b"m" * 10_000)
+    second = store.usage()
+    assert walked == ["tmp-unpacking"]
+    assert second[1] == first[1] + 1 and second == du(store.dir)
 
 
 def test_lower_dirs_of_a_sixty_layer_chain(tmp_path):
