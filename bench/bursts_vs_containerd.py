@@ -22,7 +22,8 @@ the same rule: both daemons run at once, every figure is sampled in turns. Figur
 4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
    processes and one conmon per container; containerd: the daemon and one shim per pod) over
    --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
-   once and measured over the same window.
+   once and measured over the same window, each holding bench/pulls_vs_containerd's two images as well
+   (52k files: a node keeps images, and walking them costs a runtime that measures its image store so).
 
 `--profile-criopy out.svg` records criopy's daemon with py-spy (`pip install py-spy`) during its first
 110-pod burst (start and removal): a flame graph, or for any other suffix collapsed stacks per thread.
@@ -61,7 +62,7 @@ from bench.containers_vs_containerd import (
     run_pod,
     start_container,
 )
-from bench.pulls_vs_containerd import large_image
+from bench.pulls_vs_containerd import large_image, small_files_image
 from bench.version_floor_server import FloorServer
 from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
@@ -319,21 +320,25 @@ def overhead_pids(rt: Runtime, pods: list[Pod]) -> list[int]:
     return [daemon, *sorted(helpers), *sorted(monitors)]
 
 
-def idle_cost(run: Run, containers: int, seconds: float) -> None:
+def idle_cost(run: Run, containers: int, seconds: float, images: list[str]) -> None:
     print(f"{containers} idle containers on each runtime, CPU over {seconds:.0f} s", flush=True)
     held: dict[str, list[Pod]] = {}
     try:
+        run.each("pulling the images held", lambda rt: pull_images(rt, images))
         run.each("starting the idle pods", lambda rt: held.setdefault(rt.name, start_burst(rt, Burst(containers, 8))))
         time.sleep(5)  # the burst's own tail (exits of helpers, late writes) is not idle cost
         pids = {rt.name: overhead_pids(rt, held[rt.name]) for rt in run.live if rt.name in held}
-        before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
+        before = {pid: cpu_seconds(pid) for group in pids.values() for pid in group}
         time.sleep(seconds)
         for name, group in pids.items():
+            # A helper that ended in the window (criopy's idle unpack workers leave after 30 s) counts
+            # nothing: its last figures went with it.
+            after = {pid: cpu_seconds(pid) for pid in group if Path(f"/proc/{pid}").exists()}
             figures = run.results[name].figures
-            figures[f"idle CPU, daemon + monitors, {containers} containers, {seconds:.0f} s (s)"] = (
-                sum(cpu_seconds(p) for p in group) - before[name]
+            figures[f"idle CPU, daemon + monitors, {containers} containers, {seconds:.0f} s (s)"] = sum(
+                after[pid] - before[pid] for pid in after
             )
-            figures[f"idle: processes counted, {containers} containers"] = len(group)
+            figures[f"idle: processes counted, {containers} containers"] = len(after)
     finally:
         run.each("removing the idle pods", lambda rt: remove_burst(rt, held.get(rt.name, []), 8))
 
@@ -359,7 +364,8 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
             floor_socket = str(runtimes[0].env.base / "version-floor.sock")
             version_under_burst(run, args.rounds, push_large_image(runtimes[0].env), floor_socket)
         if "idle" in args.sections and args.idle_seconds > 0:
-            idle_cost(run, args.idle_containers, args.idle_seconds)
+            env = runtimes[0].env
+            idle_cost(run, args.idle_containers, args.idle_seconds, [push_large_image(env), push_small_image(env)])
     finally:
         for rt in runtimes:
             try:
@@ -375,6 +381,17 @@ def push_large_image(env: Env) -> str:
     """bench/pulls_vs_containerd's large image (150 MB in 9 layers) in the bench's registry; its ref."""
     ib.push(env.registry.url, "bench/large", large_image(), tag="v1")
     return f"{env.registry.host}/bench/large:v1"
+
+
+def push_small_image(env: Env) -> str:
+    """bench/pulls_vs_containerd's many-small-files image (40k files in 3 layers) in the bench's registry; its ref."""
+    ib.push(env.registry.url, "bench/small", small_files_image(), tag="v1")
+    return f"{env.registry.host}/bench/small:v1"
+
+
+def pull_images(rt: Runtime, refs: list[str]) -> None:
+    for ref in refs:
+        rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=600)
 
 
 def start_and_pull(run: Run) -> Callable[[Runtime], None]:
