@@ -4,11 +4,11 @@
 
 The same environment and bursts as bench/bursts_vs_containerd.py. `perf record -a` samples every CPU (cpu-clock,
 999 Hz) over each burst's start and removal, with the fork events that tell a `runc create` (conmon's child)
-from a `runc start` or `runc delete` (the daemon's); the samples are summed per kind of process (the daemon,
-the bench's own client or driver threads, conmon, each runc step, each CNI plugin, setpriv, kernel threads),
-user and kernel apart, in CPU seconds per burst (mean over --rounds). Every process of the machine counts,
-by its name: run it on a quiet machine (another runtime's runc or conmon would count as the burst's); the
-processes of no kind listed are shown as `other: <comm>`. Needs perf (Debian's linux-perf).
+and its init (runc's child) from a `runc delete` (the daemon's); the samples are summed per kind of process
+(the daemon, the bench's own client or driver threads, conmon, each runc step, each CNI plugin, setpriv, kernel
+threads), user and kernel apart, in CPU seconds per burst (mean over --rounds). Every process of the machine
+counts, by its name: run it on a quiet machine (another runtime's runc or conmon would count as the burst's);
+the processes of no kind listed are shown as `other: <comm>`. Needs perf (Debian's linux-perf).
 """
 
 from __future__ import annotations
@@ -75,8 +75,13 @@ def kind(sample: Sample, phase: str, daemon: int, parents: dict[int, str]) -> st
     if sample.pid in by_pid:
         return by_pid[sample.pid]
     if sample.comm == "runc":
-        # conmon forks `runc create`; the daemon (or the floor's driver) runs `runc start` and `runc delete`
-        step = "create" if parents.get(sample.pid) == "conmon" else "start" if phase == "start" else "delete"
+        # conmon forks `runc create`, which forks its init (named "runc" until nsexec renames it); the daemon
+        # (or the floor's driver) runs `runc delete`, and since the start through the exec fifo no runc in
+        # the start phase
+        parent = parents.get(sample.pid)
+        if parent == "runc":
+            return "runc init"
+        step = "create" if parent == "conmon" else "(daemon's)" if phase == "start" else "delete"
         return f"runc {step}"
     if sample.comm.startswith("runc:["):
         return "runc init"
