@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -54,9 +55,11 @@ CONTAINERS = Gauge("criopy_containers", "Containers the daemon holds, by state."
 CONTAINER_EXITS = Counter("criopy_container_exits", "Container exits seen, by reason.", ["reason"])
 
 
-def record_container_states(counts: dict[str, int]) -> None:
-    for state, count in counts.items():
-        CONTAINERS.labels(state=state).set(count)
+def count_container_states(states: Iterable[str], count: Callable[[str], int]) -> None:
+    """The containers gauge reads count(state) when scraped. Counting at every change walked all the
+    containers on the event loop four times per container's life: a walk of 110 per event in a burst."""
+    for state in states:
+        CONTAINERS.labels(state=state).set_function(functools.partial(count, state))
 
 
 def record_container_exit(reason: str) -> None:
@@ -69,9 +72,10 @@ def record_cni_call(plugin: str, command: str, seconds: float, failed: bool) -> 
         CNI_PLUGIN_FAILURES.labels(plugin=plugin, command=command).inc()
 
 
-def record_sandbox_states(counts: dict[str, int]) -> None:
-    for state, count in counts.items():
-        POD_SANDBOXES.labels(state=state).set(count)
+def count_sandbox_states(states: Iterable[str], count: Callable[[str], int]) -> None:
+    """The pod sandboxes gauge reads count(state) when scraped (see count_container_states)."""
+    for state in states:
+        POD_SANDBOXES.labels(state=state).set_function(functools.partial(count, state))
 
 
 @functools.cache

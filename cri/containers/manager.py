@@ -75,6 +75,8 @@ class ContainerManager:
         self._watcher = exits.ExitWatcher(self.exit_dir, self._on_exit_file)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = StatsCollector(self.all)
+        states = (ContainerState.CREATED, ContainerState.RUNNING, ContainerState.EXITED)
+        metrics.count_container_states([state.value for state in states], self._count_in_state)
 
     # ---- start-up -----------------------------------------------------------------------------
 
@@ -129,11 +131,10 @@ class ContainerManager:
 
     def _publish(self, container: Container, kind: EventType) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, time.time_ns()))
-        counts = {state.value: 0 for state in (ContainerState.CREATED, ContainerState.RUNNING, ContainerState.EXITED)}
-        for item in self._containers.values():
-            if item.state.value in counts:
-                counts[item.state.value] += 1
-        metrics.record_container_states(counts)
+
+    def _count_in_state(self, state: str) -> int:
+        """For the metrics endpoint's thread: list() copies the dict's values while the loop may change it."""
+        return sum(1 for c in list(self._containers.values()) if c.state.value == state)
 
     # ---- create -------------------------------------------------------------------------------
 

@@ -418,11 +418,29 @@ def test_list_filters_image_in_use_and_pod_removal_takes_its_containers(env: Env
     with pytest.raises(grpc.RpcError) as err:
         env.daemon.images().RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=env.image)), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert_metrics_count_the_listed_states(env)
 
     rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
     assert env.status(running).status.state == pb.CONTAINER_EXITED
+    assert_metrics_count_the_listed_states(env)
     rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod[0]), timeout=60)
     assert env.leftovers() == NOTHING
+    assert_metrics_count_the_listed_states(env)
+
+
+def assert_metrics_count_the_listed_states(env: Env) -> None:
+    """The containers and pod sandboxes gauges say what ListContainers and ListPodSandbox say, per state."""
+    containers = env.rt.ListContainers(pb.ListContainersRequest()).containers
+    sandboxes = env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    samples = env.daemon.metrics()
+    for state, name in (
+        (pb.CONTAINER_CREATED, "created"),
+        (pb.CONTAINER_RUNNING, "running"),
+        (pb.CONTAINER_EXITED, "exited"),
+    ):
+        assert samples[f'criopy_containers{{state="{name}"}}'] == sum(c.state == state for c in containers), name
+    for state, name in ((pb.SANDBOX_READY, "ready"), (pb.SANDBOX_NOTREADY, "notready")):
+        assert samples[f'criopy_pod_sandboxes{{state="{name}"}}'] == sum(p.state == state for p in sandboxes), name
 
 
 def test_containers_survive_a_daemon_restart_and_exits_while_down_are_seen(env: Env) -> None:
