@@ -43,8 +43,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 BLOCK = 512
 READ_SIZE = 1 << 20
@@ -116,23 +115,60 @@ class _Source(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
 
-@dataclass(slots=True)
 class Member:
-    """One archive member, with tarfile.TarInfo's names for what the extractor reads."""
+    """One archive member, with tarfile.TarInfo's names for what the extractor reads.
 
-    name: str
-    type: bytes
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime: float  # an int from the header, a float from a PAX record (its exact text stays in pax_headers)
-    linkname: str
-    devmajor: int
-    devminor: int
-    pax_headers: dict[str, str] = field(default_factory=dict)
-    # GNU or PAX sparse: the (offset, numbytes) of each chunk of data, holes between; `size` is the real size.
-    sparse: tuple[tuple[int, int], ...] | None = None
+    A plain class, not a dataclass: dataclasses (and inspect with it) cost every unpack worker ~20 ms of
+    start-up, which the first layers of a pull wait for.
+    """
+
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "linkname",
+        "mode",
+        "mtime",
+        "name",
+        "pax_headers",
+        "size",
+        "sparse",
+        "type",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        type: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        mtime: float,  # an int from the header, a float from a PAX record (its exact text stays in pax_headers)
+        linkname: str,
+        devmajor: int,
+        devminor: int,
+        pax_headers: dict[str, str] | None = None,
+        # GNU or PAX sparse: the (offset, numbytes) of each chunk of data, holes between; `size` is the real size.
+        sparse: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.type = type
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        self.mtime = mtime
+        self.linkname = linkname
+        self.devmajor = devmajor
+        self.devminor = devminor
+        self.pax_headers: dict[str, str] = {} if pax_headers is None else pax_headers
+        self.sparse = sparse
+
+    def __repr__(self) -> str:
+        return f"Member({self.name!r}, type={self.type!r}, size={self.size})"
 
     def isreg(self) -> bool:
         return self.type in REGULAR_TYPES
@@ -323,8 +359,7 @@ def _pax_0x_values(records: dict[str, str], records_00: tuple[tuple[str, str], .
     return values
 
 
-@dataclass(frozen=True, slots=True)
-class _Extension:
+class _Extension(NamedTuple):
     """An extended header met before its member: applied once the member's own header is read."""
 
     type: bytes
@@ -596,7 +631,19 @@ class TarReader:
         linkname = nts(fields[_LINKNAME]) if fields[_LINKNAME][0] else ""
         size, mtime = self._number(fields[_SIZE]), self._number(fields[_MTIME])
         sparse = _MAP_UNREAD if kind == GNUTYPE_SPARSE else None
-        member = Member(name, kind, mode, uid, gid, size, mtime, linkname, devmajor, devminor, {}, sparse)
+        member = Member(
+            name=name,
+            type=kind,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
+            mtime=mtime,
+            linkname=linkname,
+            devmajor=devmajor,
+            devminor=devminor,
+            sparse=sparse,
+        )
         if self._global:
             apply_pax(member, self._global)
             if kind == DIRTYPE:

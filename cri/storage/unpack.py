@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import errno
 import gzip
+import importlib
 import io
 import os
 import posixpath
@@ -36,12 +37,10 @@ import urllib.parse
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
-import zstandard
 from isal import igzip, isal_zlib
 
 from cri.storage.tarstream import Member, TarError, TarReader
@@ -83,7 +82,13 @@ _NOT_SUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # isal's stubs declare its error as an instance of Exception; it is a class.
 _ISAL_ERROR = cast(type[Exception], isal_zlib.error)
-_STREAM_ERRORS = (TarError, EOFError, zlib.error, _ISAL_ERROR, zstandard.ZstdError, gzip.BadGzipFile)
+
+
+class ZstdStreamError(Exception):
+    """zstandard's ZstdError, from a layer's stream (zstandard is imported by the first zstd layer only)."""
+
+
+_STREAM_ERRORS = (TarError, EOFError, zlib.error, _ISAL_ERROR, ZstdStreamError, gzip.BadGzipFile)
 
 
 class UnpackError(Exception):
@@ -94,8 +99,7 @@ class _Refused(Exception):
     """An entry refused for what it is (escapes, bad type); turned into an UnpackError naming it."""
 
 
-@dataclass(frozen=True)
-class UnpackResult:
+class UnpackResult(NamedTuple):
     diff_id: str  # "sha256:<hex>" of the whole uncompressed tar stream
     size: int  # bytes of regular files written
     entries: int  # tar members processed, whiteouts included
@@ -251,10 +255,32 @@ def _decompressed(raw: _Reader, media_type: str) -> Iterator[_Reader]:
         with igzip.GzipFile(fileobj=source, mode="rb") as gz:  # type: ignore[no-untyped-call]
             yield gz
     elif compression == "zstd":
+        # Imported here: 15-20 ms of every unpack worker's start-up, and most layers are gzip.
+        zstandard = importlib.import_module("zstandard")
         with zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True, closefd=False) as zr:
-            yield zr
+            yield _ZstdReader(zr, zstandard.ZstdError)
     else:
         yield source
+
+
+class _ZstdReader:
+    """zstandard's stream reader, its errors raised as ZstdStreamError, which _STREAM_ERRORS can name."""
+
+    def __init__(self, reader: _Reader, error: type[Exception]) -> None:
+        self._reader = reader
+        self._error = error
+
+    def read(self, size: int, /) -> bytes:
+        try:
+            return self._reader.read(size)
+        except self._error as exc:
+            raise ZstdStreamError(str(exc)) from exc
+
+    def readinto(self, buffer: Any, /) -> int | None:
+        try:
+            return self._reader.readinto(buffer)
+        except self._error as exc:
+            raise ZstdStreamError(str(exc)) from exc
 
 
 # -- names and metadata of one entry --
@@ -296,8 +322,7 @@ def _xattrs(member: Member) -> list[tuple[str, bytes]]:
     return found
 
 
-@dataclass
-class _DirMeta:
+class _DirMeta(NamedTuple):
     mode: int
     times: tuple[int, int]
 

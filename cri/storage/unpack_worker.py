@@ -28,7 +28,6 @@ unpack dirs of the one before, and nobody would read this worker's answer.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import io
 import json
@@ -113,7 +112,7 @@ def run(job: dict[str, Any], stdin: BinaryIO) -> dict[str, object]:
         else:
             with open(job["path"], "rb", buffering=0) as source:
                 result = _unpack(job, source)
-        return dataclasses.asdict(result)
+        return result._asdict()
     except UnpackError as exc:
         return {"error": str(exc), "kind": "layer"}
     except OSError as exc:

@@ -200,6 +200,21 @@ def test_truncated_blob_is_refused_naming_the_layer(tmp_path):
         unpack_layer(blob, MEDIA_TYPES["gzip"], tmp_path / "d")
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_compressed_stream_is_refused_naming_the_layer(tmp_path, compression, damage):
+    text = b"".join(b"line %d of a text file\n" % i for i in range(30_000))
+    data = bytearray(compress(tar_bytes([file("big", text), *SAMPLE]), compression))
+    if damage == "cut":  # the decompressor ends early; the tar reader notices
+        del data[len(data) // 2 :]
+    else:  # in the first block: the decompressor itself fails
+        data[20] ^= 0xFF
+    blob = write_blob(tmp_path, bytes(data), "damaged")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UnpackError, match=r"layer damaged: corrupt or truncated"):
+        unpack_layer(blob, MEDIA_TYPES[compression], tmp_path / "d")
+
+
 TWO_FILES = [file("first", os.urandom(1000)), file("second", os.urandom(600))]
 SECOND_HEADER = 1536  # the first header, then 1000 bytes of data padded to 1024
 
