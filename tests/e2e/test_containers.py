@@ -439,8 +439,8 @@ def assert_metrics_count_the_listed_states(env: Env) -> None:
         (pb.CONTAINER_EXITED, "exited"),
     ):
         assert samples[f'criopy_containers{{state="{name}"}}'] == sum(c.state == state for c in containers), name
-    for state, name in ((pb.SANDBOX_READY, "ready"), (pb.SANDBOX_NOTREADY, "notready")):
-        assert samples[f'criopy_pod_sandboxes{{state="{name}"}}'] == sum(p.state == state for p in sandboxes), name
+    for pod_state, name in ((pb.SANDBOX_READY, "ready"), (pb.SANDBOX_NOTREADY, "notready")):
+        assert samples[f'criopy_pod_sandboxes{{state="{name}"}}'] == sum(p.state == pod_state for p in sandboxes), name
 
 
 def test_containers_survive_a_daemon_restart_and_exits_while_down_are_seen(env: Env) -> None:
