@@ -263,13 +263,10 @@ def version_under_burst(run: Run, rounds: int, pull_ref: str, floor_socket: str)
     burst = BURSTS[0]
 
     def sample(rt: Runtime) -> tuple[list[float], list[float]]:
-        def pull() -> None:
-            rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=pull_ref)), timeout=600)
-
         probe, floor_probe = VersionProbe(rt.socket), VersionProbe(floor_socket)
         try:
             with ThreadPoolExecutor(1) as puller:
-                pulled = puller.submit(pull)
+                pulled = puller.submit(pull_images, rt, [pull_ref])
                 pods = start_burst(rt, burst)
                 remove_burst(rt, pods, burst.clients)
                 pulled.result()
@@ -389,17 +386,16 @@ def push_small_image(env: Env) -> str:
     return f"{env.registry.host}/bench/small:v1"
 
 
-def pull_images(rt: Runtime, refs: list[str]) -> None:
+def pull_images(rt: Runtime, refs: list[str], timeout: float = 600) -> None:
     for ref in refs:
-        rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=600)
+        rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=timeout)
 
 
 def start_and_pull(run: Run) -> Callable[[Runtime], None]:
     def start(rt: Runtime) -> None:
         rt.start()
         run.res(rt).notes.append(f"{rt.name}: {rt.version()}")
-        for ref in (rt.env.image, rt.env.pause_image):
-            rt.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=300)
+        pull_images(rt, [rt.env.image, rt.env.pause_image], timeout=300)
 
     return start
 
