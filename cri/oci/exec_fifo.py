@@ -29,6 +29,8 @@ FIFO_NAME = "exec.fifo"
 VERSION_TIMEOUT = 10.0  # seconds for `<runtime> --version`
 
 _dialects: dict[tuple[str, float], bool] = {}
+# Asked and not yet answered: the starts of a burst that come meanwhile wait for the same answer.
+_asking: dict[tuple[str, float], asyncio.Task[bool]] = {}
 
 
 class ExecFifoError(Exception):
@@ -46,14 +48,26 @@ async def speaks_exec_fifo(binary: str) -> bool:
     except OSError:
         return False
     known = _dialects.get(key)
-    if known is None:
-        try:
-            done = await run([binary, "--version"], timeout=VERSION_TIMEOUT)
-        except CommandError:
-            known = False
-        else:
-            known = done.stdout.startswith(b"runc version ")
-        _dialects[key] = known
+    if known is not None:
+        return known
+    asking = _asking.get(key)
+    if asking is None or asking.get_loop() is not asyncio.get_running_loop():
+        asking = asyncio.create_task(_ask(binary, key), name=f"dialect of {binary}")
+        _asking[key] = asking
+    # Shielded: a start that gives up does not cancel the answer the others wait for.
+    return await asyncio.shield(asking)
+
+
+async def _ask(binary: str, key: tuple[str, float]) -> bool:
+    try:
+        done = await run([binary, "--version"], timeout=VERSION_TIMEOUT)
+    except CommandError:
+        known = False
+    else:
+        known = done.stdout.startswith(b"runc version ")
+    finally:
+        _asking.pop(key, None)  # answered or failed: a later start asks again only when nothing is known
+    _dialects[key] = known
     return known
 
 

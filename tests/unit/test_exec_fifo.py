@@ -92,3 +92,20 @@ def test_a_file_that_is_not_a_fifo_is_refused_and_left_alone(tmp_path: Path) -> 
     with pytest.raises(exec_fifo.ExecFifoError, match="not a fifo"):
         asyncio.run(exec_fifo.start(str(path), os.getpid()))
     assert path.read_text() == "0"
+
+
+def test_the_runtime_is_asked_its_dialect_once_when_a_burst_of_starts_asks_at_once(tmp_path: Path) -> None:
+    # A node's first burst after a restart starts many containers at once: each start asks whether the
+    # runtime is runc. The binary's `--version` must run once for all of them, not once per start.
+    calls = tmp_path / "calls"
+    binary = tmp_path / "runc"
+    binary.write_text(f'#!/bin/sh\necho x >> {calls}\nsleep 0.2\necho "runc version 1.1.5"\n')
+    binary.chmod(0o755)
+
+    async def burst() -> list[bool]:
+        return await asyncio.gather(*(exec_fifo.speaks_exec_fifo(str(binary)) for _ in range(16)))
+
+    assert asyncio.run(burst()) == [True] * 16
+    assert calls.read_text().splitlines() == ["x"]
+    assert asyncio.run(exec_fifo.speaks_exec_fifo(str(binary))) is True  # asked again later: still once
+    assert calls.read_text().splitlines() == ["x"]
