@@ -55,6 +55,7 @@ import grpc
 
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
+from bench.bytecode import compile_tree
 from bench.containerd_harness import (
     CGROUP_ROOT,
     Containerd,
@@ -276,6 +277,7 @@ class BenchDaemon(Daemon):
     which then removes the pods through the daemon before stopping it."""
 
     def _launch(self) -> None:
+        compile_tree(REPO)
         self.cni_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -46,6 +46,7 @@ import grpc
 
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
+from bench.bytecode import compile_tree
 from bench.containerd_harness import Containerd, ensure_containerd
 from bench.scratch import filesystem_of, roots_in
 from bench.version_probe import VersionProbe
@@ -194,6 +195,7 @@ class _CheckoutDaemon(Daemon):
     checkout: Path = REPO
 
     def _launch(self) -> None:
+        compile_tree(self.checkout)
         self.cni_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=self.env, cwd=self.checkout)
