@@ -15,18 +15,21 @@ start
     through runc's exec fifo, as criopy starts a runc container (cri.oci.exec_fifo: no `runc start` exec).
     The bundle's config.json is the one criopy writes for the bench's busybox container (capabilities,
     mounts, masked paths, the pod's namespaces by path, a cgroup under the same kind of parent); its root
-    is one prepared busybox directory shared by every container (criopy mounts an overlay per container:
-    a mount and an unmount per pod that the floor leaves out);
+    is an overlay of one prepared busybox directory, mounted for the container as criopy mounts it
+    (cri.storage.rootfs: every CRI runtime on overlay mounts one per container, containerd too);
 
 removal
   - SIGKILL to the container's init (criopy's StopContainer with timeout 0 signals it directly too), the
     wait for conmon to exit, `runc delete --force` (criopy's call; no `runc kill` exec);
   - CNI DEL of each plugin in reverse order, with the cached result;
-  - the shm unmount, the namespace pins released, the bundle and sandbox directories removed.
+  - the overlay unmounted, the shm unmount, the namespace pins released, the bundle and sandbox directories
+    removed.
 
 What criopy adds on top is its own: the daemon (RPCs, state commits, logs), and the execs and kernel work
-the floor does not do (a `setpriv` wrapper per CNI plugin, conmon moved into its own cgroups, the
-overlay rootfs).
+the floor does not do (a `setpriv` wrapper per CNI plugin, conmon moved into its own cgroups).
+
+`Floor(..., overlay=False)` gives every container the prepared directory itself, as the floor did before
+it mounted overlays: the figure without the overlay's mount, unmount and lookups.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from bench.containerd_harness import CGROUP_ROOT, delete_runc_containers, remove
 from cri.oci import bundle, exec_fifo
 from cri.oci.conmon import ConmonLaunch, conmon_argv
 from cri.oci.conmon import Runtime as OciRuntime
+from cri.storage import rootfs
 from cri.system import linux
 from podsandbox import nschild
 from tests.e2e.pods import PodNet
@@ -97,6 +101,7 @@ class FloorPod:
     dir: Path  # the sandbox files and the bundle
     pins: dict[str, str] = field(default_factory=dict)  # kind -> pin file
     shm: str = ""
+    rootfs: str = ""  # the container's overlay, merged (empty: the shared directory, or not made yet)
     cni_results: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (config, result)
     container_pid: int = 0
     conmon_pid: int = 0
@@ -109,8 +114,9 @@ class FloorPod:
 class Floor:
     """The driver: its own directory, bridge, cgroup parent and runc root; `stop` removes them all."""
 
-    def __init__(self, base: Path, subnet: str) -> None:
+    def __init__(self, base: Path, subnet: str, *, overlay: bool = True) -> None:
         self.base = base
+        self.overlay = overlay
         self.net = PodNet(
             bridge=f"cbf{secrets.token_hex(4)}",
             subnet=subnet,
@@ -193,6 +199,8 @@ class Floor:
 
     def _release(self, pod: FloorPod) -> None:
         """The pod's mounts, pins and files, once its container and network are gone."""
+        if pod.rootfs:
+            rootfs.remove(pod.dir / "rootfs")
         if pod.shm:
             linux.umount_if_mounted(pod.shm)
         for path in pod.pins.values():
@@ -212,7 +220,7 @@ class Floor:
             helper(self.runtime.argv("delete", "--force", pod.id))
         with contextlib.suppress(FloorError, subprocess.TimeoutExpired, KeyError):
             self._cni_del(pod)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, rootfs.RootfsError):
             self._release(pod)
 
     def _namespaces(self, pod: FloorPod, hostname: str) -> None:
@@ -276,6 +284,8 @@ class Floor:
     # ---- the container --------------------------------------------------------------------------
 
     def _create(self, pod: FloorPod, hostname: str) -> None:
+        if self.overlay:
+            pod.rootfs = str(rootfs.create(pod.dir / "rootfs", [self.rootfs], "overlay"))
         pod.bundle.mkdir()
         (pod.bundle / "config.json").write_text(json.dumps(self._spec(pod, hostname)))
         launch = ConmonLaunch(
@@ -345,7 +355,7 @@ class Floor:
                 "noNewPrivileges": False,
                 "oomScoreAdj": 0,
             },
-            "root": {"path": str(self.rootfs), "readonly": False},
+            "root": {"path": pod.rootfs or str(self.rootfs), "readonly": False},
             "mounts": mounts,
             "linux": {
                 "resources": {"devices": [{"allow": False, "access": "rwm"}]},
