@@ -55,11 +55,15 @@ CONTAINERS = Gauge("criopy_containers", "Containers the daemon holds, by state."
 CONTAINER_EXITS = Counter("criopy_container_exits", "Container exits seen, by reason.", ["reason"])
 
 
-def count_container_states(states: Iterable[str], count: Callable[[str], int]) -> None:
-    """The containers gauge reads count(state) when scraped. Counting at every change walked all the
-    containers on the event loop four times per container's life: a walk of 110 per event in a burst."""
+def _count_when_scraped(gauge: Gauge, states: Iterable[str], count: Callable[[str], int]) -> None:
+    """`gauge` reads count(state) for each state when scraped. Counting at every change walked all the
+    objects on the event loop at each of them: a walk of 110 per event in a 110-pod burst."""
     for state in states:
-        CONTAINERS.labels(state=state).set_function(functools.partial(count, state))
+        gauge.labels(state=state).set_function(functools.partial(count, state))
+
+
+def count_container_states(states: Iterable[str], count: Callable[[str], int]) -> None:
+    _count_when_scraped(CONTAINERS, states, count)
 
 
 def record_container_exit(reason: str) -> None:
@@ -73,9 +77,7 @@ def record_cni_call(plugin: str, command: str, seconds: float, failed: bool) -> 
 
 
 def count_sandbox_states(states: Iterable[str], count: Callable[[str], int]) -> None:
-    """The pod sandboxes gauge reads count(state) when scraped (see count_container_states)."""
-    for state in states:
-        POD_SANDBOXES.labels(state=state).set_function(functools.partial(count, state))
+    _count_when_scraped(POD_SANDBOXES, states, count)
 
 
 @functools.cache
