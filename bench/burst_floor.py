@@ -26,7 +26,7 @@ removal
     removed.
 
 What criopy adds on top is its own: the daemon (RPCs, state commits, logs), and the execs and kernel work
-the floor does not do (a `setpriv` wrapper per CNI plugin, conmon moved into its own cgroups).
+the floor does not do (conmon moved into its own cgroups).
 
 `Floor(..., overlay=False)` gives every container the prepared directory itself, as the floor did before
 it mounted overlays: the figure without the overlay's mount, unmount and lookups.

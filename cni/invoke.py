@@ -53,9 +53,9 @@ class CallHooks:
 
     # Told of every call once it ended: plugin type, command, seconds, whether it failed (for metrics).
     observe: Callable[[str, str, float, bool], None] | None = None
-    # Words before the plugin's path on its command line: a wrapper that execs it (for example one that
-    # makes it die with its parent; a Python pre-exec function would force fork() in a threaded program).
-    argv_prefix: tuple[str, ...] = ()
+    # Variables added to each plugin's environment (for example a mark by which a restarted program finds
+    # the plugins it left running when it was killed).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def format_args(args: Mapping[str, str]) -> str:
 
 def plugin_env(inv: Invocation) -> dict[str, str]:
     env = {
+        **inv.hooks.env,
         "CNI_COMMAND": inv.command,
         "CNI_PATH": ":".join(inv.plugin_dirs),
         "PATH": os.environ.get("PATH") or DEFAULT_PATH,
@@ -218,7 +219,7 @@ def _call_blocking(plugin: _Plugin, inv: Invocation, stdin: bytes, parse: Callab
     if path is None:
         raise InvocationError(inv.plugin_type, f"not found in {':'.join(inv.plugin_dirs) or '(no plugin dirs)'}")
     try:
-        argv = [*inv.hooks.argv_prefix, str(path)]
+        argv = [str(path)]
         status, stdout, stderr_bytes = _communicate_blocking(plugin, argv, plugin_env(inv), stdin, inv.timeout)
     except OSError as exc:
         raise InvocationError(

@@ -360,6 +360,7 @@ class SandboxManager:
             with self._store.transaction() as conn:
                 return rows.load_all(conn)
 
+        await offload.to_thread(self._network.stop_plugins_left_running)
         await offload.to_thread(self._network.remove_partial_writes)
         for sandbox in await offload.to_thread(load):
             if sandbox.state is SandboxState.CREATING:

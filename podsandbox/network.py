@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from cri import metrics
 from cri.config import NetworkConfig
 from cri.log import event
 from cri.system import faults, offload
+from podsandbox import plugin_orphans
 from podsandbox.spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ class Attachment:
     network: str
     ips: tuple[str, ...]  # primary first
     result: dict[str, Any]
-
-
-def _die_with_daemon() -> tuple[str, ...]:
-    """A plugin must not outlive a daemon killed mid-call: one that finished an ADD after the restarted
-    daemon's DEL would hold its address for good. util-linux's setpriv (Essential in Debian) sets
-    PR_SET_PDEATHSIG and execs the plugin, which keeps it (the plugin is not set-uid)."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        event(log, logging.WARNING, "setpriv not found: CNI plugins may outlive a killed daemon")
-        return ()
-    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 def parse_quantity(text: str, where: str) -> int:
@@ -121,7 +110,7 @@ class PodNetwork:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self._hooks = CallHooks(observe=metrics.record_cni_call, argv_prefix=_die_with_daemon())
+        self._hooks = CallHooks(observe=metrics.record_cni_call, env=plugin_orphans.mark(cache_dir))
 
     def _cni(self, network: NetworkConfigList, config: NetworkConfig) -> CniNetwork:
         return CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout, self._hooks)
@@ -165,6 +154,10 @@ class PodNetwork:
                 event(log, logging.WARNING, "cached cni config unusable", pod_id=sandbox_id, error=str(exc))
         # Found by name even when its plugins are missing (evaluate reports it as not ready).
         return evaluate(config.cni_config_dir, config.cni_plugin_dirs, network_name).network
+
+    def stop_plugins_left_running(self) -> None:
+        """Before recovery's first DEL: a plugin a killed daemon left running must not finish an ADD after it."""
+        plugin_orphans.kill_left_running(self.cache_dir)
 
     def remove_partial_writes(self) -> None:
         for path in ResultCache(self.cache_dir).remove_partial_writes():

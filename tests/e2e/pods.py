@@ -61,9 +61,10 @@ class PodNet:
             *extra,
         ]
 
-    def write(self, extra: list[dict[str, object]], bridge_type: str = "bridge") -> None:
+    def write(self, extra: list[dict[str, object]], bridge_type: str = "bridge", ipam_type: str = "host-local") -> None:
         plugins = self.plugins(extra)
         plugins[0]["type"] = bridge_type
+        plugins[0]["ipam"]["type"] = ipam_type  # type: ignore[index]
         conf = {"cniVersion": "1.0.0", "name": f"net-{self.bridge}", "plugins": plugins}
         self.conflist.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.conflist.with_suffix(".tmp")

@@ -243,34 +243,73 @@ echo "$out"; exit $rc
 """
 
 
-def _slow_answering_bridge(node: Node, seconds: float) -> Path:
-    """The pod network's bridge answers ADD `seconds` after allocating; the path it touches then."""
+# An IPAM plugin that waits before it allocates: bridge has made the veth in the pod's netns (and holds
+# the netns open) when the daemon is killed; had the plugins lived on, host-local would allocate after the
+# restarted daemon's DEL, and bridge would finish the ADD for a pod nobody knows of.
+SLOW_IPAM = """\
+#!/bin/sh
+[ "$CNI_COMMAND" = ADD ] || exec /usr/lib/cni/host-local
+echo $$ > {marker}
+sleep {seconds}
+exec /usr/lib/cni/host-local
+"""
+
+
+def _slow_plugin(node: Node, name: str, script: str, seconds: float) -> Path:
+    """A plugin of the pod network's list, from a script (marker, seconds); the path it touches then."""
     plugins = node.daemon.base / "plugins"
     plugins.mkdir()
-    slow, marker = plugins / "slowbridge", node.daemon.base / "allocated"
-    slow.write_text(SLOW_ANSWER.format(marker=marker, seconds=seconds))
+    slow, marker = plugins / name, node.daemon.base / "allocated"
+    slow.write_text(script.format(marker=marker, seconds=seconds))
     slow.chmod(0o755)
     node.daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
+    return marker
+
+
+def _slow_answering_bridge(node: Node, seconds: float) -> Path:
+    """The pod network's bridge answers ADD `seconds` after allocating; the path it touches then."""
+    marker = _slow_plugin(node, "slowbridge", SLOW_ANSWER, seconds)
     node.net.write([], bridge_type="slowbridge")
     return marker
+
+
+def _kill_during_pod_network_add(node: Node, marker: Path, allocated: int) -> int:
+    """SIGKILL the daemon once the slow plugin of a pod's ADD wrote its marker; the plugin's pid."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(node.pod)
+        assert _wait(marker.exists), node.daemon.log()
+        assert len(node.net.allocations()) == allocated  # what the plugins hold; the runtime has no result
+        assert node.daemon.proc is not None
+        node.daemon.proc.kill()
+        node.daemon.proc.wait(10)
+        with pytest.raises(grpc.RpcError):
+            pending.result(30)
+    return int(marker.read_text())
 
 
 def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -> None:
     marker = _slow_answering_bridge(node, 30)
     node.daemon.start()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(node.pod)
-        assert _wait(marker.exists), node.daemon.log()
-        assert len(node.net.allocations()) == 1  # the plugin holds the address, the runtime has no result
-        assert node.daemon.proc is not None
-        node.daemon.proc.kill()
-        node.daemon.proc.wait(10)
-        plugin = int(marker.read_text())
-        assert _wait(lambda: process_gone(plugin)), "the plugin outlived the daemon"
-        with pytest.raises(grpc.RpcError):
-            pending.result(30)
+    plugin = _kill_during_pod_network_add(node, marker, allocated=1)
     node.daemon.start()
+    assert process_gone(plugin), "the restarted daemon left the plugin running"
     node.remove_everything()
+    assert node.leftovers() == NOTHING
+
+
+def test_a_plugin_left_running_by_a_killed_daemon_never_allocates_after_recovery(node: Node) -> None:
+    seconds = 4.0
+    marker = _slow_plugin(node, "slowipam", SLOW_IPAM, seconds)
+    node.net.write([], ipam_type="slowipam")
+    node.daemon.start()
+    killed_at = time.monotonic()
+    plugin = _kill_during_pod_network_add(node, marker, allocated=0)
+    node.daemon.start()  # recovery: the plugin killed, then DEL for the attachment it was making
+    assert process_gone(plugin), "the restarted daemon left the plugin running"
+    node.remove_everything()
+    # Past the instant the plugin would have allocated, had it lived: nothing holds an address.
+    time.sleep(max(0.0, killed_at + seconds + 1.0 - time.monotonic()))
+    assert node.net.allocations() == []
     assert node.leftovers() == NOTHING
 
 

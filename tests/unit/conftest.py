@@ -1,7 +1,8 @@
-"""Fixtures the unit tests of the gRPC transport share (their harness is tests/support/h2grpc.py)."""
+"""Fixtures the unit tests share: the gRPC transport's (their harness is tests/support/h2grpc.py), child processes."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +22,13 @@ def client(served: Served) -> Iterator[Client]:
     c = Client(served.path)
     yield c
     c.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts: killed and reaped after it, whatever its outcome."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait(10)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ def fifo(tmp_path: Path) -> Path:
     path = tmp_path / exec_fifo.FIFO_NAME
     os.mkfifo(path, 0o622)
     return path
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        proc.wait(10)
 
 
 def init(procs: list[subprocess.Popen[bytes]], script: str, fifo: Path, marker: Path) -> int:
