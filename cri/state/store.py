@@ -38,7 +38,10 @@ class Store:
         self._conn = conn
         self._lock = threading.Lock()
         self.path = path
-        self._sync_lock = threading.Lock()  # one fsync of the WAL at a time; the others wait for theirs
+        # One fsync of the WAL at a time; the durable commits that wait are told when each ends (the
+        # condition guards _syncing, _synced and syncs).
+        self._sync_done = threading.Condition()
+        self._syncing = False
         self._committed = 0  # commits written to the WAL (counted under _lock, after their COMMIT)
         self._synced = 0  # commits known to be on disk
         self._dir_synced = False
@@ -92,19 +95,35 @@ class Store:
     def _sync_through(self, commit: int) -> None:
         """Returns once commit number `commit` is on disk: by an fsync of the WAL made now, or by one that
         another thread made meanwhile. Every commit counted before the fsync starts is covered by it (its
-        pages were written to the WAL before it was counted)."""
-        with self._sync_lock:
+        pages were written to the WAL before it was counted).
+
+        A commit covered by the fsync under way returns when that fsync ends. (With a plain lock around
+        the fsync, it had to take the lock to learn that, and a thread that had just synced could take
+        the lock first for its next commit: the covered commits then waited for one more fsync each.)"""
+        with self._sync_done:
+            while self._synced < commit and self._syncing:
+                self._sync_done.wait()
             if self._synced >= commit:
                 return
+            self._syncing = True
             target = self._committed
+        synced = False
+        try:
             with self._full_is_no_space():
                 self._fsync(Path(f"{self.path}-wal"))
                 if not self._dir_synced:
                     # The WAL's own directory entry, once: it is made at the first write and kept open.
                     self._fsync(self.path.parent)
                     self._dir_synced = True
-            self.syncs += 1
-            self._synced = target
+            synced = True
+        finally:
+            with self._sync_done:
+                self._syncing = False
+                if synced:
+                    self.syncs += 1
+                    self._synced = max(self._synced, target)
+                # On failure a waiter takes its turn to sync (and meets the error itself).
+                self._sync_done.notify_all()
 
     @staticmethod
     def _fsync(path: Path) -> None:
