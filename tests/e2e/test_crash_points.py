@@ -273,24 +273,26 @@ def _slow_answering_bridge(node: Node, seconds: float) -> Path:
     return marker
 
 
-def _kill_during_pod_network_add(node: Node, marker: Path, allocated: int) -> int:
-    """SIGKILL the daemon once the slow plugin of a pod's ADD wrote its marker; the plugin's pid."""
+def _kill_during_pod_network_add(node: Node, marker: Path, allocated: int) -> tuple[int, float]:
+    """SIGKILL the daemon once the slow plugin of a pod's ADD wrote its marker; the plugin's pid, and when
+    the marker was seen (time.monotonic())."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(node.pod)
         assert _wait(marker.exists), node.daemon.log()
+        seen_at = time.monotonic()
         assert len(node.net.allocations()) == allocated  # what the plugins hold; the runtime has no result
         assert node.daemon.proc is not None
         node.daemon.proc.kill()
         node.daemon.proc.wait(10)
         with pytest.raises(grpc.RpcError):
             pending.result(30)
-    return int(marker.read_text())
+    return int(marker.read_text()), seen_at
 
 
 def test_killed_while_a_plugin_holds_an_allocated_address_frees_it(node: Node) -> None:
     marker = _slow_answering_bridge(node, 30)
     node.daemon.start()
-    plugin = _kill_during_pod_network_add(node, marker, allocated=1)
+    plugin, _ = _kill_during_pod_network_add(node, marker, allocated=1)
     node.daemon.start()
     assert process_gone(plugin), "the restarted daemon left the plugin running"
     node.remove_everything()
@@ -302,13 +304,12 @@ def test_a_plugin_left_running_by_a_killed_daemon_never_allocates_after_recovery
     marker = _slow_plugin(node, "slowipam", SLOW_IPAM, seconds)
     node.net.write([], ipam_type="slowipam")
     node.daemon.start()
-    killed_at = time.monotonic()
-    plugin = _kill_during_pod_network_add(node, marker, allocated=0)
+    plugin, sleeping_since = _kill_during_pod_network_add(node, marker, allocated=0)
     node.daemon.start()  # recovery: the plugin killed, then DEL for the attachment it was making
     assert process_gone(plugin), "the restarted daemon left the plugin running"
     node.remove_everything()
     # Past the instant the plugin would have allocated, had it lived: nothing holds an address.
-    time.sleep(max(0.0, killed_at + seconds + 1.0 - time.monotonic()))
+    time.sleep(max(0.0, sleeping_since + seconds + 1.0 - time.monotonic()))
     assert node.net.allocations() == []
     assert node.leftovers() == NOTHING
 
