@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +29,12 @@ def client(served: Served) -> Iterator[Client]:
 
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts: killed and reaped after it, whatever its outcome."""
+    """Processes a test starts: killed and reaped after it, whatever its outcome, with their process group
+    when they lead one (their children too). Before the reaping, the pid names no other process or group."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
+        with contextlib.suppress(ProcessLookupError):  # it leads no group
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
         proc.wait(10)

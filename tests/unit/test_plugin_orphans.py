@@ -14,8 +14,14 @@ PLUGIN = "sleep 60 & echo $!; echo $$; wait"
 
 
 def _plugin(procs: list[subprocess.Popen[bytes]], env: dict[str, str]) -> list[int]:
-    """The pids (child first) of a stand-in plugin run with this environment."""
-    proc = subprocess.Popen(["sh", "-c", PLUGIN], env={"PATH": os.environ["PATH"], **env}, stdout=subprocess.PIPE)
+    """The pids (child first) of a stand-in plugin run with this environment, in a session of its own (as
+    the daemon runs plugins: the fixture kills its group, the child with it)."""
+    proc = subprocess.Popen(
+        ["sh", "-c", PLUGIN],
+        env={"PATH": os.environ["PATH"], **env},
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     procs.append(proc)
     assert proc.stdout is not None
     child, shell = int(proc.stdout.readline()), int(proc.stdout.readline())
