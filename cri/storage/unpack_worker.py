@@ -35,7 +35,6 @@ import os
 import signal
 import struct
 import sys
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from cri.storage.unpack import ByteSource, UnpackError, UnpackResult, WhiteoutMode, unpack_stream
@@ -126,7 +125,7 @@ def _unpack(job: dict[str, Any], source: ByteSource) -> UnpackResult:
     mode: WhiteoutMode = "apply" if job["whiteout_mode"] == "apply" else "overlay"
     if job["whiteout_mode"] != mode:
         raise ValueError(f"whiteout_mode must be 'overlay' or 'apply', not {job['whiteout_mode']!r}")
-    return unpack_stream(source, job["media_type"], Path(job["dest"]), mode, label=job["label"], umask=0)
+    return unpack_stream(source, job["media_type"], job["dest"], mode, label=job["label"], umask=0)
 
 
 def main() -> int:

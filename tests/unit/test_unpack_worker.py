@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,19 @@ def test_a_blob_file_shorter_than_announced_fails_the_layer_and_nothing_waits_fo
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_finds_criopy_where_the_daemon_did_from_any_directory(tmp_path, monkeypatch):
+    # An installed daemon: its module path need not name the source tree (an editable install's finder
+    # gives it the package instead, and the worker runs without site), nor is its directory the tree.
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p and Path(p).resolve() != Path(root)])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    layer = build_layer(ENTRIES, "gzip")
+    blob = tmp_path / "blob"
+    blob.write_bytes(layer.blob)
+    (tmp_path / "out").mkdir()
+    result = asyncio.run(from_file(blob, layer.media_type, tmp_path / "out"))
+    assert result.diff_id == layer.diff_id
+    assert (tmp_path / "out/etc/plain").read_bytes() == b"a\n"
