@@ -1,6 +1,6 @@
 """Pod bursts, the unary floor and idle cost: criopy against Debian's containerd 1.6, one run (prints, asserts nothing).
 
-    sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--version-calls 2000]
+    sudo .venv/bin/python -m bench.bursts_vs_containerd [--rounds 3] [--loaded-rounds 8] [--version-calls 2000]
         [--idle-containers 100 --idle-seconds 60] [--only criopy|containerd] [--profile-criopy /tmp/burst.svg]
         [--skip-floor] [--sections bursts,version,loaded,idle] [--scratch DIR]
 
@@ -18,7 +18,9 @@ the same rule: both daemons run at once, every figure is sampled in turns. Figur
    of its own (bench/version_probe: in the bench's process it waited for the client threads' GIL), its
    p50 / p99 / max; in the floor column, the same from a second probe calling a server that answers
    Version and does nothing else (bench/version_floor_server: criopy's transport, its loop raised as
-   criopy's is) during the first runtime's turns, the machine's own share of those figures;
+   criopy's is) during the first runtime's turns, the machine's own share of those figures; over
+   --loaded-rounds rounds per runtime (a round gives about 400 calls, so the p99 of 3 rounds rests on the 12
+   slowest: it moved 14-29 ms between runs, and 17-21 ms over 8 rounds);
 4. idle cost: CPU seconds (user + system) of the daemon and its monitors (criopy: the daemon, its helper
    processes and one conmon per container; containerd: the daemon and one shim per pod) over
    --idle-seconds with --idle-containers idle containers (one per pod), both runtimes holding theirs at
@@ -359,7 +361,7 @@ def measure(runtimes: list[Runtime], args: argparse.Namespace) -> dict[str, Resu
             bursts(run, args.rounds, args.profile_criopy, floor)
         if "loaded" in args.sections:
             floor_socket = str(runtimes[0].env.base / "version-floor.sock")
-            version_under_burst(run, args.rounds, push_large_image(runtimes[0].env), floor_socket)
+            version_under_burst(run, args.loaded_rounds, push_large_image(runtimes[0].env), floor_socket)
         if "idle" in args.sections and args.idle_seconds > 0:
             env = runtimes[0].env
             idle_cost(run, args.idle_containers, args.idle_seconds, [push_large_image(env), push_small_image(env)])
@@ -403,6 +405,12 @@ def start_and_pull(run: Run) -> Callable[[Runtime], None]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="bursts of each size per runtime (default 3)")
+    parser.add_argument(
+        "--loaded-rounds",
+        type=int,
+        default=8,
+        help="rounds of Version under a burst and a pull per runtime (default 8)",
+    )
     parser.add_argument("--version-calls", type=int, default=2000, help="Version calls per runtime (default 2000)")
     parser.add_argument("--idle-containers", type=int, default=100, help="idle containers (default 100)")
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle window, 0 skips it (default 60)")
@@ -417,8 +425,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--profile-criopy", metavar="SVG", help="py-spy flame graph of criopy's first 110 burst")
     args = parser.parse_args()
-    if args.rounds < 1 or args.version_calls < 10:
-        parser.error("need --rounds >= 1 and --version-calls >= 10")
+    if args.rounds < 1 or args.loaded_rounds < 1 or args.version_calls < 10:
+        parser.error("need --rounds >= 1, --loaded-rounds >= 1 and --version-calls >= 10")
     if not args.sections <= set(SECTIONS):
         parser.error(f"--sections takes {','.join(SECTIONS)}")
     return args
