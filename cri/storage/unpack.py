@@ -244,6 +244,14 @@ def _read_head(raw: _Reader, size: int) -> bytes:
     return head
 
 
+def _rarely_needed(module: str) -> Any:
+    """A module only some layers need, imported by the first that does: the unpack worker starts inside a
+    pull. zstandard was 15-20 ms of that start (most layers are gzip); decimal (PAX times), base64 and
+    urllib.parse (libarchive xattrs), shutil (a replaced directory) and pathlib were 7 ms of the 40 it
+    took then."""
+    return importlib.import_module(module)
+
+
 @contextmanager
 def _decompressed(raw: _Reader, media_type: str) -> Iterator[_Reader]:
     head = _read_head(raw, 4)
@@ -254,8 +262,7 @@ def _decompressed(raw: _Reader, media_type: str) -> Iterator[_Reader]:
         with igzip.GzipFile(fileobj=source, mode="rb") as gz:  # type: ignore[no-untyped-call]
             yield gz
     elif compression == "zstd":
-        # Imported here: 15-20 ms of every unpack worker's start-up, and most layers are gzip.
-        zstandard = importlib.import_module("zstandard")
+        zstandard = _rarely_needed("zstandard")
         with zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True, closefd=False) as zr:
             yield _ZstdReader(zr, zstandard.ZstdError)
     else:
@@ -283,13 +290,6 @@ class _ZstdReader:
 
 
 # -- names and metadata of one entry --
-
-
-def _rarely_needed(module: str) -> Any:
-    """A module only some layers need (PAX times, libarchive xattrs, a replaced directory), imported by the
-    first that does: the unpack worker starts inside a pull, and these (with pathlib) were 7 ms of the 40
-    of CPU its start took."""
-    return importlib.import_module(module)
 
 
 def _clean(name: str) -> tuple[str, ...]:

@@ -206,8 +206,8 @@ def test_a_blob_file_shorter_than_announced_fails_the_layer_and_nothing_waits_fo
 def test_a_worker_finds_criopy_where_the_daemon_did_from_any_directory(tmp_path, monkeypatch):
     # An installed daemon: its module path need not name the source tree (an editable install's finder
     # gives it the package instead, and the worker runs without site), nor is its directory the tree.
-    root = str(Path(__file__).resolve().parents[2])
-    monkeypatch.setattr("sys.path", [p for p in sys.path if p and Path(p).resolve() != Path(root)])
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p and Path(p).resolve() != root])
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(tmp_path)
     layer = build_layer(ENTRIES, "gzip")
