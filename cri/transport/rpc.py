@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -129,7 +129,7 @@ def _unimplemented(method: Method) -> Unimplemented:
 
 
 UnaryImpl = Callable[[Any], Awaitable[Message]]
-StreamImpl = Callable[[Any], AsyncIterator[Message]]
+StreamImpl = Callable[[Any], AsyncGenerator[Message, None]]
 
 
 def _failed(method: Method, request: Message, started: float, exc: Exception) -> RpcError:
@@ -150,9 +150,10 @@ def _instrumented(method: Method, request: Message, expired: Expired) -> Iterato
     started = time.monotonic()
     try:
         yield
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):
         # Cancelled by the transport: the client's deadline (answered DEADLINE_EXCEEDED, so said
-        # here too), or the client gone or the server stopping.
+        # here too), or the client gone or the server stopping. A stream's generator is closed
+        # instead (GeneratorExit) when that came while the transport was sending its last item.
         if expired():
             _finish(method, request, started, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         else:
@@ -187,13 +188,15 @@ def _never_expired() -> bool:
 
 async def call_stream(
     method: Method, impl: StreamImpl | None, request: Message, expired: Expired = deadline_exceeded
-) -> AsyncIterator[Message]:
+) -> AsyncGenerator[Message, None]:
     """Runs one server-streaming call, instrumented as `call_unary` is."""
     with _instrumented(method, request, expired):
         if impl is None:
             raise _unimplemented(method)
-        async for item in impl(request):
-            yield item
+        # Closed with this generator, so that the servicer's own cleanup (an event subscription) runs then.
+        async with aclosing(impl(request)) as items:
+            async for item in items:
+                yield item
 
 
 T = TypeVar("T")
@@ -250,15 +253,31 @@ def _aio_unary(
 
 def _aio_stream(
     method: Method, impl: StreamImpl | None
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Written here rather than yielded to grpcio, which leaves a generator it stopped reading (the
+        # client gone while a message was being sent) to the garbage collector: this one is closed, and
+        # the call counted, as the client leaves.
         try:
-            async for item in call_stream(method, impl, request, partial(_past_deadline, context)):
-                yield item
+            async with aclosing(call_stream(method, impl, request, partial(_past_deadline, context))) as items:
+                async for item in items:
+                    if not await _written(context, item):
+                        return
         except RpcError as exc:
             await context.abort(exc.code, cut_details(exc.details))  # clients refuse long messages
 
     return handle
+
+
+async def _written(context: grpc.aio.ServicerContext[Any, Any], item: Message) -> bool:
+    """Sends one message of a stream; False if the call is over: grpcio refuses the write (its private
+    ExecuteBatchError) before it says the call was cancelled."""
+    try:
+        await context.write(item)
+    except Exception as exc:
+        event(log, logging.DEBUG, "stream write refused", error=repr(exc))
+        return False
+    return True
 
 
 def service_handler(service: str, servicer: object | None) -> grpc.GenericRpcHandler:

@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,11 +56,11 @@ class Handlers:
             raise
         return pb.VersionResponse(runtime_name="released")
 
-    async def feed(self, request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
+    async def feed(self, request: pb.VersionRequest) -> AsyncGenerator[pb.VersionResponse, None]:
         await self.wait(request)
         yield pb.VersionResponse()
 
-    async def stream(self, request: pb.StreamContainersRequest) -> AsyncIterator[pb.StreamContainersResponse]:
+    async def stream(self, request: pb.StreamContainersRequest) -> AsyncGenerator[pb.StreamContainersResponse, None]:
         for i in range(3):
             yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i) * 1000)])
         if request.filter.id == "fail":
@@ -381,7 +381,7 @@ def abuse_routes(handlers: Handlers, lingering: Lingering) -> dict[str, Route]:
     async def huge(request: pb.VersionRequest) -> pb.VersionResponse:
         return pb.VersionResponse(runtime_name="h" * HUGE)
 
-    async def big_stream(request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
+    async def big_stream(request: pb.VersionRequest) -> AsyncGenerator[pb.VersionResponse, None]:
         yield pb.VersionResponse(runtime_name="small")
         yield pb.VersionResponse(runtime_name="b" * (MAX_SEND + 1))
 

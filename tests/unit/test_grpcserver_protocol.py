@@ -13,7 +13,7 @@ import copy
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ def review(tmp_path: Path) -> Iterator[Review]:
     loop = asyncio.new_event_loop()
     state = Review(str(tmp_path / "r.sock"), GrpcServer({}, Limits(max_receive_bytes=64 * 1024)), loop)
 
-    async def flood(request: pb.VersionRequest) -> AsyncIterator[pb.VersionResponse]:
+    async def flood(request: pb.VersionRequest) -> AsyncGenerator[pb.VersionResponse, None]:
         try:
             for i in range(10_000):
                 state.produced.append(i)

@@ -66,6 +66,17 @@ class FakeRuntime:
         for i in range(3):
             yield pb.StreamContainersResponse(containers=[pb.Container(id=str(i))])
 
+    async def StreamPodSandboxes(self, request):
+        """A feed of 1 MiB messages that never ends: a client reading one leaves the server in a write."""
+        try:
+            while True:
+                yield pb.StreamPodSandboxesResponse(pod_sandboxes=[pb.PodSandbox(id="p" * (1 << 20))])
+        finally:
+            FEEDS_CLOSED.append(request)
+
+
+FEEDS_CLOSED: list[pb.StreamPodSandboxesRequest] = []
+
 
 async def _exercise(path: str, transport: str) -> dict[str, object]:
     server = CriServer(path, {"RuntimeService": FakeRuntime()}, transport)
@@ -164,3 +175,33 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(transport,
     logged = [r.fields["code"] for r in calls]
     assert logged == ["DEADLINE_EXCEEDED"]
     assert counted() == before + 1
+
+
+@pytest.mark.parametrize("transport", ["builtin", "grpcio"])
+def test_a_stream_cancelled_in_a_write_is_counted_and_its_feed_closed_at_once(transport, tmp_path):
+    """The client reads one message and cancels while the server waits to send the next: the call is counted
+    CANCELLED and the servicer's generator closed then, not whenever the garbage collector gets to it."""
+
+    def counted() -> float:
+        value = metrics.OPERATIONS.labels(operation="StreamPodSandboxes", code="CANCELLED")._value.get()
+        return float(value)
+
+    async def exercise() -> tuple[float, int]:
+        path = str(tmp_path / "s.sock")
+        server = CriServer(path, {"RuntimeService": FakeRuntime()}, transport)
+        await server.start()
+        before, closed = counted(), len(FEEDS_CLOSED)
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+                feed = api_pb2_grpc.RuntimeServiceStub(channel).StreamPodSandboxes(pb.StreamPodSandboxesRequest())
+                assert len((await feed.read()).pod_sandboxes) == 1
+                await asyncio.sleep(0.3)  # the server is blocked on flow control, in a later message's write
+                feed.cancel()
+                deadline = asyncio.get_running_loop().time() + 5
+                while counted() == before and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)
+                return counted() - before, len(FEEDS_CLOSED) - closed
+        finally:
+            await server.stop(1.0)
+
+    assert asyncio.run(exercise()) == (1.0, 1)

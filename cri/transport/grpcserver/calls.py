@@ -14,7 +14,8 @@ import inspect
 import logging
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -45,7 +46,7 @@ def encode(response: Message | Encoded) -> bytes:
 
 
 UnaryHandler = Callable[[Any], Awaitable[Message | Encoded]]
-StreamHandler = Callable[[Any], AsyncIterator[Message]]
+StreamHandler = Callable[[Any], AsyncGenerator[Message, None]]
 InlineHandler = Callable[[Any], Message | Encoded]
 
 
@@ -327,14 +328,16 @@ async def _stream(
     try:
         async with asyncio.timeout(deadline) as timeout:
             _DEADLINE.set(timeout)
-            async for item in route.stream(request):
-                message = framed_message(item.SerializeToString())
-                check(message)
-                if not started:
-                    conn.send_headers(stream, RESPONSE_HEADERS)
-                    started = True
-                conn.send_data(stream, message)
-                await conn.writable(stream)
+            # Closed as the call ends, also when it is cancelled while a message waits to be sent.
+            async with aclosing(route.stream(request)) as items:
+                async for item in items:
+                    message = framed_message(item.SerializeToString())
+                    check(message)
+                    if not started:
+                        conn.send_headers(stream, RESPONSE_HEADERS)
+                        started = True
+                    conn.send_data(stream, message)
+                    await conn.writable(stream)
     except asyncio.CancelledError:
         _end(conn, stream, *_STOPPED, started=started)
         raise
