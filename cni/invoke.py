@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from cni.conf import NetworkConfigList, PluginConf, find_plugin
 from cni.events import event
+from cni.rawexec import run_to_exit
 from cni.result import CniError, Result, ResultError, parse_error, parse_result
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def plugin_config(
 
 # Plugins run in threads of this pool, not on the caller's event loop: a plugin's start (vfork and
 # exec, its pipes) and the wait for it would otherwise hold the loop for each of the three or four
-# plugins of every pod's ADD and DEL. The threads sleep in poll() and waitpid() with the GIL released.
+# plugins of every pod's ADD and DEL. The threads sleep with the GIL released, in one poll() of the
+# pipes and the exit (rawexec).
 _pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cni-plugin")
 
 
@@ -168,19 +170,7 @@ def _communicate_blocking(
     proc = plugin.start(argv, env)
     if proc is None:
         return None, b"", b""
-    try:
-        # A plugin that exits without reading its config: its exit status says why (communicate
-        # ignores the broken pipe).
-        out, err = proc.communicate(stdin, timeout)
-    except subprocess.TimeoutExpired:
-        plugin.kill()
-        try:
-            out, err = proc.communicate(timeout=_KILL_GRACE)
-        except subprocess.TimeoutExpired:  # something outside the group holds the pipes
-            proc.wait()
-            out, err = b"", b""
-        return None, out, err
-    return proc.returncode, out, err
+    return run_to_exit(proc, stdin, timeout, plugin.kill, _KILL_GRACE)
 
 
 async def _in_thread(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:

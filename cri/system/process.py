@@ -3,7 +3,8 @@
 The processes are started and waited for in threads of their own pool, not on the event loop: each
 start (vfork and exec, the pipes) and each wait would otherwise hold the loop, and every RPC behind
 it, for the whole start-up of a runc, conmon or CNI plugin; in a burst of pod starts that was a fifth
-of the loop's time. The pool's threads sleep in poll() and waitpid() with the GIL released.
+of the loop's time. The pool's threads sleep with the GIL released, in one poll() of the pipes and the
+exit (cni.rawexec).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from cni.rawexec import run_to_exit
 
 # Enough for every helper a burst of 110 pods runs at once; threads are made only when needed.
 MAX_RUNNING = 64
@@ -106,17 +109,7 @@ def _run_blocking(child: Child, spawn: Spawn, stdin: bytes | None, timeout: floa
     proc = child.start(spawn)
     if proc is None:
         return Outcome(None, b"", b"")
-    try:
-        out, err = proc.communicate(stdin, timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        try:
-            out, err = proc.communicate(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:  # a grandchild holds the pipes: its output is lost
-            proc.wait()
-            out, err = b"", b""
-        return Outcome(None, out, err)
-    return Outcome(proc.returncode, out, err)
+    return Outcome(*run_to_exit(proc, stdin, timeout, child.kill, KILL_GRACE))
 
 
 async def communicate(
