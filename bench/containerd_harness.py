@@ -37,15 +37,20 @@ def run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.Compl
 
 def ensure_containerd() -> str:
     """The containerd binary; installs Debian's package first when it is missing (says so)."""
-    found = shutil.which("containerd")
+    return ensure_binary("containerd", "containerd")
+
+
+def ensure_binary(name: str, package: str) -> str:
+    """The path of `name`; installs Debian's `package` first when it is missing (says so)."""
+    found = shutil.which(name)
     if found:
         return found
-    print("containerd is not on PATH: running `apt-get install -y containerd`", flush=True)
+    print(f"{name} is not on PATH: running `apt-get install -y {package}`", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "containerd"], check=True, timeout=900, env=env)
-    found = shutil.which("containerd")
+    subprocess.run(["apt-get", "install", "-y", package], check=True, timeout=900, env=env)
+    found = shutil.which(name)
     if not found:
-        raise FileNotFoundError("apt-get installed containerd but it is still not on PATH")
+        raise FileNotFoundError(f"apt-get installed {package} but {name} is still not on PATH")
     return found
 
 

@@ -12,7 +12,11 @@ every 5 ms (bench/version_probe, a process of its own) and the p99 of those roun
 loop must stay responsive.
 The floor row is GNU tar extracting the same gzip blobs from local disk, a tar per layer, as many at
 once as cores (or one more, whichever is faster), page cache dropped: no runtime can turn these layers
-into files much faster on this disk. A run removes the roots of its pulls only at its end (LEFTOVERS).
+into files much faster on this disk. The HTTP floor row adds the pull itself: curl fetching each
+layer from the same registry into ISA-L's igzip (Debian's isal, installed when missing) and GNU tar,
+as many at once: the registry's work and the bytes' way over the socket, which every pull pays and the
+first floor leaves out, with the inflate criopy uses. A run removes the roots of its pulls only at its
+end (LEFTOVERS).
 
 Every root (each runtime's, the floor's) is on a fresh journaled ext4 made for the run (bench/scratch: this
 VM's root file system moved the same pull by +-30% from run to run); `--scratch DIR` measures in DIR
@@ -30,6 +34,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -40,6 +45,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -47,7 +53,7 @@ import grpc
 from api.runtime.v1 import api_pb2 as pb
 from api.runtime.v1 import api_pb2_grpc
 from bench.bytecode import compile_tree
-from bench.containerd_harness import Containerd, ensure_containerd
+from bench.containerd_harness import Containerd, ensure_binary, ensure_containerd
 from bench.scratch import filesystem_of, roots_in
 from bench.version_probe import VersionProbe
 from tests.support import image_builder as ib
@@ -289,6 +295,42 @@ def _untar_all(image: ib.Image, at_once: int) -> float:
         LEFTOVERS.append(base)
 
 
+HTTP_FLOOR = "floor: curl | igzip | tar, registry"
+
+
+def http_floor(image: ib.Image, blobs_url: str) -> float:
+    """The floor of a pull itself: each layer fetched from the loopback registry by curl (C, one HTTP/1.1
+    GET), inflated by ISA-L's igzip (the library criopy inflates with) and extracted by GNU tar, as many
+    pipelines at once as there are cores or one more, page cache dropped. What tar_floor leaves out and
+    every pull pays: the registry's work and the bytes' way over the socket. Still no digest, fsync or
+    bookkeeping."""
+    ensure_binary("igzip", "isal")
+    cores = os.cpu_count() or 1
+    return min(_fetch_and_untar_all(image, blobs_url, at_once) for at_once in (cores, cores + 1))
+
+
+def _fetch_and_untar_all(image: ib.Image, blobs_url: str, at_once: int) -> float:
+    base = Path(tempfile.mkdtemp(prefix="floor-http-", dir=Scratch.dir))
+    try:
+        jobs = []
+        for i, layer in enumerate(image.layers):
+            dest = base / str(i)
+            dest.mkdir()
+            jobs.append((f"{blobs_url}/{layer.digest}", dest))
+        drop_caches()
+        started = time.monotonic()
+        with ThreadPoolExecutor(at_once) as pool:
+            list(pool.map(lambda job: _fetch_and_untar(*job), jobs))
+        return time.monotonic() - started
+    finally:
+        LEFTOVERS.append(base)
+
+
+def _fetch_and_untar(url: str, dest: Path) -> None:
+    pipeline = f"set -o pipefail; curl -sSfL {shlex.quote(url)} | igzip -dc | tar -xf - -C {shlex.quote(str(dest))}"
+    subprocess.run(["bash", "-c", pipeline], check=True, capture_output=True, timeout=600)
+
+
 def _untar(blob: Path) -> None:
     dest = blob.with_name(blob.name.split(".")[0])
     dest.mkdir()
@@ -377,21 +419,30 @@ def main() -> None:
                         p99s.setdefault(name, []).append(p99)
                     load = os.getloadavg()[0]  # the figures move with it: other work on the machine
                     print(f"run {run + 1} {name:5} {runtime.name:28} {seconds:6.2f} s  (load {load:.1f})", flush=True)
-                seconds = tar_floor(image)
-                times.setdefault((name, FLOOR), []).append(seconds)
-                print(f"run {run + 1} {name:5} {FLOOR:28} {seconds:6.2f} s", flush=True)
+                floors = {
+                    FLOOR: partial(tar_floor, image),
+                    HTTP_FLOOR: partial(http_floor, image, f"{registry.url}/v2/bench/{name}/blobs"),
+                }
+                for floor, measure in floors.items():
+                    seconds = measure()
+                    times.setdefault((name, floor), []).append(seconds)
+                    print(f"run {run + 1} {name:5} {floor:28} {seconds:6.2f} s", flush=True)
         print()
         print(f"pull + unpack, page cache dropped before each, {args.runs} runs, {os.cpu_count()} cpus")
         for name in images:
             ctd = statistics.median(times[(name, "containerd")])
-            for label in [runtime.name for runtime in runtimes] + [FLOOR]:
+            for label in [runtime.name for runtime in runtimes] + [FLOOR, HTTP_FLOOR]:
                 values = times[(name, label)]
                 ratio = statistics.median(values) / ctd
                 print(f"  {name:5} {label:28} {fmt(values)}  x{ratio:.2f} of containerd")
             if baseline is not None:
                 old = statistics.median(times[(name, runtimes[-1].name)])
                 new = statistics.median(times[(name, "criopy")])
-                print(f"  {name:5} criopy speed-up over the single-stream baseline: {old / new:.1f}x")
+                http_floor_s = statistics.median(times[(name, HTTP_FLOOR)])
+                print(
+                    f"  {name:5} speed-up over the single-stream baseline: criopy {old / new:.2f}x, "
+                    f"the HTTP floor {old / http_floor_s:.2f}x"
+                )
             if name in p99s:
                 print(f"  {name:5} criopy Version p99 during the pull: " + ", ".join(f"{v:.1f} ms" for v in p99s[name]))
 
