@@ -102,7 +102,12 @@ def run_to_exit(
     Past `timeout` seconds it is killed (`kill`), and what it wrote is read for `grace` seconds more: its
     exit status is then None. A pipe still held open after that (by a process outside what `kill` kills)
     is left unread."""
-    run = _Run(proc, stdin)
+    try:
+        run = _Run(proc, stdin)
+    except OSError:  # no pidfd (out of file descriptors): the process is not left behind, unreaped
+        kill()
+        proc.communicate()
+        raise
     if run.until(time.monotonic() + timeout):
         out, err = run.finish()
         return proc.returncode, out, err

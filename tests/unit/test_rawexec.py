@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
+
+import pytest
 
 from cni.rawexec import run_to_exit
 
@@ -77,3 +80,16 @@ def test_pipes_held_by_a_process_the_kill_misses_are_left_after_the_grace():
     os.kill(int(err), signal.SIGKILL)
     assert (status, out) == (None, b"before\n")
     assert proc.returncode == 0
+
+
+def test_without_a_pidfd_the_process_is_killed_and_reaped_and_the_error_raised(monkeypatch):
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    before = _open_fds()
+    proc = _start("sleep 30")
+    with pytest.raises(OSError, match="Too many open files"):
+        run_to_exit(proc, None, 10, lambda: _kill_group(proc), 2)
+    assert proc.returncode == -signal.SIGKILL
+    assert _open_fds() == before
