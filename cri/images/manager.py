@@ -25,14 +25,14 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from cri import metrics
 from cri.config import Config
-from cri.errors import no_space_in
+from cri.errors import NoSpace, no_space_in
 from cri.images import reference
 from cri.images.auth import Credentials
 from cri.images.content import ContentStore, Writer, made_in_thread
@@ -349,13 +349,15 @@ class ImageManager:
         return await self._publish(layer, staged, result)
 
     async def _stage(self, layer: LayerRef, parent: str | None) -> StagedLayer:
-        return await made_in_thread(
-            lambda: self.layers.stage(layer.chain_id, parent, layer.diff_id), self.layers.discard
-        )
+        with _named_by_blob(layer):
+            return await made_in_thread(
+                lambda: self.layers.stage(layer.chain_id, parent, layer.diff_id), self.layers.discard
+            )
 
     async def _publish(self, layer: LayerRef, staged: StagedLayer, result: UnpackResult) -> LayerInfo:
         try:
-            return await offload.to_thread(self.layers.publish, staged, result)
+            with _named_by_blob(layer):
+                return await offload.to_thread(self.layers.publish, staged, result)
         except UnpackError as exc:
             raise UnpackError(f"layer {layer.digest}: {exc}") from exc
 
@@ -552,6 +554,15 @@ def _mountpoint(path: Path) -> str:
 
 def _descriptor(layer: LayerRef) -> dict[str, Any]:
     return {"digest": layer.digest, "size": layer.size, "mediaType": layer.media_type}
+
+
+@contextlib.contextmanager
+def _named_by_blob(layer: LayerRef) -> Iterator[None]:
+    """The layer store names a layer by its chain ID, which no manifest shows: its NoSpace names the blob."""
+    try:
+        yield
+    except NoSpace as exc:
+        raise NoSpace(exc.where, f"unpacking layer {layer.digest}") from exc
 
 
 def _job(layer: LayerRef, staged: StagedLayer) -> UnpackJob:
