@@ -274,25 +274,7 @@ def tar_floor(image: ib.Image) -> float:
     blobs from local disk, one tar per layer, page cache dropped; the faster of as many tars at once as there
     are cores and one more (which hides the disk's reads: 15% faster here). No network, registry, digest,
     fsync or bookkeeping: what any runtime pays at least on this disk."""
-    cores = os.cpu_count() or 1
-    return min(_untar_all(image, at_once) for at_once in (cores, cores + 1))
-
-
-def _untar_all(image: ib.Image, at_once: int) -> float:
-    base = Path(tempfile.mkdtemp(prefix="floor-", dir=Scratch.dir))
-    try:
-        blobs = []
-        for i, layer in enumerate(image.layers):
-            blob = base / f"{i}.tar.gz"
-            blob.write_bytes(layer.blob)
-            blobs.append(blob)
-        drop_caches()
-        started = time.monotonic()
-        with ThreadPoolExecutor(at_once) as pool:
-            list(pool.map(_untar, blobs))
-        return time.monotonic() - started
-    finally:
-        LEFTOVERS.append(base)
+    return _fastest_at_once(image, "floor-", _local_tar)
 
 
 HTTP_FLOOR = "floor: curl | igzip | tar, registry"
@@ -305,36 +287,51 @@ def http_floor(image: ib.Image, blobs_url: str) -> float:
     every pull pays: the registry's work and the bytes' way over the socket. Still no digest, fsync or
     bookkeeping."""
     ensure_binary("igzip", "isal")
+    return _fastest_at_once(image, "floor-http-", partial(_curl_igzip_tar, blobs_url))
+
+
+# One layer's command: given the floor's directory, the layer's index and the layer, prepares what it needs
+# there (its blob, its destination) and returns its argv.
+LayerCommand = Callable[[Path, int, ib.Layer], list[str]]
+
+
+def _fastest_at_once(image: ib.Image, prefix: str, command: LayerCommand) -> float:
     cores = os.cpu_count() or 1
-    return min(_fetch_and_untar_all(image, blobs_url, at_once) for at_once in (cores, cores + 1))
+    return min(_run_at_once(image, prefix, command, at_once) for at_once in (cores, cores + 1))
 
 
-def _fetch_and_untar_all(image: ib.Image, blobs_url: str, at_once: int) -> float:
-    base = Path(tempfile.mkdtemp(prefix="floor-http-", dir=Scratch.dir))
+def _run_at_once(image: ib.Image, prefix: str, command: LayerCommand, at_once: int) -> float:
+    """Seconds to run every layer's command, `at_once` at a time, from a dropped page cache."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=Scratch.dir))
     try:
-        jobs = []
-        for i, layer in enumerate(image.layers):
-            dest = base / str(i)
-            dest.mkdir()
-            jobs.append((f"{blobs_url}/{layer.digest}", dest))
+        argvs = [command(base, i, layer) for i, layer in enumerate(image.layers)]
         drop_caches()
         started = time.monotonic()
         with ThreadPoolExecutor(at_once) as pool:
-            list(pool.map(lambda job: _fetch_and_untar(*job), jobs))
+            list(pool.map(_run_quietly, argvs))
         return time.monotonic() - started
     finally:
         LEFTOVERS.append(base)
 
 
-def _fetch_and_untar(url: str, dest: Path) -> None:
-    pipeline = f"set -o pipefail; curl -sSfL {shlex.quote(url)} | igzip -dc | tar -xf - -C {shlex.quote(str(dest))}"
-    subprocess.run(["bash", "-c", pipeline], check=True, capture_output=True, timeout=600)
+def _run_quietly(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
 
 
-def _untar(blob: Path) -> None:
-    dest = blob.with_name(blob.name.split(".")[0])
+def _local_tar(base: Path, index: int, layer: ib.Layer) -> list[str]:
+    blob = base / f"{index}.tar.gz"
+    blob.write_bytes(layer.blob)
+    dest = base / str(index)
     dest.mkdir()
-    subprocess.run(["tar", "-xzf", str(blob), "-C", str(dest)], check=True, capture_output=True, timeout=600)
+    return ["tar", "-xzf", str(blob), "-C", str(dest)]
+
+
+def _curl_igzip_tar(blobs_url: str, base: Path, index: int, layer: ib.Layer) -> list[str]:
+    dest = base / str(index)
+    dest.mkdir()
+    url = f"{blobs_url}/{layer.digest}"
+    pipeline = f"set -o pipefail; curl -sSfL {shlex.quote(url)} | igzip -dc | tar -xf - -C {shlex.quote(str(dest))}"
+    return ["bash", "-c", pipeline]
 
 
 # -- the baseline checkout --
