@@ -80,7 +80,7 @@ T = TypeVar("T")
 
 # What httpx imports on its first request (its transport, anyio's asyncio backend, h11/h2): 78 modules,
 # about 0.15 s on the loop of the first pull after start-up unless loaded beforehand.
-_HTTP_STACK = ("httpcore", "anyio._backends._asyncio", "h11")
+_HTTP_STACK = ("httpcore", "anyio._backends._asyncio", "h11", "cri.images.socket_backend")
 
 
 # httpcore reads a response 64 KiB at a time, and each read is a round of the loop through anyio, h11 and our
@@ -102,6 +102,17 @@ def _read_more_per_round() -> None:
     # httpx's transport, imported by the first client (or by preload_http_stack before it)
     connection = importlib.import_module("httpcore").AsyncHTTP11Connection
     connection.READ_NUM_BYTES = max(connection.READ_NUM_BYTES, HTTP_READ_SIZE)
+
+
+def _socket_transport(verify: ssl.SSLContext | bool) -> httpx.AsyncBaseTransport | None:
+    """httpx's transport on cri.images.socket_backend (half the CPU a body costs through anyio); None, for
+    httpx's own, when the environment names a proxy, which httpx honours with its own transport only.
+    Imported on first use, as httpx imports httpcore: not in the daemon's start-up."""
+    backend = importlib.import_module("cri.images.socket_backend")
+    if backend.environment_proxies():
+        return None
+    transport: httpx.AsyncBaseTransport = backend.socket_transport(verify)
+    return transport
 
 
 class RegistryError(Exception):
@@ -502,7 +513,7 @@ class RegistryClient:
                 client = httpx.AsyncClient(transport=self.transport, **common)
             else:
                 verify: ssl.SSLContext | bool = False if insecure else self.ssl_context(host)
-                client = httpx.AsyncClient(verify=verify, **common)
+                client = httpx.AsyncClient(verify=verify, transport=_socket_transport(verify), **common)
             self._clients[(host, insecure)] = client
         return client
 
