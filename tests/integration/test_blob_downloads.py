@@ -130,3 +130,32 @@ def test_a_cancelled_caller_returns_once_the_download_ended_and_nothing_reaches_
 
     at_cancel, later = asyncio.run(main())
     assert later == at_cancel == 2
+
+
+class DiskGone(Exception):
+    pass
+
+
+def test_a_sink_that_fails_fails_the_download_with_its_error_and_nothing_reaches_it_after(served: Served) -> None:
+    """A sink that fails on the caller's loop (a full disk) ends the download on the other loop with its error."""
+
+    class FailingSink(Sink):
+        async def write(self, chunk: bytes) -> None:
+            if len(self.data) + len(chunk) > (3 << 20) // 2:
+                raise DiskGone("the disk went away")
+            await super().write(chunk)
+
+    sink = FailingSink()
+
+    async def main() -> tuple[int, int]:
+        async with RegistryClient(progress_timeout=30, blobs_off_loop=True) as client:
+            with pytest.raises(DiskGone, match="went away"):
+                await client.fetch_blob(served.endpoint(), served.descriptor(), sink)
+            at_error = sink.writes
+            await asyncio.sleep(0.2)
+            return at_error, sink.writes
+
+    at_error, later = asyncio.run(main())
+    assert later == at_error
+    assert bytes(sink.data) == served.data[: len(sink.data)]
+    assert len(sink.data) <= (3 << 20) // 2
