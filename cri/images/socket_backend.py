@@ -30,6 +30,9 @@ import httpx
 
 T = TypeVar("T")
 
+# RFC 8305's connection attempt delay, anyio's and asyncio's too.
+CONNECT_STAGGER = 0.25
+
 # httpx's own defaults (httpx.Limits()), which its transport would use.
 MAX_CONNECTIONS = 100
 MAX_KEEPALIVE = 20
@@ -97,27 +100,66 @@ class SocketBackend(httpcore.AsyncNetworkBackend):
 async def _connect_first(
     addresses: list[tuple[Any, ...]], local_address: str | None, options: list[Any]
 ) -> socket.socket:
-    """A connected non-blocking socket to the first address that answers; the last failure otherwise."""
-    loop = asyncio.get_running_loop()
+    """A connected non-blocking socket to the first address that answers; the last failure otherwise.
+
+    Happy eyeballs (RFC 8305), as anyio does: the next address is tried when the last attempt failed or has
+    not connected within CONNECT_STAGGER, so an unreachable IPv6 route does not hold up IPv4. The first
+    attempt to connect wins; the others are cancelled and their sockets closed."""
+    waiting = _interleaved(addresses)
+    running: set[asyncio.Task[socket.socket]] = set()
     failure: OSError = OSError(errno.EADDRNOTAVAIL, "the name resolved to no address")
-    for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for option in options:
-                sock.setsockopt(*option)
-            if local_address is not None:
-                sock.bind((local_address, 0))
-            await loop.sock_connect(sock, address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            failure = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise failure
+    try:
+        while waiting or running:
+            if waiting:
+                running.add(asyncio.ensure_future(_connect_one(waiting.pop(0), local_address, options)))
+            done, running = await asyncio.wait(
+                running, timeout=CONNECT_STAGGER if waiting else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            connected = [task.result() for task in done if task.exception() is None]
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, OSError):
+                    raise exc
+                failure = exc or failure
+            if connected:
+                for extra in connected[1:]:
+                    extra.close()
+                return connected[0]
+        raise failure
+    finally:
+        for task in running:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close()
+            task.cancel()  # a running attempt closes its own socket
+
+
+def _interleaved(addresses: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The addresses alternating between families, the first one's family first (RFC 8305, 4)."""
+    families: dict[int, list[tuple[Any, ...]]] = {}
+    for address in addresses:
+        families.setdefault(address[0], []).append(address)
+    queues = list(families.values())
+    out: list[tuple[Any, ...]] = []
+    while any(queues):
+        out.extend(queue.pop(0) for queue in queues if queue)
+    return out
+
+
+async def _connect_one(address: tuple[Any, ...], local_address: str | None, options: list[Any]) -> socket.socket:
+    family, kind, proto, _, target = address
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for option in options:
+            sock.setsockopt(*option)
+        if local_address is not None:
+            sock.bind((local_address, 0))
+        await asyncio.get_running_loop().sock_connect(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class SocketStream(httpcore.AsyncNetworkStream):

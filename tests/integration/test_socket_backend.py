@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -277,3 +278,48 @@ def test_an_unverified_connection_loads_no_ca_store() -> None:
     context = transport._pool._ssl_context
     assert context is not None and context.verify_mode == ssl.CERT_NONE
     assert context.cert_store_stats()["x509_ca"] == 0
+
+
+def _address(sockaddr: tuple[str, int]) -> tuple[Any, ...]:
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)
+
+
+def test_an_address_that_never_answers_does_not_hold_up_the_next() -> None:
+    """Happy eyeballs: a broken route to the first address (a dead IPv6 path, say) must not keep the client
+    from the second. The first listener's accept queue is full, so the kernel drops the SYNs sent to it."""
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=0) as silent,
+        socket.create_server(("127.0.0.1", 0)) as live,
+    ):
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        addresses = [_address(silent.getsockname()), _address(live.getsockname())]
+
+        async def connect() -> tuple[Any, int]:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(30):  # without the stagger this waits for the SYN retries (minutes)
+                sock = await socket_backend._connect_first(addresses, None, [])
+            try:
+                await asyncio.sleep(0.1)  # the cancelled attempt has closed its socket by now
+                return sock.getpeername(), len(loop._selector.get_map())  # type: ignore[attr-defined]
+            finally:
+                sock.close()
+
+        try:
+            peer, watched = asyncio.run(connect())
+        finally:
+            for filler in fillers:
+                filler.close()
+        assert peer == live.getsockname()
+        assert watched == 1  # the loop's own wake-up pipe only: no attempt left behind
+
+
+def test_addresses_alternate_between_families_the_first_ones_family_first() -> None:
+    v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{i}", 443, 0, 0)) for i in range(3)]
+    v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"192.0.2.{i}", 443)) for i in range(2)]
+    ordered = socket_backend._interleaved(v6 + v4)
+    assert [a[4][0] for a in ordered] == ["2001:db8::0", "192.0.2.0", "2001:db8::1", "192.0.2.1", "2001:db8::2"]
