@@ -114,8 +114,9 @@ def test_tls_to_a_plain_http_server_is_a_connect_error(plain_registry: tuple[Reg
 
 
 class SilentServer:
-    """Accepts connections on loopback and reads requests, but answers only `answer` (if any) after `delay`;
-    `read_slowly` sleeps before reading, so a large request body fills the socket buffers."""
+    """Accepts connections on loopback and reads each request whole, then answers `answer` (nothing when
+    empty) and closes when `close_after`; `read_slowly` waits before reading, so a large request body fills
+    the socket buffers."""
 
     def __init__(self, answer: bytes = b"", read_slowly: float = 0.0, close_after: bool = False) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
