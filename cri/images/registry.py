@@ -83,9 +83,9 @@ T = TypeVar("T")
 _HTTP_STACK = ("httpcore", "anyio._backends._asyncio", "h11", "cri.images.socket_backend")
 
 
-# httpcore reads a response 64 KiB at a time, and each read is a round of the loop through anyio, h11 and our
-# sink; asyncio's transport reads up to 256 KiB at once: reading that much per round quarters the rounds of
-# a blob download (httpcore's class attribute, read on every receive).
+# httpcore reads a response 64 KiB at a time, and each read is a round through the network backend, h11 and our
+# sink; during a blob download a read of 256 KiB mostly comes back full (measured): reading that much per round
+# quarters the rounds of a blob download (httpcore's class attribute, read on every receive).
 HTTP_READ_SIZE = 256 * 1024
 
 
