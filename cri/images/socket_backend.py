@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import httpcore
 import httpx
 
+from cri.system import fdwait
+
 T = TypeVar("T")
 
 # RFC 8305's connection attempt delay, anyio's and asyncio's too.
@@ -46,9 +48,10 @@ def environment_proxies() -> bool:
 
 def socket_transport(verify: ssl.SSLContext | bool) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose connections are SocketStreams; `verify` as httpx takes it (False: no checks)."""
-    transport = httpx.AsyncHTTPTransport(verify=verify)
+    context = verify if isinstance(verify, ssl.SSLContext) else _context(verify)
+    transport = httpx.AsyncHTTPTransport(verify=context)  # its own pool is replaced: given the same context
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=verify if isinstance(verify, ssl.SSLContext) else _context(verify),
+        ssl_context=context,
         max_connections=MAX_CONNECTIONS,
         max_keepalive_connections=MAX_KEEPALIVE,
         keepalive_expiry=KEEPALIVE_EXPIRY,
@@ -234,7 +237,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
             return outcome
         async with asyncio.timeout(timeout):
             while isinstance(outcome, _Pending):
-                await _ready(self._sock, outcome.writable)
+                await fdwait.ready(self._sock.fileno(), write=outcome.writable)
                 outcome = _attempt(call, writing)
             return outcome
 
@@ -255,28 +258,6 @@ def _attempt(call: Callable[[], T], writing: bool) -> T | _Pending:
         return _Pending(False)
     except ssl.SSLWantWriteError:  # TLS may need to send before it can go on (a key update)
         return _Pending(True)
-
-
-async def _ready(sock: socket.socket, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    fd = sock.fileno()
-    if writable:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 def _readable(sock: socket.socket) -> bool:
