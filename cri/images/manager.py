@@ -147,7 +147,15 @@ class ImageManager:
         await offload.to_thread(self._recover)
         self._fs_task = asyncio.create_task(self._fs_loop(), name="image-fs-usage")
         # After start-up, not in it: readiness does not wait, and the first pull (a node's first pod) does not pay it.
-        self._preload = asyncio.create_task(offload.to_thread(preload_http_stack), name="http-stack-preload")
+        self._preload = asyncio.create_task(self._preload_for_pulls(), name="pull-preload")
+
+    async def _preload_for_pulls(self) -> None:
+        await offload.to_thread(preload_http_stack)
+        # The unpack host, after the HTTP stack: the two cores of a small node are not both taken at start-up.
+        try:
+            await self.unpacks.warm()
+        except OSError as exc:  # the first pull tries again, and fails with this if it still stands
+            event(log, logging.WARNING, "unpack host not started", error=str(exc))
 
     def _recover(self) -> None:
         self.content.cleanup_ingest()

@@ -21,8 +21,9 @@ worker exits at once (so the daemon's next message to it fails and the download
 stops); after a success it waits for the next job, and exits when stdin closes.
 
 Runs niced a little: under load the daemon's event loop (every other RPC) comes first.
-Dies with the daemon (PR_SET_PDEATHSIG): a restarted daemon removes the
-unpack dirs of the one before, and nobody would read this worker's answer.
+Dies with its parent (PR_SET_PDEATHSIG): the daemon's unpack host (cri/storage/unpack_host, which forks
+the workers and dies with the daemon), or the daemon when it is run by itself. A restarted daemon removes
+the unpack dirs of the one before, and nobody would read this worker's answer.
 """
 
 from __future__ import annotations
@@ -92,11 +93,12 @@ class GrowingFile(io.RawIOBase):
         self.ended = tag == TAG_END
 
 
-def _die_with_the_daemon() -> None:
-    parent = os.getppid()
+def die_with_the_parent(parent: int | None = None) -> None:
+    """SIGKILL when `parent` (the process that started this one) exits, or exit now if it has already."""
+    parent = os.getppid() if parent is None else parent
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the daemon died before the signal was armed
+    if os.getppid() != parent:  # it died before the signal was armed
         os._exit(EXIT_FAILED)
 
 
@@ -128,8 +130,8 @@ def _unpack(job: dict[str, Any], source: ByteSource) -> UnpackResult:
     return unpack_stream(source, job["media_type"], job["dest"], mode, label=job["label"], umask=0)
 
 
-def main() -> int:
-    _die_with_the_daemon()
+def main(parent: int | None = None) -> int:
+    die_with_the_parent(parent)
     os.nice(NICENESS)
     # One thread, so the umask is ours to set: files are created with their modes, no chmod each.
     os.umask(0)

@@ -23,7 +23,7 @@ from tests.support.daemon_harness import Daemon
 from tests.support.fault_proxy import FaultProxy
 from tests.support.registry_harness import Registry
 
-WORKER = "cri.storage.unpack_worker"
+HOST = "cri.storage.unpack_host"
 
 
 @pytest.fixture
@@ -58,17 +58,26 @@ def random_layers(count: int, mb: float, tag: str) -> list[ib.Layer]:
 
 
 def workers_of(daemon: Daemon) -> list[int]:
-    """The daemon's unpack worker processes (busy or idle in its pool)."""
+    """The daemon's unpack worker processes (busy or idle in its pool): the children of its unpack host."""
     assert daemon.proc is not None
-    found = []
-    for entry in Path("/proc").iterdir():
+    workers = []
+    for host in children(daemon.proc.pid):
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            argv = Path(f"/proc/{host}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
-        if WORKER.encode() in argv and parent == daemon.proc.pid:
-            found.append(int(entry.name))
+        if HOST.encode() in argv:
+            workers += children(host)
+    return workers
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
     return found
 
 

@@ -8,12 +8,13 @@ import os
 import signal
 import stat
 import sys
+from collections import deque
 from pathlib import Path
 
 import pytest
 
 from cri.storage.unpack import UnpackError, UnpackResult, unpack_layer
-from cri.storage.unpack_process import UnpackJob, UnpackPool
+from cri.storage.unpack_process import UnpackJob, UnpackPool, UnpackProcess, UnpackWorkerError
 from tests.support.layer_tar import MEDIA_TYPES, build_layer, directory, file, hardlink, symlink
 
 # Modes the worker (umask 0, no chmod where the creation mode is right) must give back exactly.
@@ -117,18 +118,21 @@ def test_a_corrupt_stream_is_refused_by_the_worker_while_it_is_fed(tmp_path):
 
     async def feed() -> int:
         pool = UnpackPool()
-        job = UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad")
-        worker = await pool.start(job, growing.path, follow=True)
-        fed = 0
-        with pytest.raises(UnpackError, match=r"layer sha256:bad: corrupt or truncated archive") as err:
-            for i in range(0, len(garbage), 65536):
-                await worker.grown(growing.append(garbage[i : i + 65536]))
-                fed += 65536
-                await asyncio.sleep(0.001)  # as a download gives the worker time between chunks
-            await worker.finish()
-        assert "sha256:bad" in str(err.value)
-        assert pool.idle_pids() == []  # a worker that failed is not used again
-        return fed
+        try:
+            job = UnpackJob(MEDIA_TYPES["gzip"], tmp_path / "d", "overlay", "sha256:bad")
+            worker = await pool.start(job, growing.path, follow=True)
+            fed = 0
+            with pytest.raises(UnpackError, match=r"layer sha256:bad: corrupt or truncated archive") as err:
+                for i in range(0, len(garbage), 65536):
+                    await worker.grown(growing.append(garbage[i : i + 65536]))
+                    fed += 65536
+                    await asyncio.sleep(0.001)  # as a download gives the worker time between chunks
+                await worker.finish()
+            assert "sha256:bad" in str(err.value)
+            assert pool.idle_pids() == []  # a worker that failed is not used again
+            return fed
+        finally:
+            await pool.close()
 
     fed = asyncio.run(feed())
     assert fed < len(garbage)  # refused on a write, before the input ended
@@ -217,3 +221,166 @@ def test_a_worker_finds_criopy_where_the_daemon_did_from_any_directory(tmp_path,
     result = asyncio.run(from_file(blob, layer.media_type, tmp_path / "out"))
     assert result.diff_id == layer.diff_id
     assert (tmp_path / "out/etc/plain").read_bytes() == b"a\n"
+
+
+def job_into(dest: Path, label: str) -> UnpackJob:
+    return UnpackJob(MEDIA_TYPES["gzip"], dest, "overlay", label)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def until(check, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+def test_workers_are_forked_from_one_host_and_gone_with_it_once_the_pool_closes(tmp_path):
+    layers = [build_layer([file(f"f{i}", os.urandom(1 << 20))], "gzip") for i in range(3)]
+    for i, layer in enumerate(layers):
+        (tmp_path / f"blob{i}").write_bytes(layer.blob)
+        (tmp_path / str(i)).mkdir()
+
+    async def main() -> tuple[int, list[int]]:
+        pool = UnpackPool(keep=3)
+        try:
+            jobs = [
+                await pool.start(job_into(tmp_path / str(i), f"sha256:{i}"), tmp_path / f"blob{i}") for i in range(3)
+            ]
+            host = pool.host.pid
+            assert host is not None and parent_of(host) == os.getpid()
+            assert Path(f"/proc/{host}/comm").read_text() == "unpack-host\n"
+            workers = [job.pid for job in jobs]
+            assert len(set(workers)) == 3
+            for pid in workers:
+                assert parent_of(pid) == host
+                await until(lambda pid=pid: Path(f"/proc/{pid}/comm").read_text() == "unpack-worker\n")
+            results = await asyncio.gather(*(job.finish() for job in jobs))
+            assert [r.diff_id for r in results] == [layer.diff_id for layer in layers]
+            assert sorted(pool.idle_pids()) == sorted(workers)
+        finally:
+            await pool.close()
+        return host, workers
+
+    host, workers = asyncio.run(main())
+    for pid in [host, *workers]:
+        assert gone(pid), f"process {pid} outlived the pool"
+
+
+def test_a_host_that_dies_fails_the_layer_on_it_and_the_next_job_gets_a_new_host(tmp_path):
+    layer = build_layer([file("data", os.urandom(1 << 20))], "gzip")
+    (tmp_path / "blob").write_bytes(layer.blob)
+    for name in ("d", "again"):
+        (tmp_path / name).mkdir()
+
+    async def main() -> None:
+        pool = UnpackPool()
+        try:
+            growing = GrowingBlob(tmp_path / "growing")
+            job = await pool.start(job_into(tmp_path / "d", "sha256:orphan"), growing.path, follow=True)
+            host = pool.host.pid
+            assert host is not None
+            os.kill(host, signal.SIGKILL)
+            await until(lambda: gone(job.pid))  # its worker dies with it
+            with pytest.raises(UnpackError, match=r"layer sha256:orphan: the unpack worker exited"):
+                await job.grown(growing.append(layer.blob))
+                await job.finish()
+            await until(lambda: pool.host.pid is None)
+            again = await pool.start(job_into(tmp_path / "again", "sha256:again"), tmp_path / "blob")
+            assert (await again.finish()).diff_id == layer.diff_id
+            assert pool.host.pid not in (None, host)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    assert (tmp_path / "again/data").stat().st_size == 1 << 20
+
+
+def test_a_start_cancelled_while_the_host_forks_leaves_no_worker(tmp_path):
+    (tmp_path / "d").mkdir()
+
+    async def main() -> None:
+        pool = UnpackPool()
+        try:
+            await pool.warm()
+            host = pool.host.pid
+            assert host is not None
+            start = asyncio.create_task(pool.start(job_into(tmp_path / "d", "sha256:c"), tmp_path / "blob"))
+            for _ in range(3):  # as far as the wait for the host's answer: the request is on its way
+                await asyncio.sleep(0)
+            assert not start.done()
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+            await until(lambda: children_of(host) == [] and pool.host._asked == deque())
+            assert pool.idle_pids() == []
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_the_pool_leaves_no_descriptor_open(tmp_path):
+    good = build_layer([file("data", b"x\n")], "gzip")
+    (tmp_path / "good").write_bytes(good.blob)
+    (tmp_path / "bad").write_bytes(os.urandom(4096))
+
+    def open_fds() -> set[str]:
+        return {
+            os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if Path(f"/proc/self/fd/{fd}").exists()
+        }
+
+    async def main() -> None:
+        pool = UnpackPool(keep=1)
+        try:
+            for i in range(4):
+                (tmp_path / f"d{i}").mkdir()
+                blob = tmp_path / ("bad" if i % 2 else "good")
+                job = await pool.start(job_into(tmp_path / f"d{i}", f"sha256:{i}"), blob)
+                if i % 2:
+                    with pytest.raises(UnpackError):
+                        await job.finish()
+                else:
+                    await job.finish()
+            killed = await pool.start(job_into(tmp_path / "d0", "sha256:k"), tmp_path / "good", follow=True)
+            await killed.kill()
+        finally:
+            await pool.close()
+
+    before = len(os.listdir("/proc/self/fd"))
+    asyncio.run(main())
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_worker_that_crashes_is_reported_with_its_status_and_what_it_wrote_to_stderr(tmp_path):
+    async def main() -> None:
+        pool = UnpackPool()
+        try:
+            worker = await pool.host.worker()
+            worker.stdin.write(b"not a job\n")  # what no daemon sends: the worker's loop fails on it
+            job = UnpackProcess(pool, worker, job_into(tmp_path, "sha256:crash"), follow=False)
+            with pytest.raises(UnpackWorkerError, match=r"(?s)sha256:crash: .*exited with status 1: Traceback.*JSON"):
+                await job.finish()
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
