@@ -73,15 +73,25 @@ class Host:
                 return
             if pid == 0:
                 self._become_worker(fds, parent)
+            self._announce(pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+    def _announce(self, pid: int) -> None:
+        """Hand the daemon the worker's pidfd; a worker that cannot be handed is stopped, the request failed."""
+        try:
             pidfd = os.pidfd_open(pid)
             try:
                 socket.send_fds(self.control, [STARTED + PID.pack(pid)], [pidfd])
             finally:
                 os.close(pidfd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        except ConnectionError:
+            raise  # the daemon is gone: so is this host, and the worker with it
+        except OSError as exc:  # out of descriptors, or memory: this worker fails, not the ones running
+            os.kill(pid, signal.SIGKILL)  # still this child's pid: SIGCHLD is blocked, nothing has reaped it
+            self.control.send(FAILED + f"handing over the worker: {exc}".encode())
 
     def _become_worker(self, fds: list[int], parent: int) -> None:
         """In the child: its pipes made stdin, stdout and stderr, then the worker's loop; it never returns."""

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any
 
 from cri.log import event
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode
@@ -42,7 +42,8 @@ HOST_MODULE = "cri.storage.unpack_host"
 FINISH_TIMEOUT = 1800.0
 IDLE_SECONDS = 30.0
 _KILL_TIMEOUT = 10.0
-_PIPE_END_TIMEOUT = 1.0  # a worker that exited: its pipes have ended by the loop's next turns
+_PIPE_END_TIMEOUT = 1.0
+_SEND_RETRY = 0.01  # a worker that exited: its pipes have ended by the loop's next turns
 log = logging.getLogger(__name__)
 _GROWN = struct.Struct(">cQ")  # cri/storage/unpack_worker's messages: b"+" grown to, b"." ended at, a size
 
@@ -70,7 +71,8 @@ class _Worker:
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
     exited: asyncio.Future[int | None]  # its status, as asyncio's returncode; None: its host was lost
-    pipes: tuple[_PipeProtocol, _PipeProtocol] = field(repr=False)  # stdout's and stderr's
+    # stdout's and stderr's
+    pipes: tuple[_PipeProtocol, _PipeProtocol] = field(repr=False)
     transports: tuple[asyncio.BaseTransport, ...] = field(repr=False)
     idle_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
@@ -83,6 +85,11 @@ class _Worker:
     def returncode(self) -> int | None:
         return self.exited.result() if self.exited.done() else None
 
+    def ended(self) -> str:
+        """How it ended, for a message."""
+        status = self.exited.result() if self.exited.done() else None
+        return "was lost with the unpack host" if status is None else f"exited with status {status}"
+
     async def exit(self, timeout: float) -> bool:
         """Whether it exited within `timeout`."""
         with contextlib.suppress(TimeoutError):
@@ -90,24 +97,38 @@ class _Worker:
         return not self.alive
 
     async def kill(self) -> None:
-        """Kill it, and once it is gone, release its pipes and pidfd."""
-        if not self._released:
-            with contextlib.suppress(ProcessLookupError):  # gone already (the pidfd cannot name another process)
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        await self.exit(_KILL_TIMEOUT)
-        await self.release()
+        """Kill it, and once it is gone, release its pipes."""
+        _kill(self.pidfd, self.exited)
+        try:
+            await self.exit(_KILL_TIMEOUT)
+            await self._pipes_ended()
+        finally:
+            self._close_pipes()
 
     async def release(self) -> None:
-        """Close the daemon's ends of its pipes, once what it wrote to them has been read, and its pidfd."""
-        if self._released:
-            return
-        self._released = True
-        if not self.alive:  # its pipes end at once: what is in them is kept for the caller (its stderr)
+        """Close the daemon's ends of its pipes, once what it wrote to them has been read."""
+        try:
+            await self._pipes_ended()
+        finally:
+            self._close_pipes()
+
+    async def _pipes_ended(self) -> None:
+        if not self.alive and not self._released:  # they end at once: what is in them stays for the caller
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(pipe.closed for pipe in self.pipes)), _PIPE_END_TIMEOUT)
-        for transport in self.transports:
-            transport.close()
-        os.close(self.pidfd)
+
+    def _close_pipes(self) -> None:
+        if not self._released:
+            self._released = True
+            for transport in self.transports:
+                transport.close()
+
+
+def _kill(pidfd: int, exited: asyncio.Future[int | None]) -> None:
+    """SIGKILL through the pidfd, which stays open until the exit is known (see UnpackHost._take)."""
+    if not exited.done():
+        with contextlib.suppress(ProcessLookupError):  # exited, not yet reported: a pidfd names no other process
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 class _PipeProtocol(asyncio.StreamReaderProtocol):
@@ -130,7 +151,7 @@ class _Started:
     exited: asyncio.Future[int | None]
 
 
-async def _connected(started: _Started, stdin: BinaryIO, stdout: BinaryIO, stderr: BinaryIO) -> _Worker:
+async def _connected(started: _Started, stdin: IO[Any], stdout: IO[Any], stderr: IO[Any]) -> _Worker:
     """The worker with the daemon's ends of its pipes on the event loop; the pipes closed if that fails."""
     loop = asyncio.get_running_loop()
     transports: list[asyncio.BaseTransport] = []
@@ -145,7 +166,7 @@ async def _connected(started: _Started, stdin: BinaryIO, stdout: BinaryIO, stder
     except BaseException:
         for transport in transports:
             transport.close()
-        for pipe in (stdin, stdout, stderr)[len(transports) :]:  # not yet a transport's to close
+        for pipe in (stdout, stderr, stdin)[len(transports) :]:  # not yet a transport's to close
             pipe.close()
         raise
     writer = asyncio.StreamWriter(write, flow, None, loop)
@@ -169,6 +190,7 @@ class UnpackHost:
         self._asked: deque[asyncio.Future[_Started]] = deque()  # answers come in the order asked
         self._exits: dict[int, asyncio.Future[int | None]] = {}
         self._starting = asyncio.Lock()
+        self._closed = False
         self._ended: set[asyncio.Task[None]] = set()
 
     @property
@@ -177,6 +199,8 @@ class UnpackHost:
 
     async def start(self) -> None:
         async with self._starting:
+            if self._closed:
+                raise UnpackWorkerError("the unpack pool is closed")
             if self._control is not None:
                 return
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -202,42 +226,60 @@ class UnpackHost:
 
     async def worker(self) -> _Worker:
         """A new worker, its pipes connected."""
-        await self.start()
-        control = self._control
-        assert control is not None
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        ours = [
-            os.fdopen(stdin_w, "wb", buffering=0),
-            *(os.fdopen(fd, "rb", buffering=0) for fd in (stdout_r, stderr_r)),
-        ]
-        answer: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+        ends = _pipes(3)
+        stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = ends
+        ours = [os.fdopen(fd, mode, buffering=0) for fd, mode in ((stdin_w, "wb"), (stdout_r, "rb"), (stderr_r, "rb"))]
+        answer: asyncio.Future[_Started] | None = None
         try:
             try:
-                socket.send_fds(control, [ASK], [stdin_r, stdout_w, stderr_w])
-            except OSError as exc:
-                raise UnpackWorkerError(f"the unpack host did not take the request: {exc}") from exc
+                answer = await self._ask([stdin_r, stdout_w, stderr_w])
             finally:
                 for fd in (stdin_r, stdout_w, stderr_w):
                     os.close(fd)
-            self._asked.append(answer)
             started = await answer
         except BaseException:
             for pipe in ours:
                 pipe.close()
+            # Cancelled in the turn its answer came: the worker is ours to stop (it would exit on its
+            # closed stdin too). Its pidfd closes when its exit is reported.
+            if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is None:
+                _kill(answer.result().pidfd, answer.result().exited)
             raise
         try:
             return await _connected(started, *ours)
         except BaseException:
-            signal.pidfd_send_signal(started.pidfd, signal.SIGKILL)
-            os.close(started.pidfd)
+            _kill(started.pidfd, started.exited)
             raise
 
+    async def _ask(self, fds: list[int]) -> asyncio.Future[_Started]:
+        """Send the request for a worker; its answer is the future's. A host found gone is started again."""
+        deadline = asyncio.get_running_loop().time() + _KILL_TIMEOUT
+        while True:
+            await self.start()
+            control = self._control
+            assert control is not None
+            try:
+                socket.send_fds(control, [ASK], fds)
+            except BlockingIOError:  # requests it has not read yet fill its socket: wait for room
+                if asyncio.get_running_loop().time() > deadline:
+                    raise UnpackWorkerError(f"the unpack host took no request for {_KILL_TIMEOUT:g}s") from None
+                await asyncio.sleep(_SEND_RETRY)
+                continue
+            except OSError as exc:  # it died, and the loop has not read its end yet: a new one
+                if asyncio.get_running_loop().time() > deadline:
+                    raise UnpackWorkerError(f"the unpack host did not take the request: {exc}") from exc
+                self._lose(expected=False)
+                continue
+            answer: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+            self._asked.append(answer)
+            return answer
+
     async def close(self) -> None:
-        """The host exits at the end of its input; its workers die with it."""
-        proc = self._proc
-        self._lose(expected=True)
+        """The host exits at the end of its input; its workers die with it. No host is started after."""
+        async with self._starting:
+            self._closed = True
+            proc = self._proc
+            self._lose(expected=True)
         if proc is not None:
             try:
                 await asyncio.wait_for(_ended(proc), _KILL_TIMEOUT)
@@ -269,20 +311,22 @@ class UnpackHost:
             ended = self._exits.pop(pid, None)
             if ended is not None and not ended.done():
                 ended.set_result(status)
-        elif tag == STARTED and len(body) == PID.size and len(fds) == 1 and self._asked:
+        elif tag == STARTED and len(body) == PID.size and self._asked:
+            answer = self._asked.popleft()
+            if not fds:  # its descriptor did not fit (the daemon at its limit of open files)
+                _settle(answer, UnpackWorkerError("the unpack host's answer came without the worker's pidfd"))
+                return  # the worker exits on its stdin, which the caller closes
             (pid,) = PID.unpack(body)
             exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            exited.add_done_callback(partial(_close_fd, fds[0]))
             self._exits[pid] = exited
-            answer = self._asked.popleft()
             if answer.cancelled():  # the pull went away while the host forked: nobody will use it
-                signal.pidfd_send_signal(fds[0], signal.SIGKILL)
-                os.close(fds[0])
+                _kill(fds[0], exited)
             else:
                 answer.set_result(_Started(pid, fds[0], exited))
         elif tag == FAILED and self._asked:
-            answer = self._asked.popleft()
-            if not answer.done():
-                answer.set_exception(UnpackWorkerError(f"the unpack host could not start a worker: {body.decode()}"))
+            error = f"the unpack host could not start a worker: {body.decode(errors='replace')}"
+            _settle(self._asked.popleft(), UnpackWorkerError(error))
         else:
             for fd in fds:
                 os.close(fd)
@@ -328,8 +372,29 @@ async def _host_ended(proc: asyncio.subprocess.Process, asked: deque[asyncio.Fut
 
 def _fail(asked: deque[asyncio.Future[_Started]], error: str) -> None:
     for answer in asked:
-        if not answer.done():
-            answer.set_exception(UnpackWorkerError(error))
+        _settle(answer, UnpackWorkerError(error))
+
+
+def _settle(answer: asyncio.Future[_Started], error: Exception) -> None:
+    if not answer.done():
+        answer.set_exception(error)
+
+
+def _close_fd(fd: int, _done: object) -> None:
+    os.close(fd)
+
+
+def _pipes(count: int) -> list[int]:
+    """`count` pipes' ends (read, write, read, write ...); none left open if one cannot be made."""
+    ends: list[int] = []
+    try:
+        for _ in range(count):
+            ends += os.pipe()
+    except OSError:
+        for fd in ends:
+            os.close(fd)
+        raise
+    return ends
 
 
 class UnpackPool:
@@ -358,13 +423,19 @@ class UnpackPool:
                 return UnpackProcess(self, worker, job, follow)
             except (BrokenPipeError, ConnectionResetError):
                 await worker.kill()  # died while idle: try the next one
-        worker = await self._spawn()
+        try:
+            worker = await self._spawn()
+        except UnpackWorkerError as exc:
+            raise UnpackWorkerError(f"layer {job.label}: {exc}") from exc
+        process = UnpackProcess(self, worker, job, follow)
         try:
             await _send(worker, line)
+        except (BrokenPipeError, ConnectionResetError):
+            raise await process._failure() from None  # it died at once: its status and stderr say why
         except BaseException:
             await asyncio.shield(worker.kill())
             raise
-        return UnpackProcess(self, worker, job, follow)
+        return process
 
     async def close(self) -> None:
         """Stop the idle workers (the daemon shuts down)."""
@@ -391,6 +462,7 @@ class UnpackPool:
                 worker.idle_timer = None
             if worker.alive:
                 return worker
+            self._retire(worker)
         return None
 
     def _give_back(self, worker: _Worker) -> None:
@@ -502,8 +574,7 @@ class UnpackProcess:
         except ValueError:
             await self._worker.kill()
             raise UnpackWorkerError(
-                f"layer {self.job.label}: the unpack worker exited with status {self._worker.returncode}: "
-                + await self._stderr()
+                f"layer {self.job.label}: the unpack worker {self._worker.ended()}: " + await self._stderr()
             ) from None
         if "error" not in answer:
             return UnpackResult(**answer)

@@ -4,10 +4,12 @@ written, and from a complete one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import stat
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -227,6 +229,12 @@ def job_into(dest: Path, label: str) -> UnpackJob:
     return UnpackJob(MEDIA_TYPES["gzip"], dest, "overlay", label)
 
 
+async def warm_host(pool: UnpackPool) -> int:
+    await pool.warm()
+    assert pool.host.pid is not None
+    return pool.host.pid
+
+
 def children_of(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -299,7 +307,7 @@ def test_a_host_that_dies_fails_the_layer_on_it_and_the_next_job_gets_a_new_host
             assert host is not None
             os.kill(host, signal.SIGKILL)
             await until(lambda: gone(job.pid))  # its worker dies with it
-            with pytest.raises(UnpackError, match=r"layer sha256:orphan: the unpack worker exited"):
+            with pytest.raises(UnpackError, match=r"sha256:orphan: the unpack worker was lost with the unpack host"):
                 await job.grown(growing.append(layer.blob))
                 await job.finish()
             await until(lambda: pool.host.pid is None)
@@ -319,9 +327,7 @@ def test_a_start_cancelled_while_the_host_forks_leaves_no_worker(tmp_path):
     async def main() -> None:
         pool = UnpackPool()
         try:
-            await pool.warm()
-            host = pool.host.pid
-            assert host is not None
+            host = await warm_host(pool)
             start = asyncio.create_task(pool.start(job_into(tmp_path / "d", "sha256:c"), tmp_path / "blob"))
             for _ in range(3):  # as far as the wait for the host's answer: the request is on its way
                 await asyncio.sleep(0)
@@ -342,17 +348,10 @@ def test_the_pool_leaves_no_descriptor_open(tmp_path):
     (tmp_path / "good").write_bytes(good.blob)
     (tmp_path / "bad").write_bytes(os.urandom(4096))
 
-    def open_fds() -> set[str]:
-        return {
-            os.readlink(f"/proc/self/fd/{fd}")
-            for fd in os.listdir("/proc/self/fd")
-            if Path(f"/proc/self/fd/{fd}").exists()
-        }
-
     async def main() -> None:
         pool = UnpackPool(keep=1)
         try:
-            for i in range(4):
+            for i in range(4):  # layers that unpack, and layers that fail
                 (tmp_path / f"d{i}").mkdir()
                 blob = tmp_path / ("bad" if i % 2 else "good")
                 job = await pool.start(job_into(tmp_path / f"d{i}", f"sha256:{i}"), blob)
@@ -363,12 +362,61 @@ def test_the_pool_leaves_no_descriptor_open(tmp_path):
                     await job.finish()
             killed = await pool.start(job_into(tmp_path / "d0", "sha256:k"), tmp_path / "good", follow=True)
             await killed.kill()
+            # an idle worker lost with its host, then a job on a new host
+            done = await pool.start(job_into(tmp_path / "d0", "sha256:idle"), tmp_path / "good")
+            await done.finish()
+            host = pool.host.pid
+            assert host is not None
+            os.kill(host, signal.SIGKILL)
+            await until(lambda: pool.host.pid is None)
+            await (await pool.start(job_into(tmp_path / "d2", "sha256:new"), tmp_path / "good")).finish()
+            # starts cancelled while the host forks
+            for i in range(3):
+                start = asyncio.create_task(pool.start(job_into(tmp_path / "d0", f"sha256:c{i}"), tmp_path / "good"))
+                for _ in range(i + 2):
+                    await asyncio.sleep(0)
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await (await start).finish()
+            await until(lambda: children_of(pool.host.pid or 0) == [] or len(pool.idle_pids()) > 0)
         finally:
             await pool.close()
 
-    before = len(os.listdir("/proc/self/fd"))
+    before = sorted(os.listdir("/proc/self/fd"))
     asyncio.run(main())
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_host_found_dead_when_a_worker_is_asked_for_is_replaced_at_once(tmp_path):
+    layer = build_layer([file("data", b"x\n")], "gzip")
+    (tmp_path / "blob").write_bytes(layer.blob)
+
+    async def main() -> None:
+        pool = UnpackPool()
+        try:
+            host = await warm_host(pool)
+            os.kill(host, signal.SIGKILL)
+            while not gone(host):  # without a turn of the loop: it has not read the host's end yet
+                time.sleep(0.005)
+            job = await pool.start(job_into(tmp_path, "sha256:after"), tmp_path / "blob")
+            assert (await job.finish()).diff_id == layer.diff_id
+            assert pool.host.pid not in (None, host)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_closed_pool_refuses_a_job_naming_the_layer(tmp_path):
+    async def main() -> None:
+        pool = UnpackPool()
+        await pool.warm()
+        await pool.close()
+        with pytest.raises(UnpackWorkerError, match=r"layer sha256:late: the unpack pool is closed"):
+            await pool.start(job_into(tmp_path, "sha256:late"), tmp_path / "blob")
+        assert pool.host.pid is None
+
+    asyncio.run(main())
 
 
 def test_a_worker_that_crashes_is_reported_with_its_status_and_what_it_wrote_to_stderr(tmp_path):
