@@ -12,7 +12,7 @@ The protocol (cri/storage/unpack_process is the other side), one message per pac
   stderr;
 - the host answers b"S" + the worker's pid, with a pidfd of it (which the daemon signals it through, free of
   pid reuse);
-- or, if the fork failed, b"E" + the error's text;
+- or, if it could not fork the worker or hand it over, b"E" + the error's text;
 - and when a worker exits, b"X" + its pid and status (as asyncio gives a returncode: the exit code, or minus
   the signal that killed it).
 The host exits when the daemon closes its end, and dies with the daemon (PR_SET_PDEATHSIG); its workers

@@ -42,8 +42,8 @@ HOST_MODULE = "cri.storage.unpack_host"
 FINISH_TIMEOUT = 1800.0
 IDLE_SECONDS = 30.0
 _KILL_TIMEOUT = 10.0
-_PIPE_END_TIMEOUT = 1.0
-_SEND_RETRY = 0.01  # a worker that exited: its pipes have ended by the loop's next turns
+_PIPE_END_TIMEOUT = 1.0  # a worker that exited: its pipes have ended by the loop's next turns
+_SEND_RETRY = 0.01  # the host's socket full of requests it has not read: try again after this
 log = logging.getLogger(__name__)
 _GROWN = struct.Struct(">cQ")  # cri/storage/unpack_worker's messages: b"+" grown to, b"." ended at, a size
 
