@@ -81,10 +81,6 @@ class _Worker:
     def alive(self) -> bool:
         return not self.exited.done()
 
-    @property
-    def returncode(self) -> int | None:
-        return self.exited.result() if self.exited.done() else None
-
     def ended(self) -> str:
         """How it ended, for a message."""
         status = self.exited.result() if self.exited.done() else None
