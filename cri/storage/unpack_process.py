@@ -60,17 +60,29 @@ class UnpackJob:
     label: str  # names the layer in every message: its digest
 
 
-@dataclass(eq=False)
-class _Worker:
-    """A worker forked by the unpack host: not the daemon's child, so signalled through its pidfd, and its
-    exit learnt from the host."""
+@dataclass(frozen=True)
+class _Forked:
+    """A process the unpack host forked: not the daemon's child, so signalled through its pidfd (which
+    stays open until its exit is known, see UnpackHost._take), and its exit learnt from the host."""
 
     pid: int
     pidfd: int
+    exited: asyncio.Future[int | None]  # its status, as asyncio's returncode; None: its host was lost
+
+    def kill(self) -> None:
+        if not self.exited.done():
+            with contextlib.suppress(ProcessLookupError):  # exited, not yet reported: a pidfd names no other one
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+@dataclass(eq=False)
+class _Worker:
+    """A forked worker and the daemon's ends of its pipes."""
+
+    process: _Forked
     stdin: asyncio.StreamWriter
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
-    exited: asyncio.Future[int | None]  # its status, as asyncio's returncode; None: its host was lost
     # stdout's and stderr's
     pipes: tuple[_PipeProtocol, _PipeProtocol] = field(repr=False)
     transports: tuple[asyncio.BaseTransport, ...] = field(repr=False)
@@ -78,23 +90,28 @@ class _Worker:
     _released: bool = field(default=False, repr=False)
 
     @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
     def alive(self) -> bool:
-        return not self.exited.done()
+        return not self.process.exited.done()
 
     def ended(self) -> str:
         """How it ended, for a message."""
-        status = self.exited.result() if self.exited.done() else None
+        exited = self.process.exited
+        status = exited.result() if exited.done() else None
         return "was lost with the unpack host" if status is None else f"exited with status {status}"
 
     async def exit(self, timeout: float) -> bool:
         """Whether it exited within `timeout`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            await asyncio.wait_for(asyncio.shield(self.process.exited), timeout)
         return not self.alive
 
     async def kill(self) -> None:
         """Kill it, and once it is gone, release its pipes."""
-        _kill(self.pidfd, self.exited)
+        self.process.kill()
         try:
             await self.exit(_KILL_TIMEOUT)
             await self._pipes_ended()
@@ -120,13 +137,6 @@ class _Worker:
                 transport.close()
 
 
-def _kill(pidfd: int, exited: asyncio.Future[int | None]) -> None:
-    """SIGKILL through the pidfd, which stays open until the exit is known (see UnpackHost._take)."""
-    if not exited.done():
-        with contextlib.suppress(ProcessLookupError):  # exited, not yet reported: a pidfd names no other process
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
 class _PipeProtocol(asyncio.StreamReaderProtocol):
     """A StreamReader's protocol that says when its pipe has ended (all it held fed to the reader)."""
 
@@ -140,14 +150,7 @@ class _PipeProtocol(asyncio.StreamReaderProtocol):
             self.closed.set_result(None)
 
 
-@dataclass(frozen=True)
-class _Started:
-    pid: int
-    pidfd: int
-    exited: asyncio.Future[int | None]
-
-
-async def _connected(started: _Started, stdin: IO[Any], stdout: IO[Any], stderr: IO[Any]) -> _Worker:
+async def _connected(process: _Forked, stdin: IO[Any], stdout: IO[Any], stderr: IO[Any]) -> _Worker:
     """The worker with the daemon's ends of its pipes on the event loop; the pipes closed if that fails."""
     loop = asyncio.get_running_loop()
     transports: list[asyncio.BaseTransport] = []
@@ -166,7 +169,7 @@ async def _connected(started: _Started, stdin: IO[Any], stdout: IO[Any], stderr:
             pipe.close()
         raise
     writer = asyncio.StreamWriter(write, flow, None, loop)
-    return _Worker(started.pid, started.pidfd, writer, *readers, started.exited, pipes, tuple(transports))
+    return _Worker(process, writer, *readers, pipes, tuple(transports))
 
 
 def _same(protocol: _PipeProtocol) -> _PipeProtocol:
@@ -183,7 +186,7 @@ class UnpackHost:
     def __init__(self) -> None:
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
-        self._asked: deque[asyncio.Future[_Started]] = deque()  # answers come in the order asked
+        self._asked: deque[asyncio.Future[_Forked]] = deque()  # answers come in the order asked
         self._exits: dict[int, asyncio.Future[int | None]] = {}
         self._starting = asyncio.Lock()
         self._closed = False
@@ -225,29 +228,29 @@ class UnpackHost:
         ends = _pipes(3)
         stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w = ends
         ours = [os.fdopen(fd, mode, buffering=0) for fd, mode in ((stdin_w, "wb"), (stdout_r, "rb"), (stderr_r, "rb"))]
-        answer: asyncio.Future[_Started] | None = None
+        answer: asyncio.Future[_Forked] | None = None
         try:
             try:
                 answer = await self._ask([stdin_r, stdout_w, stderr_w])
             finally:
                 for fd in (stdin_r, stdout_w, stderr_w):
                     os.close(fd)
-            started = await answer
+            process = await answer
         except BaseException:
             for pipe in ours:
                 pipe.close()
             # Cancelled in the turn its answer came: the worker is ours to stop (it would exit on its
             # closed stdin too). Its pidfd closes when its exit is reported.
             if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is None:
-                _kill(answer.result().pidfd, answer.result().exited)
+                answer.result().kill()
             raise
         try:
-            return await _connected(started, *ours)
+            return await _connected(process, *ours)
         except BaseException:
-            _kill(started.pidfd, started.exited)
+            process.kill()
             raise
 
-    async def _ask(self, fds: list[int]) -> asyncio.Future[_Started]:
+    async def _ask(self, fds: list[int]) -> asyncio.Future[_Forked]:
         """Send the request for a worker; its answer is the future's. A host found gone is started again."""
         deadline = asyncio.get_running_loop().time() + _KILL_TIMEOUT
         while True:
@@ -266,7 +269,7 @@ class UnpackHost:
                     raise UnpackWorkerError(f"the unpack host did not take the request: {exc}") from exc
                 self._lose(expected=False)
                 continue
-            answer: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+            answer: asyncio.Future[_Forked] = asyncio.get_running_loop().create_future()
             self._asked.append(answer)
             return answer
 
@@ -316,10 +319,11 @@ class UnpackHost:
             exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
             exited.add_done_callback(partial(_close_fd, fds[0]))
             self._exits[pid] = exited
+            process = _Forked(pid, fds[0], exited)
             if answer.cancelled():  # the pull went away while the host forked: nobody will use it
-                _kill(fds[0], exited)
+                process.kill()
             else:
-                answer.set_result(_Started(pid, fds[0], exited))
+                answer.set_result(process)
         elif tag == FAILED and self._asked:
             error = f"the unpack host could not start a worker: {body.decode(errors='replace')}"
             _settle(self._asked.popleft(), UnpackWorkerError(error))
@@ -354,10 +358,10 @@ async def _ended(proc: asyncio.subprocess.Process) -> str:
     assert proc.stderr is not None
     said = await proc.stderr.read()
     await proc.wait()
-    return said.decode(errors="replace").strip()[-2000:]
+    return _last_words(said)
 
 
-async def _host_ended(proc: asyncio.subprocess.Process, asked: deque[asyncio.Future[_Started]]) -> None:
+async def _host_ended(proc: asyncio.subprocess.Process, asked: deque[asyncio.Future[_Forked]]) -> None:
     """The host died: logged, and the workers asked of it fail, with what it said on its way out."""
     said = ""
     with contextlib.suppress(TimeoutError):
@@ -366,14 +370,19 @@ async def _host_ended(proc: asyncio.subprocess.Process, asked: deque[asyncio.Fut
     _fail(asked, f"the unpack host exited with status {proc.returncode}: {said or 'no output'}")
 
 
-def _fail(asked: deque[asyncio.Future[_Started]], error: str) -> None:
+def _fail(asked: deque[asyncio.Future[_Forked]], error: str) -> None:
     for answer in asked:
         _settle(answer, UnpackWorkerError(error))
 
 
-def _settle(answer: asyncio.Future[_Started], error: Exception) -> None:
+def _settle(answer: asyncio.Future[_Forked], error: Exception) -> None:
     if not answer.done():
         answer.set_exception(error)
+
+
+def _last_words(stderr: bytes) -> str:
+    """The end of what a process wrote to stderr, for a message."""
+    return stderr.decode(errors="replace").strip()[-2000:]
 
 
 def _close_fd(fd: int, _done: object) -> None:
@@ -588,7 +597,7 @@ class UnpackProcess:
             data = await asyncio.wait_for(self._worker.stderr.read(), _KILL_TIMEOUT)
         except TimeoutError:
             return "no output"
-        return data.decode(errors="replace").strip()[-2000:] or "no output"
+        return _last_words(data) or "no output"
 
 
 async def _send(worker: _Worker, *parts: bytes) -> None:

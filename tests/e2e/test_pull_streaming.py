@@ -22,6 +22,7 @@ from tests.support import image_builder as ib
 from tests.support.daemon_harness import Daemon
 from tests.support.fault_proxy import FaultProxy
 from tests.support.registry_harness import Registry
+from tests.support.system import children_of
 
 HOST = "cri.storage.unpack_host"
 
@@ -61,24 +62,14 @@ def workers_of(daemon: Daemon) -> list[int]:
     """The daemon's unpack worker processes (busy or idle in its pool): the children of its unpack host."""
     assert daemon.proc is not None
     workers = []
-    for host in children(daemon.proc.pid):
+    for host in children_of(daemon.proc.pid):
         try:
             argv = Path(f"/proc/{host}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if HOST.encode() in argv:
-            workers += children(host)
+            workers += children_of(host)
     return workers
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue  # the thread ended meanwhile
-    return found
 
 
 def busy_workers(daemon: Daemon) -> list[int]:

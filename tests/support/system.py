@@ -89,6 +89,21 @@ def conmon_pids(marker: str) -> list[int]:
     return found
 
 
+def children_of(pid: int) -> list[int]:
+    """The children of every thread of `pid`; none when it is gone."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return []
+    found = []
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
+
+
 def process_gone(pid: int) -> bool:
     """No such process, or only its zombie (its parent has not reaped it yet)."""
     try:

@@ -17,7 +17,9 @@ import pytest
 
 from cri.storage.unpack import UnpackError, UnpackResult, unpack_layer
 from cri.storage.unpack_process import UnpackJob, UnpackPool, UnpackProcess, UnpackWorkerError
+from cri.system.linux import proc_stat
 from tests.support.layer_tar import MEDIA_TYPES, build_layer, directory, file, hardlink, symlink
+from tests.support.system import children_of, process_gone
 
 # Modes the worker (umask 0, no chmod where the creation mode is right) must give back exactly.
 ENTRIES = [
@@ -235,22 +237,10 @@ async def warm_host(pool: UnpackPool) -> int:
     return pool.host.pid
 
 
-def children_of(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
 def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    found = proc_stat(pid)
+    assert found is not None, f"process {pid} is gone"
+    return found.ppid
 
 
 async def until(check, timeout: float = 10.0) -> None:
@@ -289,7 +279,7 @@ def test_workers_are_forked_from_one_host_and_gone_with_it_once_the_pool_closes(
 
     host, workers = asyncio.run(main())
     for pid in [host, *workers]:
-        assert gone(pid), f"process {pid} outlived the pool"
+        assert process_gone(pid), f"process {pid} outlived the pool"
 
 
 def test_a_host_that_dies_fails_the_layer_on_it_and_the_next_job_gets_a_new_host(tmp_path):
@@ -306,7 +296,7 @@ def test_a_host_that_dies_fails_the_layer_on_it_and_the_next_job_gets_a_new_host
             host = pool.host.pid
             assert host is not None
             os.kill(host, signal.SIGKILL)
-            await until(lambda: gone(job.pid))  # its worker dies with it
+            await until(lambda: process_gone(job.pid))  # its worker dies with it
             with pytest.raises(UnpackError, match=r"sha256:orphan: the unpack worker was lost with the unpack host"):
                 await job.grown(growing.append(layer.blob))
                 await job.finish()
@@ -396,7 +386,7 @@ def test_a_host_found_dead_when_a_worker_is_asked_for_is_replaced_at_once(tmp_pa
         try:
             host = await warm_host(pool)
             os.kill(host, signal.SIGKILL)
-            while not gone(host):  # without a turn of the loop: it has not read the host's end yet
+            while not process_gone(host):  # without a turn of the loop: it has not read the host's end yet
                 time.sleep(0.005)
             job = await pool.start(job_into(tmp_path, "sha256:after"), tmp_path / "blob")
             assert (await job.finish()).diff_id == layer.diff_id
