@@ -29,7 +29,7 @@ from cri.services.runtime import RuntimeService
 from cri.state import Store
 from cri.state.orphans import Layout, OrphanCollector
 from cri.streaming.server import StreamingServer
-from cri.system import linux, offload, reaper
+from cri.system import affinity, linux, offload, reaper
 from cri.transport.server import CriServer
 from podsandbox.manager import SandboxManager
 
@@ -52,7 +52,7 @@ async def serve(live: LiveConfig) -> None:
         lock = DaemonLock.acquire(config.root)
         stack.callback(lock.release)
         os.makedirs(config.runroot, mode=0o711, exist_ok=True)
-        _prepare_the_process()
+        _prepare_the_process(config)
         sweeper = reaper.Sweeper()
         sweeper.start()
         stack.callback(sweeper.close)
@@ -139,13 +139,17 @@ async def serve(live: LiveConfig) -> None:
     event(log, logging.INFO, "criopy stopped")
 
 
-def _prepare_the_process() -> None:
-    """Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us."""
+def _prepare_the_process(config: Config) -> None:
+    """Before anything is started: exec'd commands (runc exec --detach) and conmon monitors come to us;
+    the blocking calls' threads are made on their CPUs."""
     reaper.become_subreaper()
     reaper.watch_children_with_pidfds()
     if not linux.limit_malloc_arenas(MALLOC_ARENAS):
         event(log, logging.INFO, "malloc arenas not limited (not glibc)")
     _raise_the_loop()
+    cpus = affinity.resolve(config.offload_cpus, affinity.process_cpus())  # checked with the config
+    offload.bind(cpus)
+    event(log, logging.INFO, "blocking-call threads", cpus=affinity.format_list(cpus) if cpus else "all")
 
 
 def _raise_the_loop() -> None:

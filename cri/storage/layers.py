@@ -40,6 +40,7 @@ from typing import Literal
 from cri.errors import NotFound, no_space_in
 from cri.log import event
 from cri.storage.unpack import UnpackError, UnpackResult, WhiteoutMode, unpack_layer
+from cri.system import affinity
 
 # Under the "cri" logger tree, so the daemon's log level applies (cri.log.OWN_LOGGERS).
 log = logging.getLogger(__name__)
@@ -425,7 +426,8 @@ def copy_tree(source: Path, dest: Path, timeout: float) -> None:
     """
     argv = ["cp", "-a", "--reflink=auto", "--", str(source), str(dest)]
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        with affinity.unbound():  # called in a bound offload thread: cp must not inherit its CPU
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise CopyError(f"timed out after {timeout:g}s") from None
     if done.returncode != 0:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cri.system import linux
+from cri.system import affinity, linux
 
 # x86-64 and arm64 share these numbers (the new mount API came after the syscall tables were unified).
 SYS_OPEN_TREE = 428
@@ -162,9 +162,10 @@ def write_maps(pid: int, uids: IdMapping, gids: IdMapping) -> None:
 def user_namespace(uids: IdMapping, gids: IdMapping) -> Iterator[str]:
     """A new user namespace with these maps, for the duration of the block: yields its /proc/<pid>/ns/user."""
     argv = [sys.executable, "-I", "-S", "-c", _HOLD_USERNS]
-    child = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, close_fds=True
-    )
+    with affinity.unbound():  # called in a bound offload thread: the child must not inherit its CPU
+        child = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, close_fds=True
+        )
     try:
         assert child.stdout is not None and child.stdin is not None
         line = _read_line(child, CHILD_TIMEOUT)

@@ -8,6 +8,9 @@ asyncio Future with one call_soon_threadsafe: 28-31 us.
 
 Same contract: the call runs in the caller's contextvars context; cancelling the awaiting task only stops
 the wait (the call runs to its end, as a running thread cannot be stopped); its exception is the awaiter's.
+
+The daemon binds the pool's threads to the CPUs of its `offload_cpus` (one, by default): see
+cri.system.affinity for why, and for starting a process from one of them.
 """
 
 from __future__ import annotations
@@ -16,22 +19,72 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Set
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
+
+from cri.log import event
+from cri.system import affinity
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # asyncio's default executor allows min(32, cpus + 4) threads; calls beyond wait in the queue.
 MAX_THREADS = 32
 
 
-def _new_executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="offload")
+@dataclass
+class _Binding:
+    """The CPUs of one pool's threads (None: any of the daemon's)."""
+
+    cpus: frozenset[int] | None = None
+    refused: bool = False  # said once in the log, not by every thread
+
+    def apply(self) -> None:
+        """In each new thread. A binding the kernel refuses (the daemon's cpuset changed under it) leaves the
+        thread free: an initializer that raised would break the pool, and every call with it."""
+        if self.cpus is None:
+            return
+        try:
+            affinity.bind_this_thread(self.cpus)
+        except OSError as exc:
+            if not self.refused:
+                self.refused = True
+                cpus = affinity.format_list(self.cpus)
+                event(log, logging.WARNING, "blocking-call thread not bound", cpus=cpus, error=str(exc))
 
 
-_executor = _new_executor()
+def _new_executor(binding: _Binding) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="offload", initializer=binding.apply)
+
+
+class _Pool:
+    """The executor and its threads' binding, replaced together."""
+
+    def __init__(self) -> None:
+        self.binding = _Binding()
+        self.executor = _new_executor(self.binding)
+
+    def bind(self, cpus: Set[int] | None) -> None:
+        self.binding = _Binding(None if cpus is None else frozenset(cpus))
+        old, self.executor = self.executor, _new_executor(self.binding)
+        old.shutdown(wait=False)
+
+    def close(self) -> None:
+        closing, self.executor = self.executor, _new_executor(self.binding)
+        closing.shutdown(wait=True)
+
+
+_pool = _Pool()
+
+
+def bind(cpus: Set[int] | None) -> None:
+    """Run later calls in threads bound to `cpus` (None: unbound). The threads there now end once idle."""
+    _pool.bind(cpus)
 
 
 def run_into(
@@ -74,13 +127,11 @@ async def to_thread(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) 
     future: asyncio.Future[T] = loop.create_future()
     call = functools.partial(func, *args, **kwargs)
     # The executor's own Future is left aside: the result comes back through `future` alone.
-    _executor.submit(run_into, loop, future, call, contextvars.copy_context())
+    _pool.executor.submit(run_into, loop, future, call, contextvars.copy_context())
     return await future
 
 
 def close() -> None:
     """Wait for the calls under way and queued, then stop the threads (at the daemon's end); later calls get
     new ones."""
-    global _executor
-    closing, _executor = _executor, _new_executor()
-    closing.shutdown(wait=True)
+    _pool.close()

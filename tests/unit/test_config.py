@@ -102,6 +102,8 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("runtime:\n  default_ulimits: [nofile=10:5]\n", "runtime.default_ulimits[0]", "above hard limit"),
         ("runtime:\n  default_ulimits: [nofile=many]\n", "runtime.default_ulimits[0]", "is not a number"),
         ("runtime:\n  default_ulimits: [core=0, core=1]\n", "runtime.default_ulimits[1]", "core is given twice"),
+        ("offload_cpus: some\n", "offload_cpus", "expected 'auto', 'all', or CPU numbers"),
+        ("offload_cpus: 0-4096\n", "offload_cpus", "is not one of the daemon's CPUs"),
         ("log: debug\n", "log", "expected mapping"),
         ("- a list\n", "-", "must hold a mapping"),
     ],

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from cri.system import offload
+from cri.system import affinity, offload
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -106,3 +109,47 @@ def test_calls_given_while_one_thread_is_idle_run_at_once_not_behind_each_other(
         await asyncio.gather(offload.to_thread(both.wait), offload.to_thread(both.wait))
 
     asyncio.run(main())
+
+
+@pytest.fixture
+def unbound_after() -> Iterator[None]:
+    """The pool as the other tests (and the daemon before its config) find it."""
+    yield
+    offload.bind(None)
+
+
+def _cpus_of_calls(calls: int) -> list[set[int]]:
+    """The CPUs each of `calls` concurrent calls could run on."""
+    both = threading.Barrier(calls, timeout=5)  # each call in a thread of its own
+
+    def where() -> set[int]:
+        both.wait()
+        return os.sched_getaffinity(0)
+
+    async def main() -> list[set[int]]:
+        # A pool broken by its threads' initializer would never answer: that fails here instead of hanging.
+        return list(await asyncio.wait_for(asyncio.gather(*(offload.to_thread(where) for _ in range(calls))), 10))
+
+    return asyncio.run(main())
+
+
+def test_bound_calls_run_on_the_cpus_given_and_unbound_ones_anywhere(unbound_after: None):
+    every = affinity.process_cpus()
+    if len(every) < 2:
+        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
+    home = {min(every)}
+    offload.bind(home)
+    assert _cpus_of_calls(3) == [home] * 3
+    offload.bind(None)
+    assert _cpus_of_calls(3) == [set(every)] * 3
+
+
+def test_a_binding_the_kernel_refuses_leaves_the_calls_running_unbound_and_says_so_once(
+    unbound_after: None, caplog: pytest.LogCaptureFixture
+):
+    missing = max(affinity.process_cpus()) + 4096  # no such CPU: sched_setaffinity says EINVAL
+    offload.bind({missing})
+    with caplog.at_level(logging.WARNING, logger=offload.log.name):
+        assert _cpus_of_calls(3) == [set(affinity.process_cpus())] * 3
+    warnings = [r for r in caplog.records if r.getMessage() == "blocking-call thread not bound"]
+    assert len(warnings) == 1

@@ -1,0 +1,72 @@
+"""The daemon's blocking-call threads share one CPU (offload_cpus: auto); nothing it starts inherits that.
+
+A container, an exec'd command or a monitor held to one CPU would be a fault: a node's pods get whatever
+CPUs their cgroups give them, not the runtime's choice of one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from api.runtime.v1 import api_pb2 as pb
+from cri.system import affinity
+from tests.e2e.containers import Env
+from tests.support.system import children_of, conmon_pids
+
+HOST = b"cri.storage.unpack_host"
+
+
+def _cpus(status: str) -> str:
+    for line in status.splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list in {status!r}")
+
+
+def _cpus_of(pid: int, tid: int | None = None) -> str:
+    task = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    return _cpus(Path(task, "status").read_text())
+
+
+def _threads(pid: int) -> dict[int, str]:
+    """Each thread of `pid` and its CPUs (threads ending meanwhile left out)."""
+    found = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(task)] = _cpus_of(pid, int(task))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _in_container(env: Env, cid: str, path: str) -> str:
+    reply = env.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", path], timeout=20), timeout=30)
+    assert reply.exit_code == 0, reply.stderr
+    return reply.stdout.decode()
+
+
+def test_the_blocking_call_threads_share_one_cpu_and_nothing_the_daemon_starts_is_bound(env: Env) -> None:
+    every = affinity.process_cpus()
+    if len(every) < 2:
+        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
+    every_text, home_text = affinity.format_list(every), str(min(every))
+    cid = env.run(env.pod(), env.container_config(command=["sleep", "3600"]))
+    assert env.daemon.proc is not None
+    daemon = env.daemon.proc.pid
+
+    threads = _threads(daemon)
+    assert threads[daemon] == every_text  # the event loop's thread, which starts processes
+    bound = [tid for tid, cpus in threads.items() if cpus != every_text]
+    assert bound, f"no thread bound to CPU {home_text}: {threads}"
+    assert {threads[tid] for tid in bound} == {home_text}
+
+    (conmon,) = conmon_pids(cid)
+    assert _cpus_of(conmon) == every_text
+    assert _cpus(_in_container(env, cid, "/proc/1/status")) == every_text  # the container's own process
+    assert _cpus(_in_container(env, cid, "/proc/self/status")) == every_text  # an exec'd one
+    hosts = [pid for pid in children_of(daemon) if HOST in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert hosts, "no unpack host among the daemon's children"
+    assert [_cpus_of(pid) for pid in hosts] == [every_text] * len(hosts)
