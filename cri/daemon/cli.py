@@ -156,6 +156,9 @@ def _run(config: cfg.Config, sources: ConfigSources) -> int:
     except (AlreadyRunning, SocketInUse, StateError, OSError) as exc:
         _err(f"cannot start: {exc}")
         return EXIT_FAILURE
+    except ConfigError as exc:  # a value only the daemon's start can check (the CPUs it may use)
+        _err(f"config error: {exc}")
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cni.readiness import NetworkWatcher
 from cri import __version__, metrics
-from cri.config import Config
+from cri.config import Config, ConfigError
 from cri.containers.execs import Execs
 from cri.containers.manager import ContainerManager
 from cri.daemon.admin import AdminServer
@@ -147,7 +147,10 @@ def _prepare_the_process(config: Config) -> None:
     if not linux.limit_malloc_arenas(MALLOC_ARENAS):
         event(log, logging.INFO, "malloc arenas not limited (not glibc)")
     _raise_the_loop()
-    cpus = affinity.resolve(config.offload_cpus, affinity.process_cpus())  # checked with the config
+    try:
+        cpus = affinity.resolve(config.offload_cpus, affinity.process_cpus())
+    except ValueError as exc:
+        raise ConfigError("at start", "offload_cpus", str(exc)) from None
     offload.bind(cpus)
     event(log, logging.INFO, "blocking-call threads", cpus=affinity.format_list(cpus) if cpus else "all")
 

@@ -5,22 +5,31 @@ makes. When the offload pool's threads float over every core those hand-overs cr
 a thread on another CPU (an interrupt between cores; on a VM, an exit to the hypervisor), with the lock's
 cache line moving along. In a 110-pod burst on a 2-core VM the daemon spent a fifth of its CPU in futex
 calls. Bound to one CPU, the pool's threads still overlap their waits (fsync, mounts, the database) but hand
-over on one core: the same burst cost the daemon 11-17% less CPU and ended 2-5% sooner (bench/README).
+over on one core: the same burst cost the daemon 11-14% less CPU and ended 2-6% sooner (bench/README).
 
 No process the daemon starts may inherit a binding: a conmon, a container or a CNI plugin held to one CPU
 would be a fault. The threads that start processes (the event loop, the helper and CNI pools) are never
-bound, and a bound thread that starts one does it inside `unbound()`.
+bound, and a bound thread that starts one does it inside `unbound()`. Threads a bound thread makes are
+bound as well (nsthread's throwaway threads, linux.mount_in's): they start no process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Set
 
 AUTO = "auto"
 ALL = "all"
 SPEC_HELP = "'auto', 'all', or CPU numbers such as 0 or 0-3,8"
+MAX_CPU = 8191  # the kernel's largest CPU number (NR_CPUS is at most 8192)
+
+
+def check(spec: str) -> None:
+    """ValueError unless `spec` is a value `resolve` takes (whatever CPUs the daemon has)."""
+    if spec not in (AUTO, ALL):
+        parse_list(spec)
 
 
 def resolve(spec: str, allowed: Set[int]) -> frozenset[int] | None:
@@ -43,10 +52,13 @@ def parse_list(text: str) -> set[int]:
     """The CPUs of a list in the kernel's cpulist format ('0', '0-3,8')."""
     cpus: set[int] = set()
     for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        bounds = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        if bounds is None:
             raise ValueError(f"expected {SPEC_HELP}, got {text!r}")
-        low, high = int(first), int(last) if dash else int(first)
+        low = int(bounds[1])
+        high = low if bounds[2] is None else int(bounds[2])
+        if high > MAX_CPU:
+            raise ValueError(f"CPU {high} is above {MAX_CPU}, the largest a Linux kernel numbers")
         if high < low:
             raise ValueError(f"the range {part.strip()!r} ends before it starts")
         cpus.update(range(low, high + 1))
@@ -86,4 +98,7 @@ def unbound() -> Iterator[None]:
     try:
         yield
     finally:
-        os.sched_setaffinity(0, own)
+        # Best effort: a refusal (the daemon's cpuset changed meanwhile) leaves the thread free, which harms
+        # nothing, and must not replace what the block raised or returned.
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, own)

@@ -7,6 +7,7 @@ CPUs their cgroups give them, not the runtime's choice of one.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import affinity
 from tests.e2e.containers import Env
+from tests.support.daemon_harness import Daemon, run_cli
 from tests.support.system import children_of, conmon_pids
 
 HOST = b"cri.storage.unpack_host"
@@ -37,9 +39,16 @@ def _threads(pid: int) -> dict[int, str]:
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             found[int(task)] = _cpus_of(pid, int(task))
-        except FileNotFoundError:
+        except OSError:  # ENOENT or ESRCH: the thread ended
             continue
     return found
+
+
+def _is_unpack_host(pid: int) -> bool:
+    try:
+        return HOST in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # a short-lived child, gone meanwhile
+        return False
 
 
 def _in_container(env: Env, cid: str, path: str) -> str:
@@ -67,6 +76,16 @@ def test_the_blocking_call_threads_share_one_cpu_and_nothing_the_daemon_starts_i
     assert _cpus_of(conmon) == every_text
     assert _cpus(_in_container(env, cid, "/proc/1/status")) == every_text  # the container's own process
     assert _cpus(_in_container(env, cid, "/proc/self/status")) == every_text  # an exec'd one
-    hosts = [pid for pid in children_of(daemon) if HOST in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    hosts = [pid for pid in children_of(daemon) if _is_unpack_host(pid)]
     assert hosts, "no unpack host among the daemon's children"
     assert [_cpus_of(pid) for pid in hosts] == [every_text] * len(hosts)
+
+
+def test_cpus_the_daemon_may_not_use_are_refused_at_its_start_naming_the_key(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    outside = max(affinity.process_cpus()) + 1  # a CPU number the kernel takes, but not one of this machine's
+    d = make_daemon(f"offload_cpus: '{outside}'\n", start=False)
+    done = run_cli(*d.argv()[3:])
+    assert done.returncode == 2
+    assert f"key 'offload_cpus': CPU {outside} is not one of the daemon's CPUs" in done.stderr

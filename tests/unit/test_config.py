@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
         ("runtime:\n  default_ulimits: [nofile=many]\n", "runtime.default_ulimits[0]", "is not a number"),
         ("runtime:\n  default_ulimits: [core=0, core=1]\n", "runtime.default_ulimits[1]", "core is given twice"),
         ("offload_cpus: some\n", "offload_cpus", "expected 'auto', 'all', or CPU numbers"),
-        ("offload_cpus: 0-4096\n", "offload_cpus", "is not one of the daemon's CPUs"),
+        ("offload_cpus: 0-9000\n", "offload_cpus", "CPU 9000 is above 8191"),
         ("log: debug\n", "log", "expected mapping"),
         ("- a list\n", "-", "must hold a mapping"),
     ],
@@ -114,6 +115,13 @@ def test_bad_values_name_the_key(tmp_path, text, key, problem):
     assert err.value.key == key
     assert problem in str(err.value)
     assert str(tmp_path / "criopy.yaml") in str(err.value)
+
+
+def test_offload_cpus_outside_this_process_load_and_are_left_to_the_daemons_start(tmp_path):
+    # A reload or a CLI command may run with other CPUs than the daemon: only the daemon's start checks them.
+    outside = max(os.sched_getaffinity(0)) + 1
+    config = cfg.load(sources(tmp_path, main=f"offload_cpus: '{outside}'\n"))
+    assert config.offload_cpus == str(outside)
 
 
 def test_registries_parse_with_mirrors(tmp_path):
