@@ -8,29 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
-
-import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import affinity
 from tests.e2e.containers import Env
 from tests.support.daemon_harness import Daemon, run_cli
-from tests.support.system import children_of, conmon_pids
-
-HOST = b"cri.storage.unpack_host"
-
-
-def _cpus(status: str) -> str:
-    for line in status.splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"no Cpus_allowed_list in {status!r}")
-
-
-def _cpus_of(pid: int, tid: int | None = None) -> str:
-    task = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
-    return _cpus(Path(task, "status").read_text())
+from tests.support.system import conmon_pids, cpus_allowed, cpus_allowed_in, two_cpus_or_skip, unpack_hosts
 
 
 def _threads(pid: int) -> dict[int, str]:
@@ -38,17 +21,10 @@ def _threads(pid: int) -> dict[int, str]:
     found = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            found[int(task)] = _cpus_of(pid, int(task))
+            found[int(task)] = cpus_allowed(pid, int(task))
         except OSError:  # ENOENT or ESRCH: the thread ended
             continue
     return found
-
-
-def _is_unpack_host(pid: int) -> bool:
-    try:
-        return HOST in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # a short-lived child, gone meanwhile
-        return False
 
 
 def _in_container(env: Env, cid: str, path: str) -> str:
@@ -58,9 +34,7 @@ def _in_container(env: Env, cid: str, path: str) -> str:
 
 
 def test_the_blocking_call_threads_share_one_cpu_and_nothing_the_daemon_starts_is_bound(env: Env) -> None:
-    every = affinity.process_cpus()
-    if len(every) < 2:
-        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
+    every = two_cpus_or_skip()
     every_text, home_text = affinity.format_list(every), str(min(every))
     cid = env.run(env.pod(), env.container_config(command=["sleep", "3600"]))
     assert env.daemon.proc is not None
@@ -73,12 +47,12 @@ def test_the_blocking_call_threads_share_one_cpu_and_nothing_the_daemon_starts_i
     assert {threads[tid] for tid in bound} == {home_text}
 
     (conmon,) = conmon_pids(cid)
-    assert _cpus_of(conmon) == every_text
-    assert _cpus(_in_container(env, cid, "/proc/1/status")) == every_text  # the container's own process
-    assert _cpus(_in_container(env, cid, "/proc/self/status")) == every_text  # an exec'd one
-    hosts = [pid for pid in children_of(daemon) if _is_unpack_host(pid)]
+    assert cpus_allowed(conmon) == every_text
+    assert cpus_allowed_in(_in_container(env, cid, "/proc/1/status")) == every_text  # the container's own process
+    assert cpus_allowed_in(_in_container(env, cid, "/proc/self/status")) == every_text  # an exec'd one
+    hosts = unpack_hosts(daemon)
     assert hosts, "no unpack host among the daemon's children"
-    assert [_cpus_of(pid) for pid in hosts] == [every_text] * len(hosts)
+    assert [cpus_allowed(pid) for pid in hosts] == [every_text] * len(hosts)
 
 
 def test_cpus_the_daemon_may_not_use_are_refused_at_its_start_naming_the_key(

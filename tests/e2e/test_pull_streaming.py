@@ -22,9 +22,7 @@ from tests.support import image_builder as ib
 from tests.support.daemon_harness import Daemon
 from tests.support.fault_proxy import FaultProxy
 from tests.support.registry_harness import Registry
-from tests.support.system import children_of
-
-HOST = "cri.storage.unpack_host"
+from tests.support.system import children_of, unpack_hosts
 
 
 @pytest.fixture
@@ -61,15 +59,7 @@ def random_layers(count: int, mb: float, tag: str) -> list[ib.Layer]:
 def workers_of(daemon: Daemon) -> list[int]:
     """The daemon's unpack worker processes (busy or idle in its pool): the children of its unpack host."""
     assert daemon.proc is not None
-    workers = []
-    for host in children_of(daemon.proc.pid):
-        try:
-            argv = Path(f"/proc/{host}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if HOST.encode() in argv:
-            workers += children_of(host)
-    return workers
+    return [worker for host in unpack_hosts(daemon.proc.pid) for worker in children_of(host)]
 
 
 def busy_workers(daemon: Daemon) -> list[int]:

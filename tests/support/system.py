@@ -104,6 +104,41 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def unpack_hosts(daemon: int) -> list[int]:
+    """The daemon's unpack host processes (cri.storage.unpack_host), among its children."""
+    hosts = []
+    for pid in children_of(daemon):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # a short-lived child, gone meanwhile
+            continue
+        if b"cri.storage.unpack_host" in argv:
+            hosts.append(pid)
+    return hosts
+
+
+def cpus_allowed_in(status: str) -> str:
+    """Cpus_allowed_list of a /proc/<pid>/status text: the kernel's CPU list, e.g. '0-1'."""
+    for line in status.splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list in {status!r}")
+
+
+def cpus_allowed(pid: int, tid: int | None = None) -> str:
+    """The CPUs a process (or one thread of it) may run on, as /proc lists them."""
+    task = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    return cpus_allowed_in(Path(task, "status").read_text())
+
+
+def two_cpus_or_skip() -> frozenset[int]:
+    """This process's CPUs; the test is skipped where there is one, as binding to it would change nothing."""
+    cpus = frozenset(os.sched_getaffinity(os.getpid()))
+    if len(cpus) < 2:
+        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
+    return cpus
+
+
 def process_gone(pid: int) -> bool:
     """No such process, or only its zombie (its parent has not reaped it yet)."""
     try:

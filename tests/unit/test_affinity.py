@@ -15,6 +15,7 @@ import pytest
 from cri.storage.layers import copy_tree
 from cri.system import affinity, idmap
 from cri.system.idmap import IdMapping
+from tests.support.system import cpus_allowed, two_cpus_or_skip
 
 T = TypeVar("T")
 
@@ -92,15 +93,8 @@ def _child_cpus() -> str:
     ).stdout.strip()
 
 
-def _two_cpus() -> frozenset[int]:
-    cpus = affinity.process_cpus()
-    if len(cpus) < 2:
-        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
-    return cpus
-
-
 def test_a_process_started_inside_unbound_gets_every_cpu_and_the_thread_is_bound_again_after():
-    every = _two_cpus()
+    every = two_cpus_or_skip()
     home = {min(every)}
 
     def start_one_each_way() -> tuple[str, str, set[int]]:
@@ -117,7 +111,7 @@ def test_a_process_started_inside_unbound_gets_every_cpu_and_the_thread_is_bound
 
 
 def test_unbound_in_a_free_thread_changes_nothing():
-    every = _two_cpus()
+    every = two_cpus_or_skip()
 
     def start_one() -> tuple[str, set[int]]:
         with affinity.unbound():
@@ -130,19 +124,19 @@ def test_unbound_in_a_free_thread_changes_nothing():
 def test_the_user_namespace_child_of_a_bound_thread_gets_every_cpu():
     if os.geteuid() != 0:
         pytest.skip("writing a user namespace's maps needs root")
-    every = _two_cpus()
+    every = two_cpus_or_skip()
 
     def hold_one() -> str:
         affinity.bind_this_thread({min(every)})
         with idmap.user_namespace(MAPPING, MAPPING) as userns:
             pid = userns.split("/")[2]
-            return Path(f"/proc/{pid}/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+            return cpus_allowed(int(pid))
 
     assert _in_a_thread(hold_one) == affinity.format_list(every)
 
 
 def test_the_cp_of_a_layer_copy_in_a_bound_thread_gets_every_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    every = _two_cpus()
+    every = two_cpus_or_skip()
     bin_dir, record, source = tmp_path / "bin", tmp_path / "cp-cpus", tmp_path / "source"
     bin_dir.mkdir()
     (bin_dir / "cp").write_text(RECORDING_CP.format(record=record))

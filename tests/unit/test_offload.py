@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from cri.system import affinity, offload
+from tests.support.system import two_cpus_or_skip
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -134,9 +135,7 @@ def _cpus_of_calls(calls: int) -> list[set[int]]:
 
 
 def test_bound_calls_run_on_the_cpus_given_and_unbound_ones_anywhere(unbound_after: None):
-    every = affinity.process_cpus()
-    if len(every) < 2:
-        pytest.skip("a binding to one CPU changes nothing on a machine with one CPU")
+    every = two_cpus_or_skip()
     home = {min(every)}
     offload.bind(home)
     assert _cpus_of_calls(3) == [home] * 3
