@@ -44,9 +44,12 @@ class ConfigError(Exception):
         self.problem = problem
 
 
-def opt(default: Any, doc: str, *, choices: Sequence[str] = (), reloadable: bool = False) -> Any:
-    """A config field with its documentation (rendered into the default file)."""
-    meta = {"doc": doc, "choices": tuple(choices), "reloadable": reloadable}
+def opt(
+    default: Any, doc: str, *, choices: Sequence[str] = (), reloadable: bool = False, number_as_text: bool = False
+) -> Any:
+    """A config field with its documentation (rendered into the default file). `number_as_text`: a text key
+    whose value may be a plain number (a CPU list `2`), which YAML and the environment read as an integer."""
+    meta = {"doc": doc, "choices": tuple(choices), "reloadable": reloadable, "number_as_text": number_as_text}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -236,8 +239,9 @@ class Config:
         "CPUs of the threads that run the daemon's blocking calls (file system, database, mounts): 'auto' binds"
         " them to the lowest-numbered CPU the daemon may use (none on a one-CPU machine), so that CPython's GIL"
         " changes hands on one core (11-14% less daemon CPU in a 110-pod burst on 2 cores), 'all' leaves them"
-        " free, or a CPU list as a string such as '2' or '0-1'. What the daemon starts (conmon, containers,"
+        " free, or a CPU list such as 2 or '0-1'. What the daemon starts (conmon, containers,"
         " plugins) is never bound.",
+        number_as_text=True,
     )
     log: LogConfig = section(LogConfig, "Daemon logging.")
     runtime: RuntimeConfig = section(RuntimeConfig, "OCI runtimes, the container monitor and container defaults.")
@@ -340,9 +344,18 @@ def _apply_mapping(
             merged.update(_coerce(value, f.type, source, key))
             setattr(obj, name, merged)
         else:
-            setattr(obj, name, _coerce(value, f.type, source, key, f.metadata.get("choices", ())))
+            setattr(
+                obj, name, _coerce(_as_text_if_number(f, value), f.type, source, key, f.metadata.get("choices", ()))
+            )
         if origins is not None:
             origins[key] = source
+
+
+def _as_text_if_number(f: dataclasses.Field[Any], value: Any) -> Any:
+    """A plain number given for a `number_as_text` key, as its text (a bool stays itself, and refused)."""
+    if f.metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def leaf_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field[Any]]]:

@@ -124,6 +124,16 @@ def test_offload_cpus_outside_this_process_load_and_are_left_to_the_daemons_star
     assert config.offload_cpus == str(outside)
 
 
+def test_offload_cpus_may_be_a_plain_number_in_yaml_the_environment_or_a_flag(tmp_path):
+    # `offload_cpus: 1` is how a user writes one CPU; YAML (and so the environment and flags) reads it as an
+    # integer, which a text key used to refuse ("expected string, got int 1").
+    assert cfg.load(sources(tmp_path, main="offload_cpus: 1\n")).offload_cpus == "1"
+    assert cfg.load(sources(tmp_path, environ={"CRIOPY_OFFLOAD_CPUS": "0"})).offload_cpus == "0"
+    assert cfg.load(sources(tmp_path, flags={"offload_cpus": 1})).offload_cpus == "1"
+    with pytest.raises(ConfigError, match="expected string, got bool True"):
+        cfg.load(sources(tmp_path, main="offload_cpus: true\n"))
+
+
 def test_registries_parse_with_mirrors(tmp_path):
     text = (
         "image:\n  registries:\n  - prefix: registry.k8s.io\n    mirrors:\n"
