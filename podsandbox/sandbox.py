@@ -39,6 +39,9 @@ class Sandbox:
     infra_runtime: Runtime | None = None
     config_blob: bytes = field(default=b"", repr=False)  # the CRI PodSandboxConfig as received
     resources: PodResources | None = None  # the last UpdatePodSandboxResources; None: as in the config
+    # Its stop ran to its end in this process: network, mounts, pins and infra are released, and nothing makes
+    # them again. Not stored: after a restart the first stop runs whole again, for what a crash may have left.
+    released: bool = field(default=False, repr=False, compare=False, metadata=records.TRANSIENT)
     # Serializes stop, remove and updates of this sandbox; held in memory only.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False, metadata=records.TRANSIENT)
 
