@@ -8,15 +8,17 @@ StopContainer (timeout 0), RemoveContainer, StopPodSandbox, RemovePodSandbox. Ar
 `--settle-ms` of quiet so that the work a call leaves behind (a reaped conmon, an exit recorded) counts for
 it, the daemon's user and kernel CPU (/proc/<pid>/stat: every thread, the ended ones too; not its children)
 is read; the idle daemon's own rate, measured over the same kind of window before the pods, is taken off.
-The means per call over --pods pods. With nothing else running, this is what a call costs the daemon itself,
-with no contention: the part of a burst's CPU no scheduling can hide. A burst's figure is in
-bench/bursts_vs_containerd.py; the other processes' CPU, in bench/burst_cpu_split.py.
+Printed: the means per call over --pods pods, and the median of each call's own time (wall ms). With nothing
+else running, this is what a call costs the daemon itself, with no contention: the part of a burst's CPU no
+scheduling can hide. A burst's figure is in bench/bursts_vs_containerd.py; the other processes' CPU, in
+bench/burst_cpu_split.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -47,6 +49,7 @@ class Meter:
     settle: float
     idle_rate: tuple[float, float] = (0.0, 0.0)  # CPU seconds per second of an idle window
     totals: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    walls: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # each call's seconds
 
     def measure_idle(self, seconds: float) -> None:
         user, kernel = cpu_split(self.pid)
@@ -59,6 +62,7 @@ class Meter:
         user, kernel = cpu_split(self.pid)
         began = time.monotonic()
         out = call()
+        self.walls[name].append(time.monotonic() - began)
         time.sleep(self.settle)
         window = time.monotonic() - began
         after = cpu_split(self.pid)
@@ -89,13 +93,14 @@ def one_pod(rt: Criopy, meter: Meter) -> None:
 
 
 def table(meter: Meter, pods: int) -> str:
-    lines = [f"{'call':18} {'user ms':>8} {'kernel ms':>9} {'total ms':>8}"]
-    sums = [0.0, 0.0]
+    lines = [f"{'call':18} {'user ms':>8} {'kernel ms':>9} {'total ms':>8} {'wall ms':>8}"]
+    sums = [0.0, 0.0, 0.0]
     for name in STEPS:
         user, kernel = (value / pods * 1000 for value in meter.totals[name])
-        sums = [sums[0] + user, sums[1] + kernel]
-        lines.append(f"{name:18} {user:8.2f} {kernel:9.2f} {user + kernel:8.2f}")
-    lines.append(f"{'a pod, all calls':18} {sums[0]:8.2f} {sums[1]:9.2f} {sum(sums):8.2f}")
+        wall = statistics.median(meter.walls[name]) * 1000
+        sums = [sums[0] + user, sums[1] + kernel, sums[2] + wall]
+        lines.append(f"{name:18} {user:8.2f} {kernel:9.2f} {user + kernel:8.2f} {wall:8.2f}")
+    lines.append(f"{'a pod, all calls':18} {sums[0]:8.2f} {sums[1]:9.2f} {sums[0] + sums[1]:8.2f} {sums[2]:8.2f}")
     return "\n".join(lines)
 
 
