@@ -284,7 +284,7 @@ class SandboxManager:
         faults.point("sandbox.stop.containers")
         if sandbox.released:
             # Stopped before (RemovePodSandbox after StopPodSandbox, as the kubelet calls them): releasing again
-            # cost two trips to a worker thread, five unmounts of nothing and a row rewritten, per pod.
+            # cost two trips to a worker thread, four unmounts of nothing and a row rewritten, per pod.
             return
         config = self._live.current
         if sandbox.spec.pid_mode is NamespaceMode.POD:
