@@ -13,6 +13,7 @@ from cri.oci.handlers import HandlerInfo
 from cri.services.parts import RuntimeParts
 from cri.services.readiness import runtime_readiness
 from cri.system import offload
+from cri.transport.grpcserver import Encoded
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,15 @@ CRI_API_VERSION = "v1"
 # What the kubelet's Version call reports as the CRI "version" (cri-o and containerd say the same).
 KUBELET_API_VERSION = "0.1.0"
 POD_CIDR_KEY = "pod_cidr"
+# The same for the daemon's whole life: encoded once, not built and serialized at each of the kubelet's calls.
+_VERSION = Encoded(
+    pb.VersionResponse(
+        version=KUBELET_API_VERSION,
+        runtime_name=RUNTIME_NAME,
+        runtime_version=__version__,
+        runtime_api_version=CRI_API_VERSION,
+    ).SerializeToString()
+)
 
 
 def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
@@ -34,13 +44,8 @@ def _handler_message(name: str, info: HandlerInfo) -> pb.RuntimeHandler:
 
 
 class RuntimeInfoRpcs(RuntimeParts):
-    async def Version(self, request: pb.VersionRequest) -> pb.VersionResponse:
-        return pb.VersionResponse(
-            version=KUBELET_API_VERSION,
-            runtime_name=RUNTIME_NAME,
-            runtime_version=__version__,
-            runtime_api_version=CRI_API_VERSION,
-        )
+    async def Version(self, request: pb.VersionRequest) -> Encoded:
+        return _VERSION
 
     async def Status(self, request: pb.StatusRequest) -> pb.StatusResponse:
         config = self._live.current
