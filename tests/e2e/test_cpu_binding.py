@@ -7,11 +7,14 @@ CPUs their cgroups give them, not the runtime's choice of one.
 from __future__ import annotations
 
 import os
+import stat
+import textwrap
 from collections.abc import Callable
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import affinity
 from tests.e2e.containers import Env
+from tests.e2e.pods import PodNet, pod_config, remove_all_pods
 from tests.support.daemon_harness import Daemon, run_cli
 from tests.support.system import conmon_pids, cpus_allowed, cpus_allowed_in, two_cpus_or_skip, unpack_hosts
 
@@ -63,3 +66,37 @@ def test_cpus_the_daemon_may_not_use_are_refused_at_its_start_naming_the_key(
     done = run_cli(*d.argv()[3:])
     assert done.returncode == 2
     assert f"key 'offload_cpus': CPU {outside} is not one of the daemon's CPUs" in done.stderr
+
+
+# A bridge that first writes down the CPUs it may run on: a CNI plugin is started by the daemon too.
+MASK_PLUGIN = textwrap.dedent(
+    """\
+    #!/bin/sh
+    grep Cpus_allowed_list /proc/self/status >> {record}
+    exec /usr/lib/cni/bridge
+    """
+)
+
+
+def test_a_cni_plugin_the_daemon_starts_is_not_bound(make_daemon: Callable[..., Daemon]) -> None:
+    every = affinity.format_list(two_cpus_or_skip())
+    daemon = make_daemon(start=False)
+    plugins = daemon.base / "plugins"
+    plugins.mkdir()
+    record = daemon.base / "plugin-cpus"
+    wrapper = plugins / "maskbridge"
+    wrapper.write_text(MASK_PLUGIN.format(record=record))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
+    net = PodNet.make(daemon)
+    net.write([], bridge_type="maskbridge")
+    daemon.start()
+    try:
+        pod = daemon.runtime().RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config()), timeout=60).pod_sandbox_id
+        daemon.runtime().StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        seen = record.read_text().splitlines()
+        assert len(seen) == 2, seen  # ADD, then DEL
+        assert [cpus_allowed_in(line) for line in seen] == [every, every]
+    finally:
+        remove_all_pods(daemon)
+        net.remove()
