@@ -127,6 +127,18 @@ def info(daemon: Daemon, pod_id: str) -> dict[str, object]:
     return dict(json.loads(resp.info["info"]))
 
 
+def add_plugin(daemon: Daemon, name: str, script: str) -> None:
+    """A CNI plugin of the test's own (a shell script, often a wrapper of Debian's), in a directory the daemon
+    searches beside Debian's: call before the daemon starts."""
+    plugins = daemon.base / "plugins"
+    plugins.mkdir(exist_ok=True)
+    plugin = plugins / name
+    plugin.write_text(script)
+    plugin.chmod(0o755)
+    if str(plugins) not in daemon.extra_args:
+        daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
+
+
 def remove_all_pods(daemon: Daemon) -> None:
     """What a failed test left: stop and remove every pod through the daemon."""
     if daemon.proc is None or daemon.proc.poll() is not None:

@@ -7,14 +7,13 @@ CPUs their cgroups give them, not the runtime's choice of one.
 from __future__ import annotations
 
 import os
-import stat
 import textwrap
 from collections.abc import Callable
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import affinity
 from tests.e2e.containers import Env
-from tests.e2e.pods import PodNet, pod_config, remove_all_pods
+from tests.e2e.pods import PodNet, add_plugin, pod_config, remove_all_pods
 from tests.support.daemon_harness import Daemon, run_cli
 from tests.support.system import conmon_pids, cpus_allowed, cpus_allowed_in, two_cpus_or_skip, unpack_hosts
 
@@ -81,13 +80,8 @@ MASK_PLUGIN = textwrap.dedent(
 def test_a_cni_plugin_the_daemon_starts_is_not_bound(make_daemon: Callable[..., Daemon]) -> None:
     every = affinity.format_list(two_cpus_or_skip())
     daemon = make_daemon(start=False)
-    plugins = daemon.base / "plugins"
-    plugins.mkdir()
     record = daemon.base / "plugin-cpus"
-    wrapper = plugins / "maskbridge"
-    wrapper.write_text(MASK_PLUGIN.format(record=record))
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
+    add_plugin(daemon, "maskbridge", MASK_PLUGIN.format(record=record))
     net = PodNet.make(daemon)
     net.write([], bridge_type="maskbridge")
     daemon.start()

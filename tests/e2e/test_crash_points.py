@@ -32,7 +32,7 @@ from api.runtime.v1 import api_pb2 as pb
 from cri.daemon.serve import SHUTDOWN_GRACE_SECONDS
 from cri.system import faults, linux
 from tests.e2e.containers import registries_yaml
-from tests.e2e.pods import PodNet, pod_config
+from tests.e2e.pods import PodNet, add_plugin, pod_config
 from tests.support.daemon_harness import Daemon
 from tests.support.registry_harness import Registry
 from tests.support.system import cgroup_dirs, conmon_pids, poll, process_gone, remove_cgroup_parent
@@ -257,12 +257,8 @@ exec /usr/lib/cni/host-local
 
 def _slow_plugin(node: Node, name: str, script: str, seconds: float) -> Path:
     """A plugin of the pod network's list, from a script (marker, seconds); the path it touches then."""
-    plugins = node.daemon.base / "plugins"
-    plugins.mkdir()
-    slow, marker = plugins / name, node.daemon.base / "allocated"
-    slow.write_text(script.format(marker=marker, seconds=seconds))
-    slow.chmod(0o755)
-    node.daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugins)]
+    marker = node.daemon.base / "allocated"
+    add_plugin(node.daemon, name, script.format(marker=marker, seconds=seconds))
     return marker
 
 

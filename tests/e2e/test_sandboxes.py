@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import textwrap
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 
 from api.runtime.v1 import api_pb2 as pb
 from cri.system import linux
-from tests.e2e.pods import PodNet, PodServer, fetch, info, pod_config, remove_all_pods, sh
+from tests.e2e.pods import PodNet, PodServer, add_plugin, fetch, info, pod_config, remove_all_pods, sh
 from tests.support.daemon_harness import Daemon
 
 
@@ -266,12 +265,7 @@ SLOW_PLUGIN = textwrap.dedent(
 
 def test_kubelet_retry_after_deadline_gets_the_same_sandbox(make_daemon) -> None:
     daemon = make_daemon(start=False)
-    plugin_dir = daemon.base / "plugins"
-    plugin_dir.mkdir()
-    slow = plugin_dir / "slowbridge"
-    slow.write_text(SLOW_PLUGIN.format(seconds=4))
-    slow.chmod(slow.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    daemon.extra_args += ["--cni-plugin-dir", "/usr/lib/cni", "--cni-plugin-dir", str(plugin_dir)]
+    add_plugin(daemon, "slowbridge", SLOW_PLUGIN.format(seconds=4))
     net = PodNet.make(daemon)
     net.write([], bridge_type="slowbridge")
     daemon.start()
