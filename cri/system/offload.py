@@ -4,7 +4,8 @@ asyncio.to_thread goes through run_in_executor: per call a concurrent.futures Fu
 its lock), wrap_future, an asyncio Future and two chained callbacks to copy the state across. That cost the
 loop 60-80 us a call, and a pod's start and removal make a few dozen calls: 8% of the loop's time in a
 50-pod burst (py-spy). Here the same executor's threads run the call and hand its result straight to an
-asyncio Future with one call_soon_threadsafe: 28-31 us.
+asyncio Future with one call_soon_threadsafe: 28-31 us. Results that arrive before the loop has taken the
+earlier ones share that call (see `_Inbox`).
 
 Same contract: the call runs in the caller's contextvars context; cancelling the awaiting task only stops
 the wait (the call runs to its end, as a running thread cannot be stopped); its exception is the awaiter's.
@@ -20,6 +21,8 @@ import contextlib
 import contextvars
 import functools
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,8 +109,49 @@ def deliver(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
 ) -> None:
     """From any thread: settle `future` (on its loop) with `result`, or with `exc` when that is not None."""
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(_settle, future, result, exc)
+    _inbox(loop).put(loop, future, result, exc)
+
+
+class _Inbox:
+    """Outcomes handed from threads to one loop, settled in batches: one wake-up of the loop for all the
+    outcomes that arrive before it runs. A wake-up is a write to the loop's self-pipe, after which the
+    writing thread must take the GIL back only to return to its queue: in a burst, where the GIL is
+    contended, that hand-over cost each call more than the call's own bookkeeping."""
+
+    def __init__(self) -> None:  # not holding its loop: the loop is the key of its entry in `_inboxes`
+        self._lock = threading.Lock()
+        self._outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._wake_pending = False
+
+    def put(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
+    ) -> None:
+        with self._lock:
+            self._outcomes.append((future, result, exc))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._settle_all)
+
+    def _settle_all(self) -> None:
+        with self._lock:
+            outcomes, self._outcomes = self._outcomes, []
+            self._wake_pending = False
+        for future, result, exc in outcomes:
+            _settle(future, result, exc)
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+_inboxes_lock = threading.Lock()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        with _inboxes_lock:
+            inbox = _inboxes.setdefault(loop, _Inbox())
+    return inbox
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

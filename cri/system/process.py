@@ -18,8 +18,10 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from cni.rawexec import run_to_exit
+from cri.system import offload
 
 # Enough for every helper a burst of 110 pods runs at once; threads are made only when needed.
 MAX_RUNNING = 64
@@ -123,7 +125,10 @@ async def communicate(
     child = Child()
     if stdin is not None:
         spawn = Spawn(spawn.argv, spawn.env, spawn.cwd, spawn.pass_fds, spawn.start_new_session, stdin_pipe=True)
-    running = asyncio.get_running_loop().run_in_executor(_pool, _run_blocking, child, spawn, stdin, timeout)
+    loop = asyncio.get_running_loop()
+    running: asyncio.Future[Outcome] = loop.create_future()
+    # Its outcome comes back as offload's do, a burst's many in one wake-up of the loop.
+    _pool.submit(offload.run_into, loop, running, partial(_run_blocking, child, spawn, stdin, timeout))
     running.add_done_callback(_retrieved)
     try:
         return await asyncio.shield(running)

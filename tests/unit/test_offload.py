@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -110,6 +111,36 @@ def test_calls_given_while_one_thread_is_idle_run_at_once_not_behind_each_other(
         await asyncio.gather(offload.to_thread(both.wait), offload.to_thread(both.wait))
 
     asyncio.run(main())
+
+
+def test_outcomes_that_arrive_while_the_loop_is_busy_wake_it_once_and_all_settle_in_order():
+    calls = 20  # within the pool's threads: every call waits at the barrier at once
+    finished = threading.Barrier(calls + 1, timeout=5)
+
+    def work(i: int) -> int:
+        finished.wait()
+        return i
+
+    async def main() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: Any) -> asyncio.Handle:
+            nonlocal wakes
+            wakes += 1
+            return threadsafe(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        waits = [asyncio.ensure_future(offload.to_thread(work, i)) for i in range(calls)]
+        await asyncio.sleep(0.05)  # every call started: each waits at the barrier
+        finished.wait()  # the loop's thread busy (blocked here) while the calls end and hand back their results
+        time.sleep(0.2)
+        return list(await asyncio.gather(*waits)), wakes
+
+    results, wakes = asyncio.run(main())
+    assert results == list(range(calls))
+    assert wakes == 1
 
 
 @pytest.fixture
