@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from cni.conf import NetworkConfigList, PluginConf, find_plugin
 from cni.events import event
+from cni.handoff import Deliver, in_pool
 from cni.rawexec import run_to_exit
 from cni.result import CniError, Result, ResultError, parse_error, parse_result
 
@@ -57,6 +59,9 @@ class CallHooks:
     # Variables added to each plugin's environment (for example a mark by which a restarted program finds
     # the plugins it left running when it was killed).
     env: Mapping[str, str] = field(default_factory=dict)
+    # How a pool thread hands a call's outcome to the caller's event loop (default: a call_soon_threadsafe
+    # each; a program may batch them).
+    deliver: Deliver | None = None
 
 
 @dataclass(frozen=True)
@@ -173,23 +178,21 @@ def _communicate_blocking(
     return run_to_exit(proc, stdin, timeout, plugin.kill, _KILL_GRACE)
 
 
+def off_loop(call: Callable[[], T], hooks: CallHooks) -> asyncio.Future[T]:
+    """call() in a thread of the plugins' pool; its outcome comes back to the running loop as `hooks` say."""
+    return in_pool(_pool, call, hooks.deliver)
+
+
 async def _in_thread(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:
     """The whole call in a pool thread (finding the plugin, running it, parsing its stdout), so that the
     event loop only waits; the process group is killed when the caller is cancelled."""
     plugin = _Plugin()
-    running = asyncio.get_running_loop().run_in_executor(_pool, _call_blocking, plugin, inv, stdin, parse)
-    running.add_done_callback(_retrieved)
+    running = off_loop(partial(_call_blocking, plugin, inv, stdin, parse), inv.hooks)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
         plugin.kill()
         raise
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """The outcome of a call its caller left is nobody's: asyncio must not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def _call(inv: Invocation, stdin: bytes, parse: Callable[[bytes], T]) -> T:

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from cni.cache import CacheEntry, ResultCache
@@ -29,6 +30,7 @@ from cni.invoke import (
     exec_with_result,
     exec_without_result,
     format_args,
+    off_loop,
     plugin_config,
 )
 from cni.result import CniError, Result, ResultError, result_from_dict
@@ -158,6 +160,7 @@ class CniNetwork:
                 done += 1
             assert result is not None
             await _off_loop(
+                self.hooks,
                 self.cache.write,
                 CacheEntry(
                     network_name=self.network.name,
@@ -196,7 +199,7 @@ class CniNetwork:
             except CniError as exc:  # logged by the invocation; the original error is what gets raised
                 error.add_note(f"while undoing: {exc}")
         try:
-            await _off_loop(self.cache.remove, self.network.name, att.container_id, att.ifname)
+            await _off_loop(self.hooks, self.cache.remove, self.network.name, att.container_id, att.ifname)
         except OSError as exc:
             error.add_note(f"while undoing: cannot remove the cache entry: {exc}")
 
@@ -210,7 +213,7 @@ class CniNetwork:
     ) -> None:
         """DEL on every plugin in reverse order; args/capabilities default to the cached ones."""
         validate_attachment(container_id, ifname)
-        entry = await _off_loop(self.cache.read, self.network.name, container_id, ifname)
+        entry = await _off_loop(self.hooks, self.cache.read, self.network.name, container_id, ifname)
         att = _Attachment.of(container_id, netns, ifname, args=args, capabilities=capabilities, entry=entry)
         format_args(att.args)
         # The cached result is passed on DEL from spec 0.4.0 on, as libcni does.
@@ -225,7 +228,7 @@ class CniNetwork:
             for other in errors[1:]:
                 errors[0].add_note(f"also: {other}")
             raise errors[0]
-        await _off_loop(self.cache.remove, self.network.name, container_id, ifname)
+        await _off_loop(self.hooks, self.cache.remove, self.network.name, container_id, ifname)
 
     async def check(
         self,
@@ -275,10 +278,10 @@ class CniNetwork:
 T = TypeVar("T")
 
 
-async def _off_loop(blocking: Callable[..., T], *args: Any) -> T:
+async def _off_loop(hooks: CallHooks, blocking: Callable[..., T], *args: Any) -> T:
     """A cache file operation (each write and removal ends in an fsync) in a thread, off the caller's event
     loop. A cancelled caller still waits for it to end, so that an undo that follows never races it."""
-    job = asyncio.ensure_future(asyncio.to_thread(blocking, *args))
+    job = off_loop(partial(blocking, *args), hooks)
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:

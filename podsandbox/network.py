@@ -110,7 +110,9 @@ class PodNetwork:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self._hooks = CallHooks(observe=metrics.record_cni_call, env=plugin_orphans.mark(cache_dir))
+        self._hooks = CallHooks(
+            observe=metrics.record_cni_call, env=plugin_orphans.mark(cache_dir), deliver=offload.deliver
+        )
 
     def _cni(self, network: NetworkConfigList, config: NetworkConfig) -> CniNetwork:
         return CniNetwork(network, config.cni_plugin_dirs, self.cache_dir, config.cni_plugin_timeout, self._hooks)

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+from cni import handoff
 from cri.log import event
 from cri.system import affinity
 
@@ -97,12 +98,7 @@ def run_into(
     context: contextvars.Context | None = None,
 ) -> None:
     """In the calling thread: call() (in `context` when given), its result or exception delivered to `future`."""
-    try:
-        result = call() if context is None else context.run(call)
-    except BaseException as exc:  # the awaiter's to handle, whatever it is
-        deliver(loop, future, None, exc)
-    else:
-        deliver(loop, future, result, None)
+    handoff.run_and_deliver(call if context is None else functools.partial(context.run, call), loop, future, deliver)
 
 
 def deliver(
@@ -139,7 +135,7 @@ class _Inbox:
             outcomes, self._outcomes = self._outcomes, []
             self._wake_pending = False
         for future, result, exc in outcomes:
-            _settle(future, result, exc)
+            handoff.settle(future, result, exc)
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
@@ -152,17 +148,6 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
         with _inboxes_lock:
             inbox = _inboxes.setdefault(loop, _Inbox())
     return inbox
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():  # the awaiter was cancelled
-        return
-    if exc is None:
-        future.set_result(result)
-    elif isinstance(exc, StopIteration):  # a Future cannot carry it
-        future.set_exception(RuntimeError(f"StopIteration raised in a thread: {exc!r}"))
-    else:
-        future.set_exception(exc)
 
 
 async def to_thread(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from cni import handoff
 from cni.cache import CacheEntry, ResultCache
 from cni.conf import load_file
-from cni.invoke import InvocationError, format_args, plugin_config
+from cni.invoke import CallHooks, InvocationError, format_args, plugin_config
 from cni.network import CniNetwork
 from cni.result import CniError, PluginError
 
@@ -186,6 +187,27 @@ def test_add_chains_prev_result_and_caches_the_final_result(tmp_path, plugins):
     cached_result = net.cached_result(CID, "eth0")
     assert cached_result is not None
     assert cached_result.ips == result.ips
+
+
+def test_the_programs_hand_over_brings_back_every_plugin_and_cache_outcome(tmp_path, plugins):
+    plugins.recording("first")
+    plugins.recording("second")
+    handed: list[str] = []
+
+    def deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: Any) -> None:
+        handed.append("error" if exc is not None else type(result).__name__)
+        handoff.call_soon_threadsafe(loop, future, result, exc)
+
+    confs = [{"type": "first"}, {"type": "second"}]
+    net = CniNetwork(network(tmp_path, confs), [str(plugins.bin)], tmp_path / "cache", 10.0, CallHooks(deliver=deliver))
+    result = asyncio.run(net.add(CID, "/run/netns/test", "eth0", {}, {}))
+    assert str(result.ips[0].address) == "10.1.0.5/24"
+    # Two ADDs (their parsed results), then the cache entry written (its path).
+    assert handed == ["Result", "Result", "PosixPath"]
+    asyncio.run(net.delete(CID, "/run/netns/test", "eth0"))
+    # The entry read, two DELs, the entry removed.
+    assert handed[3:] == ["CacheEntry", "NoneType", "NoneType", "NoneType"]
+    assert plugins.log() == ["first ADD", "second ADD", "second DEL", "first DEL"]
 
 
 def test_delete_runs_in_reverse_with_the_cached_result_and_removes_the_entry(tmp_path, plugins):
