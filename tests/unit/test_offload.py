@@ -113,7 +113,7 @@ def test_calls_given_while_one_thread_is_idle_run_at_once_not_behind_each_other(
     asyncio.run(main())
 
 
-def test_outcomes_that_arrive_while_the_loop_is_busy_wake_it_once_and_all_settle_in_order():
+def test_outcomes_that_arrive_while_the_loop_is_busy_wake_it_once_and_all_settle():
     calls = 20  # within the pool's threads: every call waits at the barrier at once
     finished = threading.Barrier(calls + 1, timeout=5)
 
