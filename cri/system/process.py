@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+from cni import handoff
 from cni.rawexec import run_to_exit
 from cri.system import offload
 
@@ -125,23 +126,14 @@ async def communicate(
     child = Child()
     if stdin is not None:
         spawn = Spawn(spawn.argv, spawn.env, spawn.cwd, spawn.pass_fds, spawn.start_new_session, stdin_pipe=True)
-    loop = asyncio.get_running_loop()
-    running: asyncio.Future[Outcome] = loop.create_future()
     # Its outcome comes back as offload's do, a burst's many in one wake-up of the loop.
-    _pool.submit(offload.run_into, loop, running, partial(_run_blocking, child, spawn, stdin, timeout))
-    running.add_done_callback(_retrieved)
+    running = handoff.in_pool(_pool, partial(_run_blocking, child, spawn, stdin, timeout), offload.deliver)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
         if kill_when_cancelled:
             child.kill()
         raise
-
-
-def _retrieved(future: asyncio.Future[Outcome]) -> None:
-    """The outcome of a run its caller left is nobody's: asyncio must not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def run(argv: Sequence[str], *, timeout: float, stdin: bytes | None = None) -> Completed:
